@@ -1,0 +1,56 @@
+# The two commands: `make run` (the whole stack locally) and `make test` (every check).
+# Both create or refresh .venv from the hash-pinned requirements first.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PACKAGES := libs/svckit services/auth services/wallet services/notifier
+STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: run test venv lint test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
+
+$(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/bootstrap.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --require-hashes -r requirements/base.txt -r requirements/dev.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation $(foreach p,$(PACKAGES),-e $(p))
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python deploy/local/stack.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+check-compose: $(STAMP)
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+test-auth: $(STAMP)
+	$(PYTEST) services/auth/tests
+
+test-wallet: $(STAMP)
+	$(PYTEST) services/wallet/tests
+
+test-notifier: $(STAMP)
+	$(PYTEST) services/notifier/tests
+
+# The inner loop: every service's tests plus the repository checks, no stack.
+test-unit: $(STAMP)
+	$(PYTEST) libs/svckit/tests services/auth/tests services/wallet/tests services/notifier/tests tests/repo
+
+test-e2e: $(STAMP)
+	$(PYTEST) tests/e2e
+
+# The service tests again on Postgres: TEST_DATABASE_URL, else a testcontainers Postgres
+# when a Docker engine answers, else skipped with the reason.
+test-postgres: $(STAMP)
+	$(BIN)/python deploy/local/with_postgres.py $(PYTEST) -m "not sqlite_only" services/auth/tests services/wallet/tests services/notifier/tests
+
+test: lint check-compose test-unit test-e2e test-postgres
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

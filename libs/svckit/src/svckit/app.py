@@ -1,0 +1,57 @@
+"""The frame every service's FastAPI app is built in: errors, request ids, logs, health."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from svckit.logging import configure_logging
+from svckit.problems import install_problem_handlers
+from svckit.requestid import RequestIdMiddleware
+
+HealthCheck = Callable[[], None]
+
+
+def base_app(service: str, *, log_level: str, version: str = "0.1.0", **kwargs: Any) -> FastAPI:
+    """A FastAPI app with our plumbing. Docs are served once, for all services, by the gateway."""
+    configure_logging(service, log_level)
+    app = FastAPI(title=f"{service} service", version=version, docs_url=None, redoc_url=None, **kwargs)
+    install_problem_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def add_health_routes(app: FastAPI, checks: dict[str, HealthCheck] | None = None) -> None:
+    """`/healthz` (the process answers) and `/readyz` (its dependencies answer). Internal only.
+
+    By default readiness checks `app.state.engine` (the database) and `app.state.redis`.
+    """
+
+    def database() -> None:
+        with app.state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def redis_ping() -> None:
+        app.state.redis.ping()
+
+    checks = checks if checks is not None else {"database": database, "redis": redis_ping}
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        results: dict[str, str] = {}
+        for name, check in checks.items():
+            try:
+                check()
+                results[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                results[name] = type(exc).__name__
+        ready = all(v == "ok" for v in results.values())
+        return JSONResponse({"status": "ok" if ready else "unavailable", "checks": results}, 200 if ready else 503)

@@ -1,0 +1,106 @@
+"""One API reference for the whole platform, served at the gateway's /docs and /redoc.
+
+Each service publishes its own OpenAPI document internally (public routes only); this small
+app fetches them (DOCS_SOURCES, comma-separated URLs), merges paths and components, and
+serves Swagger UI and ReDoc with assets from the `fastapi-offline` wheel (no CDN).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from importlib.resources import files
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from svckit.app import base_app
+
+ASSETS = "/docs-assets"
+CACHE_S = 30.0
+log = logging.getLogger("svckit.docs")
+
+
+def merge_openapi(documents: list[dict[str, Any]], *, title: str, version: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": {},
+        "components": {},
+    }
+    for doc in documents:
+        for path, item in doc.get("paths", {}).items():
+            merged["paths"].setdefault(path, {}).update(item)
+        for kind, entries in doc.get("components", {}).items():
+            target = merged["components"].setdefault(kind, {})
+            for name, schema in entries.items():
+                if name in target and target[name] != schema:
+                    log.warning("component %s/%s differs between services; keeping the first", kind, name)
+                    continue
+                target.setdefault(name, schema)
+    merged["paths"] = dict(sorted(merged["paths"].items()))
+    return merged
+
+
+def create_app() -> FastAPI:
+    sources = [s for s in os.environ.get("DOCS_SOURCES", "").split(",") if s]
+    title = "Wallet platform API"
+    app = base_app("docs", log_level=os.environ.get("DOCS_LOG_LEVEL", "INFO"), openapi_url=None)
+    assets = files("fastapi_offline") / "static"
+    app.mount(ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+    cache: dict[str, Any] = {"at": float("-inf"), "doc": None}
+    lock = threading.Lock()
+    client = httpx.Client(timeout=httpx.Timeout(3.0, connect=1.0))
+
+    def document() -> dict[str, Any]:
+        with lock:
+            if cache["doc"] is not None and time.monotonic() - cache["at"] < CACHE_S:
+                return dict(cache["doc"])
+            docs = []
+            for url in sources:
+                try:
+                    response = client.get(url)
+                    response.raise_for_status()
+                    docs.append(response.json())
+                except (httpx.HTTPError, ValueError) as exc:
+                    log.warning("docs source %s unavailable: %s", url, type(exc).__name__)
+            doc = merge_openapi(docs, title=title, version="1")
+            if len(docs) == len(sources):  # cache only a complete document
+                cache.update(at=time.monotonic(), doc=doc)
+            return doc
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(document())
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=title,
+            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=title,
+            redoc_js_url=f"{ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

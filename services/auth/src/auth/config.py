@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import SettingsConfigDict
+
+from svckit.settings import BaseServiceSettings
+
+
+class Settings(BaseServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore")
+
+    database_url: str = "sqlite:///var/data/auth.db"
+    keys_dir: str = "var/keys"
+    access_token_ttl_s: int = 900
+    bcrypt_rounds: int = 12
+    # Ten failures in a row lock an account's logins for 15 minutes: at most 40 an hour,
+    # inside OWASP ASVS 2.2.1's "no more than 100 failed attempts per hour".
+    lockout_threshold: int = 10
+    lockout_seconds: int = 900
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,54 @@
+"""Auth service app factory: `uvicorn auth.main:create_app --factory`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+from auth.config import Settings, get_settings
+from auth.keys import KeyRing
+from auth.lockout import Lockout
+from auth.routes import internal, router
+from auth.security import PasswordHasher, TokenIssuer
+from svckit.app import add_health_routes, base_app
+from svckit.db import make_engine
+from svckit.jwt import JWKSVerifier
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Connections are made here, at start-up, never at import time.
+        state = app.state
+        state.settings = settings
+        state.engine = make_engine(
+            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        )
+        state.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
+        )
+        state.keys = KeyRing(settings.keys_dir, settings.access_token_ttl_s)
+        state.keys.current()  # create the first key on first run
+        state.hasher = PasswordHasher(settings.bcrypt_rounds)
+        state.issuer = TokenIssuer(
+            state.keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl_s=settings.access_token_ttl_s
+        )
+        # Auth verifies its own tokens with the same code as everyone, reading keys locally.
+        state.verifier = JWKSVerifier(
+            state.keys.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl_s=5, min_refresh_s=0
+        )
+        state.lockout = Lockout(state.redis, threshold=settings.lockout_threshold, seconds=settings.lockout_seconds)
+        yield
+        state.redis.close()
+        state.engine.dispose()
+
+    app = base_app("auth", log_level=settings.log_level, lifespan=lifespan)
+    app.include_router(router)
+    app.include_router(internal)
+    add_health_routes(app)
+    return app

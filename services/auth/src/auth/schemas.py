@@ -1,0 +1,45 @@
+"""Request and response bodies of the auth API (never table models)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, EmailStr, Field, StringConstraints
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
+def _password_rules(value: str) -> str:
+    if len(value) < 8:
+        raise ValueError("must be at least 8 characters")
+    # bcrypt only reads 72 bytes: a longer password would be silently truncated. Refuse it.
+    if len(value.encode("utf-8")) > 72:
+        raise ValueError("must be at most 72 bytes in UTF-8")
+    return value
+
+
+Password = Annotated[str, AfterValidator(_password_rules), Field(examples=["securepass123"])]
+
+
+class SignupRequest(BaseModel):
+    first_name: Name = Field(examples=["Jane"])
+    last_name: Name = Field(examples=["Doe"])
+    email: Annotated[EmailStr, AfterValidator(str.lower)] = Field(examples=["jane@example.com"])
+    password: Password
+
+
+class UserRead(BaseModel):
+    id: int
+    first_name: str
+    last_name: str
+    email: str
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int = Field(description="Seconds until the token expires")
+
+
+class UserList(BaseModel):
+    users: list[UserRead]

@@ -1,0 +1,73 @@
+"""Use cases of the auth service. Each opens and commits its own transaction."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from auth import repository
+from auth.errors import AccountLocked, EmailTaken, InvalidCredentials, UserNotFound
+from auth.lockout import Lockout
+from auth.models import User
+from auth.schemas import SignupRequest
+from auth.security import PasswordHasher, TokenIssuer
+
+
+def signup(session: Session, *, hasher: PasswordHasher, data: SignupRequest) -> User:
+    # Hash before the transaction: bcrypt is slow and must not hold a database lock.
+    password_hash = hasher.hash(data.password)
+    try:
+        with session.begin():
+            if repository.get_user_by_email(session, data.email) is not None:
+                raise EmailTaken()
+            user = repository.add_user(
+                session,
+                User(
+                    email=data.email,
+                    first_name=data.first_name,
+                    last_name=data.last_name,
+                    password_hash=password_hash,
+                ),
+            )
+    except IntegrityError as exc:  # a concurrent signup with the same email won the race
+        raise EmailTaken() from exc
+    return user
+
+
+def login(
+    session: Session,
+    *,
+    hasher: PasswordHasher,
+    lockout: Lockout,
+    issuer: TokenIssuer,
+    email: str,
+    password: str,
+) -> str:
+    email = email.strip().lower()
+    retry_after = lockout.locked_for(email)
+    if retry_after:
+        raise AccountLocked(retry_after)
+    with session.begin():
+        user = repository.get_user_by_email(session, email)
+    # One bcrypt check whether or not the email exists: same answer, same timing.
+    if not hasher.verify(password, user.password_hash if user else None) or user is None or user.id is None:
+        lockout.failed(email)
+        raise InvalidCredentials()
+    lockout.succeeded(email)
+    return issuer.issue(user.id)
+
+
+def get_profile(session: Session, *, requester_id: int, user_id: int) -> User:
+    # Only your own profile; any other id is 404 whether it exists or not.
+    if requester_id != user_id:
+        raise UserNotFound()
+    with session.begin():
+        user = repository.get_user(session, user_id)
+    if user is None:
+        raise UserNotFound()
+    return user
+
+
+def lookup_users(session: Session, *, ids: list[int]) -> list[User]:
+    with session.begin():
+        return repository.get_users(session, ids)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import bcrypt
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from .factories import PASSWORD, signup
+
+
+def stored_users(client: TestClient) -> list[tuple[str, str, str, str]]:
+    with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+        return [tuple(r) for r in conn.execute(text("SELECT email, first_name, last_name, password_hash FROM users"))]
+
+
+class TestSignup:
+    def test_created_with_exactly_the_contract_shape(self, client: TestClient) -> None:
+        response = client.post(
+            "/signup",
+            json={"first_name": " Jane ", "last_name": "Doe", "email": "Jane@Example.COM", "password": PASSWORD},
+        )
+        assert response.status_code == 201
+        body = response.json()
+        assert set(body) == {"id", "first_name", "last_name", "email"}
+        assert body["first_name"] == "Jane"  # trimmed
+        assert body["email"] == "jane@example.com"  # lower-cased
+        assert isinstance(body["id"], int)
+
+    def test_password_is_stored_as_a_bcrypt_hash_of_the_configured_cost(self, client: TestClient) -> None:
+        signup(client)
+        [(_, _, _, hashed)] = stored_users(client)
+        assert hashed != PASSWORD
+        assert hashed.startswith("$2b$04$")
+        assert bcrypt.checkpw(PASSWORD.encode(), hashed.encode())
+
+    def test_duplicate_email_is_409_whatever_its_case(self, client: TestClient) -> None:
+        signup(client, email="jane@example.com")
+        response = client.post(
+            "/signup", json={"first_name": "J", "last_name": "D", "email": "JANE@example.com", "password": PASSWORD}
+        )
+        assert response.status_code == 409
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == "email_taken"
+        assert len(stored_users(client)) == 1
+
+
+class TestSignupValidation:
+    @pytest.mark.parametrize(
+        ("password", "ok"),
+        [
+            ("a" * 72, True),
+            ("a" * 73, False),  # bcrypt's limit: refused, never truncated
+            ("é" * 36, True),  # 72 bytes
+            ("é" * 37, False),  # 37 characters but 74 bytes
+            ("short7!", False),
+            ("8chars!!", True),
+        ],
+    )
+    def test_password_length_in_characters_and_bytes(self, client: TestClient, password: str, ok: bool) -> None:
+        body = {"first_name": "Jane", "last_name": "Doe", "email": "jane@example.com", "password": password}
+        response = client.post("/signup", json=body)
+        assert response.status_code == (201 if ok else 422), response.text
+        if not ok:
+            assert [e["field"] for e in response.json()["errors"]] == ["password"]
+            assert stored_users(client) == []
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"first_name": "   "},
+            {"last_name": "x" * 101},
+            {"email": "not-an-email"},
+            {"email": 42},
+            {"first_name": None},
+        ],
+    )
+    def test_bad_fields_are_422_problems_that_name_the_field(
+        self, client: TestClient, changes: dict[str, object]
+    ) -> None:
+        body = {"first_name": "Jane", "last_name": "Doe", "email": "jane@example.com", "password": PASSWORD, **changes}
+        response = client.post("/signup", json=body)
+        assert response.status_code == 422
+        problem = response.json()
+        assert response.headers["content-type"] == "application/problem+json"
+        assert problem["code"] == "validation_error"
+        assert problem["status"] == 422
+        assert {e["field"] for e in problem["errors"]} == set(changes)
+        assert stored_users(client) == []
+
+    def test_malformed_json_is_a_422_problem(self, client: TestClient) -> None:
+        response = client.post("/signup", content=b"{not json", headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        assert response.json()["code"] == "validation_error"

@@ -1,0 +1,1 @@
+"""Notifier service of the wallet platform."""

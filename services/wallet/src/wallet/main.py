@@ -1,0 +1,48 @@
+"""Wallet service app factory: `uvicorn wallet.main:create_app --factory`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+from svckit.app import add_health_routes, base_app
+from svckit.db import make_engine
+from svckit.http import service_client
+from svckit.jwt import JWKSVerifier, http_jwks_source
+from wallet.config import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        state.settings = settings
+        state.engine = make_engine(
+            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        )
+        state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        state.auth_client = service_client(
+            settings.auth_url,
+            service_token=settings.service_token.get_secret_value(),
+            timeout_s=settings.http_timeout_s,
+            retries=settings.http_retries,
+        )
+        # Tokens are checked locally against the auth service's JWKS (fetched, cached).
+        state.verifier = JWKSVerifier(
+            http_jwks_source("/.well-known/jwks.json", state.auth_client),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+        yield
+        state.auth_client.close()
+        state.redis.close()
+        state.engine.dispose()
+
+    app = base_app("wallet", log_level=settings.log_level, lifespan=lifespan)
+    add_health_routes(app)
+    return app
