@@ -48,7 +48,7 @@ test-e2e: $(STAMP)
 # The service tests again on Postgres: TEST_DATABASE_URL, else a testcontainers Postgres
 # when a Docker engine answers, else skipped with the reason.
 test-postgres: $(STAMP)
-	$(BIN)/python deploy/local/with_postgres.py $(PYTEST) -m "not sqlite_only" services/auth/tests services/wallet/tests services/notifier/tests
+	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) services/auth/tests services/wallet/tests services/notifier/tests
 
 test: lint check-compose test-unit test-e2e test-postgres
 

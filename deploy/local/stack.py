@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import yaml
 from honcho.manager import Manager
 from honcho.printer import Printer
 
@@ -124,7 +127,7 @@ class Plan:
             "GATEWAY_AUTH_URLS": auth_url,
             "GATEWAY_WALLET_URLS": ",".join(f"http://127.0.0.1:{p}" for p in self.wallet_ports),
             "GATEWAY_DOCS_URL": f"http://127.0.0.1:{self.ports['docs']}",
-            "GATEWAY_REDIS_ADDR": redis.netloc.rsplit("@", 1)[-1],
+            "GATEWAY_REDIS_ADDRS": redis.netloc.rsplit("@", 1)[-1],
             "GATEWAY_REDIS_DB": (redis.path or "/0").lstrip("/") or "0",
             "GATEWAY_REDIS_PASSWORD": redis.password or "",
         }
@@ -157,15 +160,43 @@ def commands(plan: Plan) -> dict[str, str]:
     for i, port in enumerate(plan.wallet_ports, start=1):
         procs[f"wallet{i}"] = f"{uvicorn} --port {port} wallet.main:create_app"
     procs["docs"] = f"{uvicorn} --port {plan.ports['docs']} svckit.docs:create_app"
-    procs["gateway"] = (
-        f"exec {BIN}/traefik --configFile={ROOT}/gateway/traefik.yml "
-        f"--entryPoints.web.address={plan.gateway_host}:{plan.gateway_port} "
-        f"--entryPoints.ping.address=127.0.0.1:{plan.ports['gateway_ping']} "
-        f"--entryPoints.metrics.address=127.0.0.1:{plan.ports['gateway_metrics']} "
-        f"--providers.file.directory={ROOT}/gateway/dynamic "
-        f"--accessLog.filePath={plan.var}/logs/gateway-access.log"
+    flags = traefik_flags(
+        {
+            "entryPoints.web.address": f"{plan.gateway_host}:{plan.gateway_port}",
+            "entryPoints.ping.address": f"127.0.0.1:{plan.ports['gateway_ping']}",
+            "entryPoints.metrics.address": f"127.0.0.1:{plan.ports['gateway_metrics']}",
+            "providers.file.directory": str(ROOT / "gateway" / "dynamic"),
+            "accessLog.filePath": str(plan.var / "logs" / "gateway-access.json"),
+        }
     )
+    procs["gateway"] = "exec " + shlex.join([str(BIN / "traefik"), *flags])
     return procs
+
+
+def _flatten(prefix: str, value: object) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _flatten(f"{prefix}.{key}" if prefix else str(key), sub)
+    elif isinstance(value, list):
+        yield prefix, ",".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        yield prefix, str(value).lower()
+    else:
+        yield prefix, str(value)
+
+
+def traefik_flags(overrides: dict[str, str]) -> list[str]:
+    """gateway/traefik.yml as command-line flags, with local addresses and paths.
+
+    Traefik reads one static source only, so the file cannot be combined with flags: we
+    translate the file instead, and the compose deployment mounts the same file.
+    """
+    static = yaml.safe_load((ROOT / "gateway" / "traefik.yml").read_text())
+    settings = dict(_flatten("", static))
+    unknown = set(overrides) - set(settings)
+    assert not unknown, f"overrides not in gateway/traefik.yml: {unknown}"
+    settings.update(overrides)
+    return [f"--{key}={value}" for key, value in settings.items()]
 
 
 def migrate(env: dict[str, str]) -> None:
@@ -253,6 +284,8 @@ def main() -> None:
     plan = Plan.from_env()
     for sub in ("data", "logs", "run", "outbox"):
         (plan.var / sub).mkdir(parents=True, exist_ok=True)
+    stack_file = plan.var / "run" / "stack.json"
+    stack_file.unlink(missing_ok=True)  # written again once everything is ready
     env = plan.env()
     print(f"stack: migrating databases (logs in {plan.var}/logs)", flush=True)
     migrate(env)
@@ -262,7 +295,10 @@ def main() -> None:
         manager.add_process(name, cmd, env=env, cwd=str(ROOT))
     timeout = float(os.environ.get("STACK_READY_TIMEOUT", 60))
     threading.Thread(target=wait_until_ready, args=(plan, manager, timeout), daemon=True).start()
-    manager.loop()
+    try:
+        manager.loop()
+    finally:
+        stack_file.unlink(missing_ok=True)
     sys.exit(manager.returncode)
 
 

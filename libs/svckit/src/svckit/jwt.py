@@ -79,7 +79,7 @@ class JWKSVerifier:
                 return
             try:
                 keys = jwt.PyJWKSet.from_dict(self.source()).keys
-            except (httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
+            except (OSError, httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
                 # Keep serving with the keys we have; a token we cannot check is refused.
                 log.warning("JWKS refresh failed: %s", type(exc).__name__)
                 self._fetched_at = time.monotonic() - self.ttl_s + self.min_refresh_s

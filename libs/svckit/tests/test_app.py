@@ -1,0 +1,110 @@
+"""Request ids, problem details and the crash path, on a tiny app built with svckit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from svckit.app import base_app
+from svckit.money import Amount
+from svckit.problems import ProblemError
+
+
+class Broke(ProblemError):
+    status = 409
+    code = "it_broke"
+    title = "It broke"
+
+
+class Body(BaseModel):
+    amount: Amount
+
+
+def make_app() -> FastAPI:
+    app = base_app("test", log_level="INFO")
+
+    @app.post("/pay")
+    def pay(body: Body) -> dict[str, int]:
+        return {"amount": body.amount}
+
+    @app.get("/refuse")
+    def refuse() -> None:
+        raise Broke("no way")
+
+    @app.get("/crash")
+    def crash() -> None:
+        raise RuntimeError("SELECT secret FROM passwords")
+
+    return app
+
+
+@pytest.fixture
+def client() -> TestClient:
+    return TestClient(make_app(), raise_server_exceptions=False)
+
+
+class TestRequestId:
+    def test_a_new_id_on_every_response(self, client: TestClient) -> None:
+        a, b = client.get("/refuse"), client.get("/refuse")
+        assert a.headers["x-request-id"] != b.headers["x-request-id"]
+        assert len(a.headers["x-request-id"]) == 32
+
+    @pytest.mark.parametrize("rid", ["abc", "A-b_c.1", "x" * 128])
+    def test_a_well_formed_client_id_is_kept(self, client: TestClient, rid: str) -> None:
+        assert client.get("/refuse", headers={"X-Request-ID": rid}).headers["x-request-id"] == rid
+
+    @pytest.mark.parametrize("rid", ["x" * 129, "a b", "a/b", "<script>", "é"])
+    def test_a_malformed_client_id_is_replaced(self, client: TestClient, rid: str) -> None:
+        got = client.get("/refuse", headers={"X-Request-ID": rid.encode("utf-8")}).headers["x-request-id"]
+        assert got != rid
+        assert len(got) == 32
+
+    def test_the_id_is_in_the_access_log(self, client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+        with caplog.at_level(logging.INFO, logger="access"):
+            client.get("/refuse", headers={"X-Request-ID": "trace-me"})
+        [record] = [r for r in caplog.records if r.name == "access"]
+        assert record.request_id == "trace-me"  # type: ignore[attr-defined]
+        assert record.status == 409  # type: ignore[attr-defined]
+
+
+class TestProblems:
+    def test_business_errors_are_problem_details(self, client: TestClient) -> None:
+        response = client.get("/refuse")
+        assert response.status_code == 409
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json() == {
+            "type": "https://docs.wallet.example/problems/it_broke",
+            "title": "It broke",
+            "status": 409,
+            "detail": "no way",
+            "code": "it_broke",
+        }
+
+    def test_unknown_route_and_wrong_method_are_problems(self, client: TestClient) -> None:
+        assert client.get("/nope").json()["code"] == "not_found"
+        assert client.get("/pay").json()["code"] == "method_not_allowed"
+
+    @pytest.mark.parametrize("amount", [0, -1, 1.5, 2.0, "200", True, 10**12 + 1, None])
+    def test_amounts_are_strict_integers_in_range(self, client: TestClient, amount: object) -> None:
+        response = client.post("/pay", json={"amount": amount})
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["field"] == "amount"
+
+    @pytest.mark.parametrize("amount", [1, 10**12])
+    def test_amount_bounds_are_inclusive(self, client: TestClient, amount: int) -> None:
+        assert client.post("/pay", json={"amount": amount}).json() == {"amount": amount}
+
+    def test_a_crash_is_a_bare_500_with_a_request_id(
+        self, client: TestClient, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.ERROR):
+            response = client.get("/crash", headers={"X-Request-ID": "crash-1"})
+        assert response.status_code == 500
+        assert response.headers["x-request-id"] == "crash-1"
+        assert response.json()["code"] == "internal_error"
+        assert "SELECT" not in response.text
+        assert any(r.request_id == "crash-1" for r in caplog.records if r.levelno >= logging.ERROR)  # type: ignore[attr-defined]

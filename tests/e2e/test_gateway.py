@@ -1,0 +1,85 @@
+"""The gateway routes exactly the public API, limits bursts, and serves the docs."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from .client import new_user, unique_email
+
+PUBLIC_PATHS = {
+    "/signup",
+    "/token",
+    "/users/{user_id}",
+    "/.well-known/jwks.json",
+}
+
+
+class TestRouting:
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/internal/users?ids=1",
+            "/metrics",
+            "/healthz",
+            "/readyz",
+            "/ping",
+            "/nope",
+            "/users/1/extra",
+            "/__not-found",
+        ],
+    )
+    def test_internal_and_unknown_paths_are_404_problems(self, api: httpx.Client, path: str) -> None:
+        response = api.get(path, headers={"X-Service-Token": "guess"})
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == "not_found"
+
+    def test_internal_lookup_is_unreachable_even_with_the_real_credential_path(self, api: httpx.Client) -> None:
+        user = new_user(api)
+        response = api.get(f"/internal/users?ids={user.id}")
+        assert response.status_code == 404
+        assert user.email not in response.text
+
+    def test_public_calls_reach_their_service_with_a_request_id(self, api: httpx.Client) -> None:
+        response = api.get("/.well-known/jwks.json", headers={"X-Request-ID": "e2e-trace-1"})
+        assert response.status_code == 200
+        assert response.json()["keys"][0]["alg"] == "EdDSA"
+        assert response.headers["x-request-id"] == "e2e-trace-1"
+
+
+class TestDocs:
+    def test_openapi_lists_every_public_path_of_every_service(self, api: httpx.Client) -> None:
+        paths = set(api.get("/openapi.json").json()["paths"])
+        assert paths >= PUBLIC_PATHS
+        assert not any(p.startswith("/internal") for p in paths)
+
+    @pytest.mark.parametrize(("page", "asset"), [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")])
+    def test_docs_pages_use_local_assets(self, api: httpx.Client, page: str, asset: str) -> None:
+        html = api.get(page)
+        assert html.status_code == 200
+        assert f"/docs-assets/{asset}" in html.text
+        assert "cdn." not in html.text
+        script = api.get(f"/docs-assets/{asset}")
+        assert script.status_code == 200
+        assert len(script.content) > 100_000
+
+
+class TestRateLimits:
+    def test_a_burst_on_token_gets_429_from_the_gateway(self, api: httpx.Client) -> None:
+        # Distinct unknown emails, so the per-account lockout never answers: only the
+        # gateway's per-IP limit (20/s, burst 40) can produce a 429 here.
+        def attempt(i: int) -> int:
+            data = {"username": unique_email(f"burst{i}"), "password": "wrong-password"}
+            return api.post("/token", data=data).status_code
+
+        with ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(attempt, range(150)))
+        assert set(codes) <= {401, 429}
+        assert codes.count(429) > 0
+        assert codes.count(401) >= 40  # the burst itself goes through
+        time.sleep(2.5)  # let the bucket refill for the other tests
+        assert api.post("/token", data={"username": unique_email(), "password": "x" * 8}).status_code == 401
