@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PACKAGES := libs/svckit services/auth services/wallet services/notifier
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
+SERVICE_TESTS := $(wildcard services/*/tests)
 
 .PHONY: run test venv lint test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
 
@@ -40,7 +41,7 @@ test-notifier: $(STAMP)
 
 # The inner loop: every service's tests plus the repository checks, no stack.
 test-unit: $(STAMP)
-	$(PYTEST) libs/svckit/tests services/auth/tests services/wallet/tests services/notifier/tests tests/repo
+	$(PYTEST) libs/svckit/tests $(SERVICE_TESTS) tests/repo
 
 test-e2e: $(STAMP)
 	$(PYTEST) tests/e2e
@@ -48,7 +49,7 @@ test-e2e: $(STAMP)
 # The service tests again on Postgres: TEST_DATABASE_URL, else a testcontainers Postgres
 # when a Docker engine answers, else skipped with the reason.
 test-postgres: $(STAMP)
-	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) services/auth/tests services/wallet/tests services/notifier/tests
+	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) $(SERVICE_TESTS)
 
 test: lint check-compose test-unit test-e2e test-postgres
 
