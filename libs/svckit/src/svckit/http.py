@@ -64,6 +64,7 @@ def service_client(
     timeout_s: float = 3.0,
     retries: int = 2,
     backoff_s: float = 0.05,
+    transport: httpx.BaseTransport | None = None,
     **kwargs: Any,
 ) -> httpx.Client:
     """A sync client for calls to another service (used from sync routes and workers)."""
@@ -72,6 +73,6 @@ def service_client(
         base_url=base_url,
         headers=headers,
         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 1.0)),
-        transport=_Transport(httpx.HTTPTransport(), retries, backoff_s),
+        transport=_Transport(transport or httpx.HTTPTransport(), retries, backoff_s),
         **kwargs,
     )

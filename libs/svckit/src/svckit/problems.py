@@ -46,6 +46,9 @@ class ProblemError(Exception):
         self.headers = headers or {}
         super().__init__(self.detail)
 
+    def body(self) -> dict[str, Any]:
+        return problem_body(self.status, self.code, self.title, self.detail)
+
 
 class Unauthorized(ProblemError):
     status = 401
@@ -63,6 +66,10 @@ class NotFound(ProblemError):
     title = "Not found"
 
 
+def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"type": TYPE_BASE + code, "title": title, "status": status, "detail": detail, "code": code, **extra}
+
+
 def problem_response(
     status: int,
     code: str,
@@ -72,15 +79,7 @@ def problem_response(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
-        "type": TYPE_BASE + code,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
-    if extra:
-        body.update(extra)
+    body = problem_body(status, code, title, detail, **(extra or {}))
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 

@@ -11,6 +11,16 @@ class Settings(BaseServiceSettings):
     model_config = SettingsConfigDict(env_prefix="WALLET_", extra="ignore")
 
     database_url: str = "sqlite:///var/data/wallet.db"
+    # ISO 4217 codes a wallet may hold (comma-separated in WALLET_CURRENCIES).
+    currencies: str = "USD,EUR,GBP,NGN,KES,GHS,ZAR,CAD,JPY"
+    idempotency_ttl_s: int = 86_400  # stored outcomes are replayable for at least a day
+    idempotency_lock_ttl_ms: int = 30_000
+    # Serialization/deadlock losers are retried this many times before a 503.
+    db_retries: int = 3
+
+    @property
+    def currency_set(self) -> frozenset[str]:
+        return frozenset(c.strip().upper() for c in self.currencies.split(",") if c.strip())
 
 
 @lru_cache

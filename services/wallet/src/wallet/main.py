@@ -7,12 +7,16 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI
+from sqlmodel import Session
 
 from svckit.app import add_health_routes, base_app
 from svckit.db import make_engine
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier, http_jwks_source
+from wallet import service
 from wallet.config import Settings, get_settings
+from wallet.idempotency import IdempotencyCache
+from wallet.routes import router
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,11 +42,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
         )
+        state.idempotency = IdempotencyCache(
+            state.redis, ttl_s=settings.idempotency_ttl_s, lock_ttl_ms=settings.idempotency_lock_ttl_ms
+        )
+        with Session(state.engine) as session:
+            state.system_wallets = service.ensure_system_wallets(session, settings.currency_set)
         yield
         state.auth_client.close()
         state.redis.close()
         state.engine.dispose()
 
     app = base_app("wallet", log_level=settings.log_level, lifespan=lifespan)
+    app.include_router(router)
     add_health_routes(app)
     return app

@@ -1,0 +1,112 @@
+"""One class per failure of the wallet API, rendered as RFC 9457 problems by svckit."""
+
+from __future__ import annotations
+
+from svckit.problems import NotFound, ProblemError
+
+
+class WalletNotFound(NotFound):
+    code = "wallet_not_found"
+    title = "Wallet not found"
+    default_detail = "You have no open wallet."
+
+
+class RecipientNotFound(NotFound):
+    code = "recipient_not_found"
+    title = "Recipient not found"
+    default_detail = "The recipient wallet does not exist or is closed."
+
+
+class TransactionNotFound(NotFound):
+    code = "transaction_not_found"
+    title = "Transaction not found"
+    default_detail = "No such transaction among your wallets."
+
+
+class WalletExists(ProblemError):
+    status = 409
+    code = "wallet_exists"
+    title = "Wallet exists"
+    default_detail = "You already have an open wallet."
+
+
+class WalletNotEmpty(ProblemError):
+    status = 409
+    code = "wallet_not_empty"
+    title = "Wallet not empty"
+    default_detail = "Withdraw the balance before closing the wallet."
+
+
+class InsufficientFunds(ProblemError):
+    status = 422
+    code = "insufficient_funds"
+    title = "Insufficient funds"
+    default_detail = "The amount exceeds the wallet's balance."
+
+
+class CurrencyMismatch(ProblemError):
+    status = 422
+    code = "currency_mismatch"
+    title = "Currency mismatch"
+
+
+class SelfTransfer(ProblemError):
+    status = 422
+    code = "self_transfer"
+    title = "Transfer to yourself"
+    default_detail = "The recipient wallet is your own wallet."
+
+
+class UnsupportedCurrency(ProblemError):
+    status = 422
+    code = "unsupported_currency"
+    title = "Unsupported currency"
+
+
+class IdempotencyKeyMissing(ProblemError):
+    status = 400
+    code = "idempotency_key_missing"
+    title = "Idempotency key missing"
+    default_detail = "Send an Idempotency-Key (or X-Idempotency-Key) header of 1 to 255 visible ASCII characters."
+
+
+class IdempotencyKeyInvalid(IdempotencyKeyMissing):
+    code = "idempotency_key_invalid"
+    title = "Idempotency key invalid"
+
+
+class IdempotencyKeyReused(ProblemError):
+    status = 422
+    code = "idempotency_key_reused"
+    title = "Idempotency key reused"
+    default_detail = "This idempotency key was used with a different request body."
+
+
+class IdempotencyInProgress(ProblemError):
+    status = 409
+    code = "idempotency_in_progress"
+    title = "Request in progress"
+    default_detail = "A request with this idempotency key is still running; retry shortly."
+
+    def __init__(self, retry_after_s: int = 1) -> None:
+        super().__init__(headers={"Retry-After": str(retry_after_s)})
+
+
+class AuthUnavailable(ProblemError):
+    status = 503
+    code = "auth_unavailable"
+    title = "Service unavailable"
+    default_detail = "Could not reach the auth service to open the wallet; retry shortly."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "5"})
+
+
+class UnknownUser(ProblemError):
+    status = 401
+    code = "unknown_user"
+    title = "Unknown user"
+    default_detail = "The token's user does not exist."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,122 @@
+"""Tables of the wallet service (SQLModel table classes live here and nowhere else).
+
+Amounts and balances are BIGINT minor units. Transactions and ledger entries are
+append-only: database triggers (see the migrations) refuse UPDATE and DELETE on them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Integer, String, Text, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+from svckit.db import UTCDateTime, utcnow
+
+USER = "user"
+SYSTEM = "system"
+OPEN = "open"
+CLOSED = "closed"
+
+
+def _money(nullable: bool = False) -> Column[int]:
+    return Column(BigInteger, nullable=nullable)
+
+
+def _time() -> Column[datetime]:
+    return Column(UTCDateTime(), nullable=False)
+
+
+class Wallet(SQLModel, table=True):
+    __tablename__ = "wallets"
+    __table_args__ = (
+        # One open wallet per user; one system wallet (the outside world) per currency.
+        Index(
+            "uq_wallets_open_user",
+            "user_id",
+            unique=True,
+            sqlite_where=text("status = 'open'"),
+            postgresql_where=text("status = 'open'"),
+        ),
+        Index(
+            "uq_wallets_system_currency",
+            "currency",
+            unique=True,
+            sqlite_where=text("kind = 'system'"),
+            postgresql_where=text("kind = 'system'"),
+        ),
+        CheckConstraint("kind = 'system' OR balance >= 0", name="ck_wallets_user_balance_not_negative"),
+        CheckConstraint("kind IN ('user', 'system')", name="ck_wallets_kind"),
+        CheckConstraint("status IN ('open', 'closed')", name="ck_wallets_status"),
+        CheckConstraint("(kind = 'system') = (user_id IS NULL)", name="ck_wallets_owner"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    user_id: int | None = Field(default=None, index=True)
+    kind: str = Field(default=USER, sa_column=Column(String(10), nullable=False))
+    status: str = Field(default=OPEN, sa_column=Column(String(10), nullable=False))
+    currency: str = Field(sa_column=Column(String(3), nullable=False))
+    balance: int = Field(default=0, sa_column=_money())
+    owner_name: str = Field(sa_column=Column(String(201), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    closed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class Transaction(SQLModel, table=True):
+    __tablename__ = "transactions"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_transactions_amount_positive"),
+        CheckConstraint("type IN ('deposit', 'withdrawal', 'transfer')", name="ck_transactions_type"),
+        CheckConstraint("from_wallet_id <> to_wallet_id", name="ck_transactions_distinct_wallets"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    type: str = Field(sa_column=Column(String(20), nullable=False))
+    amount: int = Field(sa_column=_money())
+    currency: str = Field(sa_column=Column(String(3), nullable=False))
+    from_wallet_id: int = Field(foreign_key="wallets.id")
+    to_wallet_id: int = Field(foreign_key="wallets.id")
+    initiated_by: int = Field(description="user id of the caller")
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class LedgerEntry(SQLModel, table=True):
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_ledger_amount_positive"),
+        CheckConstraint("entry_type IN ('debit', 'credit')", name="ck_ledger_entry_type"),
+        # History and audits read a wallet's entries newest first.
+        Index("ix_ledger_wallet_transaction", "wallet_id", "transaction_id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    transaction_id: int = Field(foreign_key="transactions.id", index=True)
+    wallet_id: int = Field(foreign_key="wallets.id")
+    entry_type: str = Field(sa_column=Column(String(6), nullable=False))
+    amount: int = Field(sa_column=_money())
+    currency: str = Field(sa_column=Column(String(3), nullable=False))
+    balance_snapshot: int = Field(sa_column=_money())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The database's last word on an idempotency key: at most one outcome per key.
+
+    Written in the same transaction as the money movement it guards (or, for a business
+    refusal, on its own), so a movement can never happen twice for one key, whatever
+    happened to Redis.
+    """
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("user_id", "endpoint", "key", name="uq_idempotency_user_endpoint_key"),)
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    user_id: int
+    endpoint: str = Field(sa_column=Column(String(40), nullable=False))
+    key: str = Field(sa_column=Column(String(255), nullable=False))
+    fingerprint: str = Field(sa_column=Column(String(64), nullable=False))
+    status_code: int
+    response_body: str = Field(sa_column=Column(Text, nullable=False))
+    transaction_id: int | None = Field(default=None, foreign_key="transactions.id")
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())

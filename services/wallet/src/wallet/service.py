@@ -1,0 +1,388 @@
+"""Use cases of the wallet service. Each opens and commits its own transaction before the
+response is built, so a failed commit can never follow a 200."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from fastapi import Response
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
+
+from svckit.db import utcnow
+from svckit.problems import ProblemError
+from wallet import ledger, repository
+from wallet.errors import (
+    CurrencyMismatch,
+    IdempotencyInProgress,
+    InsufficientFunds,
+    RecipientNotFound,
+    SelfTransfer,
+    TransactionNotFound,
+    UnsupportedCurrency,
+    WalletExists,
+    WalletNotEmpty,
+    WalletNotFound,
+)
+from wallet.idempotency import BUSY, LOCKED, IdempotencyCache, Outcome, fingerprint
+from wallet.models import OPEN, USER, Wallet
+from wallet.schemas import (
+    History,
+    HistoryItem,
+    LedgerEntryRead,
+    Message,
+    MovementResult,
+    TransferResult,
+    WalletCreated,
+    WalletRead,
+)
+
+log = logging.getLogger("wallet.service")
+
+EXTERNAL_SOURCE = "External Source"
+EXTERNAL_DESTINATION = "External Destination"
+# Postgres: serialization failure, deadlock; both mean "run the transaction again".
+_RETRYABLE_PGCODES = {"40001", "40P01"}
+
+Operation = Callable[[Session, datetime], tuple[BaseModel, int]]
+
+
+def check_currency(currency: str, allowed: frozenset[str]) -> None:
+    if currency not in allowed:
+        raise UnsupportedCurrency(f"{currency} is not a supported currency ({', '.join(sorted(allowed))}).")
+
+
+def ensure_system_wallets(session: Session, currencies: frozenset[str]) -> dict[str, int]:
+    """The per-currency wallets that stand for the outside world (created once, race-safe)."""
+    for _ in range(3):
+        with session.begin():
+            existing = repository.system_wallet_ids(session)
+        missing = currencies - set(existing)
+        if not missing:
+            return existing
+        try:
+            with session.begin():
+                for currency in sorted(missing):
+                    repository.add_system_wallet(session, currency)
+        except IntegrityError:
+            continue  # another replica created them meanwhile
+    with session.begin():
+        return repository.system_wallet_ids(session)
+
+
+# --- wallets -------------------------------------------------------------------------
+
+
+def create_wallet(
+    session: Session,
+    *,
+    user_id: int,
+    currency: str,
+    balance: int,
+    full_name: Callable[[], str],
+    system_wallet_id: int,
+) -> WalletCreated:
+    with session.begin():
+        if repository.open_wallet_of(session, user_id) is not None:
+            raise WalletExists()
+    name = full_name()  # over HTTP to the auth service: outside any database transaction
+    try:
+        with session.begin():
+            wallet = repository.add_wallet(
+                session, Wallet(user_id=user_id, currency=currency, balance=0, owner_name=name)
+            )
+            assert wallet.id is not None
+            if balance:
+                # The opening balance is an ordinary deposit: in the history and the ledger.
+                _post(
+                    session,
+                    kind="deposit",
+                    source=system_wallet_id,
+                    destination=wallet.id,
+                    amount=balance,
+                    currency=currency,
+                    user_id=user_id,
+                    now=wallet.created_at,
+                )
+            session.refresh(wallet)
+    except IntegrityError as exc:  # a concurrent create won the one-open-wallet race
+        raise WalletExists() from exc
+    return WalletCreated(
+        id=wallet.id, user_id=user_id, balance=wallet.balance, created_at=wallet.created_at, currency=wallet.currency
+    )
+
+
+def get_wallet(session: Session, *, user_id: int) -> WalletRead:
+    with session.begin():
+        wallet = repository.open_wallet_of(session, user_id)
+        if wallet is None or wallet.id is None:
+            raise WalletNotFound()
+        return WalletRead(
+            id=wallet.id,
+            user_id=user_id,
+            balance=wallet.balance,
+            created_at=wallet.created_at,
+            updated_at=wallet.updated_at,
+            currency=wallet.currency,
+            full_name=wallet.owner_name,
+        )
+
+
+def close_wallet(session: Session, *, user_id: int) -> Message:
+    with session.begin():
+        wallet = repository.open_wallet_of(session, user_id, lock=True)
+        if wallet is None:
+            raise WalletNotFound()
+        if wallet.balance != 0:
+            raise WalletNotEmpty()
+        repository.close_wallet(session, wallet)
+        name = wallet.owner_name
+    return Message(message=f"wallet belonging to {name} deleted successfully")
+
+
+# --- money movement --------------------------------------------------------------------
+
+
+def _post(
+    session: Session,
+    *,
+    kind: str,
+    source: int,
+    destination: int,
+    amount: int,
+    currency: str,
+    user_id: int,
+    now: datetime,
+) -> tuple[int, dict[int, int]]:
+    """Book a movement: balances, the transaction row and its balanced ledger entries."""
+    postings = ledger.postings(source=source, destination=destination, amount=amount)
+    assert ledger.is_balanced(postings)
+    balances = repository.apply_postings(session, postings, now)
+    txn_id = repository.add_transaction(
+        session,
+        type=kind,
+        amount=amount,
+        currency=currency,
+        from_wallet_id=source,
+        to_wallet_id=destination,
+        initiated_by=user_id,
+        now=now,
+    )
+    repository.add_entries(
+        session, transaction_id=txn_id, postings=postings, snapshots=balances, currency=currency, now=now
+    )
+    return txn_id, balances
+
+
+def _own_wallet(locked: dict[int, repository.LockedWallet], user_id: int, currency: str) -> repository.LockedWallet:
+    own = next((w for w in locked.values() if w.user_id == user_id and w.status == OPEN), None)
+    if own is None:
+        raise WalletNotFound()
+    if own.currency != currency:
+        raise CurrencyMismatch(f"Your wallet holds {own.currency}, not {currency}.")
+    return own
+
+
+def deposit_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
+    def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
+        locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
+        own = _own_wallet(locked, user_id, currency)
+        txn_id, balances = _post(
+            session,
+            kind="deposit",
+            source=system_wallet_id,
+            destination=own.id,
+            amount=amount,
+            currency=currency,
+            user_id=user_id,
+            now=now,
+        )
+        return MovementResult(wallet_id=own.id, amount=amount, current_balance=balances[own.id]), txn_id
+
+    return run
+
+
+def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
+    def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
+        locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
+        own = _own_wallet(locked, user_id, currency)
+        if own.balance < amount:
+            raise InsufficientFunds()
+        txn_id, balances = _post(
+            session,
+            kind="withdrawal",
+            source=own.id,
+            destination=system_wallet_id,
+            amount=amount,
+            currency=currency,
+            user_id=user_id,
+            now=now,
+        )
+        return MovementResult(wallet_id=own.id, amount=amount, current_balance=balances[own.id]), txn_id
+
+    return run
+
+
+def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) -> Operation:
+    def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
+        locked = repository.lock_for_movement(session, user_id=user_id, other_id=to_wallet_id)
+        own = _own_wallet(locked, user_id, currency)
+        if to_wallet_id == own.id:
+            raise SelfTransfer()
+        recipient = locked.get(to_wallet_id)
+        if recipient is None or recipient.kind != USER or recipient.status != OPEN:
+            raise RecipientNotFound()
+        if recipient.currency != currency:
+            raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
+        if own.balance < amount:
+            raise InsufficientFunds()
+        txn_id, balances = _post(
+            session,
+            kind="transfer",
+            source=own.id,
+            destination=to_wallet_id,
+            amount=amount,
+            currency=currency,
+            user_id=user_id,
+            now=now,
+        )
+        result = TransferResult(
+            wallet_id=own.id, recipient_wallet_id=to_wallet_id, amount=amount, current_balance=balances[own.id]
+        )
+        return result, txn_id
+
+    return run
+
+
+def _problem_json(refusal: ProblemError) -> str:
+    return json.dumps(refusal.body(), ensure_ascii=False, separators=(",", ":"))
+
+
+def _retryable(exc: OperationalError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
+
+
+def _execute(
+    session: Session, *, user_id: int, endpoint: str, key: str, request_fp: str, operation: Operation, retries: int
+) -> tuple[Outcome, bool]:
+    """Run the operation and record its outcome under the key, in one database transaction.
+
+    Returns (outcome, replayed). A business refusal is recorded too (nothing moved). If the
+    key's unique constraint fires, another request with this key won: its outcome is the
+    answer, and everything this attempt did is rolled back.
+    """
+    for attempt in range(retries + 1):
+        try:
+            with session.begin():
+                now = utcnow()
+                try:
+                    result, txn_id = operation(session, now)
+                    outcome = Outcome(200, result.model_dump_json(by_alias=True), request_fp)
+                except ProblemError as refusal:
+                    # Operations check everything before their first write, so nothing moved.
+                    outcome, txn_id = Outcome(refusal.status, _problem_json(refusal), request_fp), None
+                repository.add_idempotency_record(
+                    session,
+                    user_id=user_id,
+                    endpoint=endpoint,
+                    key=key,
+                    fingerprint=request_fp,
+                    status_code=outcome.status_code,
+                    response_body=outcome.body,
+                    transaction_id=txn_id,
+                    now=now,
+                )
+            return outcome, False
+        except IntegrityError:
+            with session.begin():
+                record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
+            if record is None:
+                raise  # not the key's constraint: a real bug, answered as a 500
+            return Outcome(record.status_code, record.response_body, record.fingerprint), True
+        except OperationalError as exc:
+            if attempt == retries or not _retryable(exc):
+                raise
+            log.warning("retrying %s after %s (attempt %d)", endpoint, type(exc.orig).__name__, attempt + 1)
+            time.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def run_idempotent(
+    session: Session,
+    *,
+    cache: IdempotencyCache,
+    user_id: int,
+    endpoint: str,
+    key: str,
+    payload: dict[str, object],
+    operation: Operation,
+    retries: int,
+) -> Response:
+    """At most once per (user, endpoint, key); the same answer, byte for byte, ever after."""
+    request_fp = fingerprint(payload)
+    scope = f"{user_id}:{endpoint}:{key}"
+    state, stored, token = cache.begin(scope)
+    if stored is not None:
+        return stored.replay_for(request_fp)
+    if state == BUSY:
+        # Another request holds the lock. The database may know its outcome already
+        # (the lock can outlive the cached response only briefly); else tell the client to wait.
+        with session.begin():
+            record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
+        if record is None:
+            raise IdempotencyInProgress()
+        return Outcome(record.status_code, record.response_body, record.fingerprint).replay_for(request_fp)
+    try:
+        outcome, replayed = _execute(
+            session,
+            user_id=user_id,
+            endpoint=endpoint,
+            key=key,
+            request_fp=request_fp,
+            operation=operation,
+            retries=retries,
+        )
+    except BaseException:
+        if state == LOCKED:
+            cache.release(scope, token)
+        raise
+    if state == LOCKED:
+        cache.finish(scope, token, outcome)
+    return outcome.replay_for(request_fp) if replayed else outcome.response(replayed=False)
+
+
+# --- reads -------------------------------------------------------------------------------
+
+
+def history(session: Session, *, user_id: int, limit: int, offset: int) -> History:
+    with session.begin():
+        wallet_ids = repository.user_wallet_ids(session, user_id)
+        rows = repository.history(session, wallet_ids=wallet_ids, limit=limit, offset=offset)
+    items = [
+        HistoryItem(
+            id=txn_id,
+            amount=amount,
+            currency=currency,
+            type=kind,
+            date=created_at,
+            sender=EXTERNAL_SOURCE if src_kind != USER else src_name,
+            receiver=EXTERNAL_DESTINATION if dst_kind != USER else dst_name,
+        )
+        for txn_id, amount, currency, kind, created_at, src_name, src_kind, dst_name, dst_kind in rows
+    ]
+    return History(transactions=items, limit=limit, offset=offset)
+
+
+def ledger_of(session: Session, *, user_id: int, transaction_id: int) -> list[LedgerEntryRead]:
+    with session.begin():
+        wallet_ids = repository.user_wallet_ids(session, user_id)
+        entries = repository.ledger_entries(session, transaction_id=transaction_id, visible_to=wallet_ids)
+    if not entries:
+        raise TransactionNotFound()
+    return [LedgerEntryRead.model_validate(e, from_attributes=True) for e in entries]

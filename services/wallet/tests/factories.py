@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi.testclient import TestClient
+from jwt.algorithms import OKPAlgorithm
+
+_ids = itertools.count(1_000)
+
+
+class Signer:
+    """Stands in for the auth service's signing key (tokens the wallet must accept)."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+
+    def jwks(self) -> dict[str, Any]:
+        jwk = OKPAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        return {"keys": [{**jwk, "kid": "test", "alg": "EdDSA", "use": "sig"}]}
+
+    def token(self, user_id: int) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "wallet-platform-auth",
+            "aud": "wallet-platform",
+            "sub": str(user_id),
+            "iat": now,
+            "exp": now + 900,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"kid": "test"})
+
+
+class AuthFake:
+    """The auth service's internal user lookup, as an httpx transport handler."""
+
+    def __init__(self) -> None:
+        self.users: dict[int, tuple[str, str]] = {}
+        self.down = False
+        self.calls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.down:
+            return httpx.Response(503)
+        assert request.headers["X-Service-Token"] == "test-service-token"
+        ids = [int(i) for i in request.url.params.get_list("ids")]
+        users = [
+            {"id": i, "first_name": f, "last_name": last, "email": f"u{i}@example.com"}
+            for i in ids
+            if i in self.users
+            for f, last in [self.users[i]]
+        ]
+        return httpx.Response(200, json={"users": users})
+
+
+@dataclass
+class User:
+    id: int
+    headers: dict[str, str]
+    name: str
+
+
+def new_user(signer: Signer, auth: AuthFake, *, first: str = "Jane", last: str = "Doe") -> User:
+    user_id = next(_ids)
+    auth.users[user_id] = (first, last)
+    return User(id=user_id, headers={"Authorization": f"Bearer {signer.token(user_id)}"}, name=f"{first} {last}")
+
+
+def open_wallet(client: TestClient, user: User, *, balance: int = 0, currency: str = "USD") -> Any:
+    response = client.post("/wallet", json={"balance": balance, "currency": currency}, headers=user.headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+def move(client: TestClient, user: User, kind: str, *, idem: str | None = None, **body: Any) -> httpx.Response:
+    body.setdefault("currency", "USD")
+    headers = {**user.headers, "Idempotency-Key": idem or key()}
+    return client.patch(f"/transaction/{kind}", json=body, headers=headers)
