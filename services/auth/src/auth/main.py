@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
 from fastapi import FastAPI
 
 from auth.config import Settings, get_settings
@@ -16,6 +15,7 @@ from auth.security import PasswordHasher, TokenIssuer
 from svckit.app import add_health_routes, base_app
 from svckit.db import make_engine
 from svckit.jwt import JWKSVerifier
+from svckit.redis import redis_client
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,9 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.engine = make_engine(
             settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
         )
-        state.redis = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
-        )
+        state.redis = redis_client(settings.redis_url, decode_responses=True)
         state.keys = KeyRing(settings.keys_dir, settings.access_token_ttl_s)
         state.keys.current()  # create the first key on first run
         state.hasher = PasswordHasher(settings.bcrypt_rounds)

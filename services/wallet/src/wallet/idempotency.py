@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +98,13 @@ UNAVAILABLE = "unavailable"
 
 
 class IdempotencyCache:
+    # After a Redis failure, go straight to the database for a while instead of paying a
+    # connection timeout on every request (a minimal circuit breaker).
+    PAUSE_AFTER_FAILURE_S = 2.0
+
     def __init__(self, client: redis.Redis, *, ttl_s: int, lock_ttl_ms: int) -> None:
         self.redis = client
+        self._paused_until = 0.0
         self.ttl_s = ttl_s
         self.lock_ttl_ms = lock_ttl_ms
         self._begin = client.register_script(_BEGIN)
@@ -111,11 +117,14 @@ class IdempotencyCache:
 
     def begin(self, scope: str) -> tuple[str, Outcome | None, str]:
         """(state, stored outcome, lock token): state is stored, locked, busy or unavailable."""
+        if time.monotonic() < self._paused_until:
+            return UNAVAILABLE, None, ""
         token = secrets.token_hex(16)
         try:
             state, stored = self._begin(keys=self._keys(scope), args=[token, self.lock_ttl_ms])
         except redis.RedisError as exc:
             log.warning("idempotency cache unavailable, using the database only: %s", type(exc).__name__)
+            self._paused_until = time.monotonic() + self.PAUSE_AFTER_FAILURE_S
             return UNAVAILABLE, None, ""
         state = state.decode() if isinstance(state, bytes) else state
         if state == "stored":

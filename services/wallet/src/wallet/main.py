@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
 from fastapi import FastAPI
 from sqlmodel import Session
 
@@ -13,6 +12,7 @@ from svckit.app import add_health_routes, base_app
 from svckit.db import make_engine
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier, http_jwks_source
+from svckit.redis import redis_client
 from wallet import service
 from wallet.config import Settings, get_settings
 from wallet.idempotency import IdempotencyCache
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.engine = make_engine(
             settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
         )
-        state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        state.redis = redis_client(settings.redis_url)
         state.auth_client = service_client(
             settings.auth_url,
             service_token=settings.service_token.get_secret_value(),

@@ -1,0 +1,23 @@
+"""The one way services make a Redis client: short timeouts and no hidden retry loop.
+
+redis-py retries failed commands with exponential backoff by default, which turns "Redis
+is down" into seconds of latency on every request. Our callers treat Redis as a fast
+path with a fallback, so a failure must surface at once.
+"""
+
+from __future__ import annotations
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+def redis_client(url: str, *, timeout_s: float = 0.5, decode_responses: bool = False) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=decode_responses,
+        health_check_interval=30,
+    )

@@ -1,0 +1,113 @@
+"""What the database itself refuses, and what the audit command catches."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from svckit.db import make_engine
+from svckit.testing import alembic
+from wallet.audit import audit, main
+
+from .conftest import INI
+from .factories import AuthFake, Signer, move, new_user, open_wallet
+
+
+class TestAppendOnly:
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "UPDATE ledger_entries SET amount = amount + 1",
+            "DELETE FROM ledger_entries",
+            "UPDATE transactions SET amount = 1",
+            "DELETE FROM transactions",
+        ],
+    )
+    def test_raw_update_or_delete_is_refused(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake, database_url: str, statement: str
+    ) -> None:
+        open_wallet(client, new_user(signer, auth_fake), balance=10)  # at least one row each
+        engine = make_engine(database_url)
+        try:
+            with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+                conn.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    def test_a_user_balance_cannot_go_negative_even_by_hand(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake, database_url: str
+    ) -> None:
+        wallet = open_wallet(client, new_user(signer, auth_fake), balance=10)
+        engine = make_engine(database_url)
+        try:
+            with pytest.raises(IntegrityError), engine.begin() as conn:
+                conn.execute(text("UPDATE wallets SET balance = -1 WHERE id = :id"), {"id": wallet["id"]})
+        finally:
+            engine.dispose()
+
+
+class TestAudit:
+    def test_the_suites_database_is_clean(
+        self,
+        client: TestClient,
+        signer: Signer,
+        auth_fake: AuthFake,
+        database_url: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        jane, john = new_user(signer, auth_fake), new_user(signer, auth_fake)
+        open_wallet(client, jane, balance=100)
+        john_wallet = open_wallet(client, john)
+        move(client, jane, "transfer", amount=40, to_account_id=john_wallet["id"])
+        move(client, john, "withdraw", amount=15)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--database-url", database_url])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0, out
+        assert "violations: 0" in out
+
+    def test_it_catches_a_tampered_balance(
+        self,
+        tmp_path: object,
+        client: TestClient,
+        signer: Signer,
+        auth_fake: AuthFake,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        # A private database, so the tampering cannot leak into the shared one.
+        url = f"sqlite:///{tmp_path}/tampered.db"
+        alembic(INI, url, "upgrade", "head")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO wallets (id, user_id, kind, status, currency, balance, owner_name, created_at, updated_at)"
+                    " VALUES (1, NULL, 'system', 'open', 'USD', -100, 'External', '2026-01-01', '2026-01-01'),"
+                    " (2, 7, 'user', 'open', 'USD', 100, 'Jane Doe', '2026-01-01', '2026-01-01')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO transactions (id, type, amount, currency, from_wallet_id, to_wallet_id, initiated_by,"
+                    " created_at) VALUES (1, 'deposit', 100, 'USD', 1, 2, 7, '2026-01-01')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO ledger_entries (transaction_id, wallet_id, entry_type, amount, currency, balance_snapshot,"
+                    " created_at) VALUES (1, 1, 'debit', 100, 'USD', -100, '2026-01-01'),"
+                    " (1, 2, 'credit', 100, 'USD', 100, '2026-01-01')"
+                )
+            )
+        assert audit(make_engine(url)).violations == []
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE wallets SET balance = 150 WHERE id = 2"))  # money invented
+        violations = audit(make_engine(url)).violations
+        assert any("wallet 2: balance 150 != credits - debits 100" in v for v in violations)
+        assert any("currency USD: wallets sum to 50" in v for v in violations)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--database-url", url])
+        assert exit_info.value.code == 1
+        engine.dispose()

@@ -1,0 +1,56 @@
+"""Redis is only the fast path: losing its data or the whole server moves no money twice."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from svckit.redis import redis_client
+from svckit.testing import free_port
+from wallet.idempotency import IdempotencyCache
+
+from .factories import AuthFake, Signer, key, move, new_user, open_wallet
+
+
+def test_redis_flushed_between_a_request_and_its_retry(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    k = key()
+    first = move(client, user, "withdraw", idem=k, amount=60)
+    client.app.state.redis.flushall()  # type: ignore[attr-defined]
+    retry = move(client, user, "withdraw", idem=k, amount=60)
+    assert retry.content == first.content
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 40
+
+
+def test_money_moves_correctly_with_redis_down(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    state = client.app.state  # type: ignore[attr-defined]
+    dead = redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    state.idempotency = IdempotencyCache(dead, ttl_s=60, lock_ttl_ms=1000)
+    k = key()
+    first = move(client, user, "withdraw", idem=k, amount=30)
+    assert first.status_code == 200
+    retry = move(client, user, "withdraw", idem=k, amount=30)
+    assert retry.content == first.content  # answered from the database
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert move(client, user, "withdraw", idem=k, amount=31).json()["code"] == "idempotency_key_reused"
+    assert move(client, user, "withdraw", amount=80).json()["code"] == "insufficient_funds"
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
+
+
+def test_an_expired_lock_cannot_double_move(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+    """A first request whose lock expired (slow request) and a retry both reach the database:
+    the unique constraint lets one movement through and the other replays it."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    state = client.app.state  # type: ignore[attr-defined]
+    k = key()
+    first = move(client, user, "withdraw", idem=k, amount=10)
+    # Drop the cached response and the lock, as if both had expired before the retry.
+    for redis_key in state.redis.scan_iter(f"idem:*:{user.id}:withdraw:{k}"):
+        state.redis.delete(redis_key)
+    retry = move(client, user, "withdraw", idem=k, amount=10)
+    assert retry.content == first.content
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 90
