@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -42,3 +43,39 @@ def new_user(api: httpx.Client, **kwargs: Any) -> User:
     response = login(api, profile["email"])
     assert response.status_code == 200, response.text
     return User(id=profile["id"], email=profile["email"], token=response.json()["access_token"])
+
+
+def open_wallet(api: httpx.Client, user: User, *, balance: int = 0, currency: str = "USD") -> Any:
+    response = api.post("/wallet", json={"balance": balance, "currency": currency}, headers=user.headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def move(api: httpx.Client, user: User, kind: str, *, key: str | None = None, **body: Any) -> httpx.Response:
+    """One money movement; on 429, 409 in progress, 5xx or a dropped connection, retry with
+    the same key until the answer is definitive (as a careful client would)."""
+    body.setdefault("currency", "USD")
+    headers = {**user.headers, "Idempotency-Key": key or uuid.uuid4().hex}
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            response = api.patch(f"/transaction/{kind}", json=body, headers=headers)
+        except httpx.TransportError:
+            response = None
+        definitive = response is not None and response.status_code not in (409, 429) and response.status_code < 500
+        if (
+            response is not None
+            and response.status_code == 409
+            and response.json().get("code") != "idempotency_in_progress"
+        ):
+            definitive = True
+        if definitive or time.monotonic() > deadline:
+            assert response is not None, "no answer before the deadline"
+            return response
+        time.sleep(0.05)
+
+
+def balance(api: httpx.Client, user: User) -> int:
+    response = api.get("/wallet", headers=user.headers)
+    assert response.status_code == 200, response.text
+    return int(response.json()["balance"])

@@ -6,6 +6,7 @@ If GATEWAY_URL is set, the tests use that running stack instead of starting one.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +37,7 @@ class Stack:
     var: Path
     process: subprocess.Popen[bytes] | None
     stack_id: str | None
+    wallet_database_url: str = ""
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         assert self.process is not None
@@ -49,6 +53,7 @@ def start_stack(var: Path, **env: str) -> Stack:
         "GATEWAY_PORT": str(port),
         "STACK_PORTS": "auto",
         "AUTH_BCRYPT_ROUNDS": "4",  # real bcrypt, test cost
+        "WALLET_REPLICAS": "2",  # so idempotency locks are exercised across processes
         **env,
     }
     full_env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None
@@ -67,10 +72,39 @@ def start_stack(var: Path, **env: str) -> Stack:
             process.kill()
             raise RuntimeError(f"stack did not start; see {log.name}:\n" + Path(log.name).read_text()[-3000:])
         time.sleep(0.2)
-    import json
-
     state = json.loads(stack_file.read_text())
-    return Stack(url=state["gateway_url"], var=var, process=process, stack_id=state["stack_id"])
+    wallet_db = full_env.get("WALLET_DATABASE_URL", f"sqlite:///{var}/data/wallet.db")
+    return Stack(
+        url=state["gateway_url"], var=var, process=process, stack_id=state["stack_id"], wallet_database_url=wallet_db
+    )
+
+
+def drop_databases(env: dict[str, str]) -> None:
+    for name, value in env.items():
+        if name.endswith("_DATABASE_URL"):
+            url = make_url(value)
+            admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def postgres_stack_env(tag: str) -> dict[str, str] | None:
+    """Fresh auth and wallet databases on TEST_DATABASE_URL's server, or None without one."""
+    base = os.environ.get("TEST_DATABASE_URL")
+    if not base:
+        return None
+    url = make_url(base)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    env = {}
+    with admin.connect() as conn:
+        for service in ("auth", "wallet"):
+            name = f"{url.database}_{tag}_{service}"
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            env[f"{service.upper()}_DATABASE_URL"] = url.set(database=name).render_as_string(hide_password=False)
+    admin.dispose()
+    return env
 
 
 @pytest.fixture(scope="session")
