@@ -53,5 +53,9 @@ test-postgres: $(STAMP)
 
 test: lint check-compose test-unit test-e2e test-postgres
 
+# Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres.
+bench: $(STAMP)
+	$(BIN)/python bench/transfers.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
