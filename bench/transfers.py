@@ -20,6 +20,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -154,7 +155,7 @@ def main() -> None:
         default=os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
     )
     args = parser.parse_args()
-    var = Path(os.environ.get("BENCH_VAR", f"/tmp/wallet-bench-{os.getpid()}")) / "var"
+    var = Path(os.environ.get("BENCH_VAR") or tempfile.mkdtemp(prefix="wallet-bench-")) / "var"
     var.mkdir(parents=True, exist_ok=True)
     env = fresh_databases(args.database_url, str(os.getpid()))
     proc, url = start_stack(var, env)
