@@ -3,14 +3,21 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import Response
 from fastapi.testclient import TestClient
 from jwt.algorithms import OKPAlgorithm
+from sqlmodel import Session
+
+from svckit.problems import ProblemError
+from wallet import service
 
 _ids = itertools.count(1_000)
 
@@ -88,3 +95,30 @@ def move(client: TestClient, user: User, kind: str, *, idem: str | None = None, 
     body.setdefault("currency", "USD")
     headers = {**user.headers, "Idempotency-Key": idem or key()}
     return client.patch(f"/transaction/{kind}", json=body, headers=headers)
+
+
+def call(
+    client: TestClient, user: User, endpoint: str, key: str, payload: dict[str, object], operation: service.Operation
+) -> tuple[int, bytes]:
+    """One request, as the route would run it, in its own session (its own connection)."""
+    state = client.app.state  # type: ignore[attr-defined]
+    with Session(state.engine) as session:
+        try:
+            response: Response = service.run_idempotent(
+                session,
+                cache=state.idempotency,
+                user_id=user.id,
+                endpoint=endpoint,
+                key=key,
+                payload=payload,
+                operation=operation,
+                retries=state.settings.db_retries,
+            )
+        except ProblemError as refusal:
+            return refusal.status, refusal.code.encode()
+        return response.status_code, bytes(response.body)
+
+
+def run_all(jobs: list[Callable[[], tuple[int, bytes]]], workers: int = 16) -> list[tuple[int, bytes]]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: job(), jobs))

@@ -5,45 +5,13 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import Response
 from fastapi.testclient import TestClient
-from sqlmodel import Session
 
-from svckit.problems import ProblemError
 from wallet import service
 from wallet.audit import audit
 
-from .factories import AuthFake, Signer, User, new_user, open_wallet
-
-
-def call(
-    client: TestClient, user: User, endpoint: str, key: str, payload: dict[str, object], operation: service.Operation
-) -> tuple[int, bytes]:
-    """One request, as the route would run it, in its own session (its own connection)."""
-    state = client.app.state  # type: ignore[attr-defined]
-    with Session(state.engine) as session:
-        try:
-            response: Response = service.run_idempotent(
-                session,
-                cache=state.idempotency,
-                user_id=user.id,
-                endpoint=endpoint,
-                key=key,
-                payload=payload,
-                operation=operation,
-                retries=state.settings.db_retries,
-            )
-        except ProblemError as refusal:
-            return refusal.status, refusal.code.encode()
-        return response.status_code, bytes(response.body)
-
-
-def run_all(jobs: list[Callable[[], tuple[int, bytes]]], workers: int = 16) -> list[tuple[int, bytes]]:
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda job: job(), jobs))
+from .factories import AuthFake, Signer, call, new_user, open_wallet, run_all
 
 
 def test_sixty_withdrawals_of_50_from_1000_exactly_twenty_succeed(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections import Counter
+
+import redis
 from fastapi.testclient import TestClient
 
 from svckit.redis import redis_client
-from svckit.testing import free_port
+from svckit.testing import free_port, redis_server
+from wallet import service
+from wallet.audit import audit
 from wallet.idempotency import IdempotencyCache
 
-from .factories import AuthFake, Signer, key, move, new_user, open_wallet
+from .factories import AuthFake, Signer, call, key, move, new_user, open_wallet, run_all
 
 
 def test_redis_flushed_between_a_request_and_its_retry(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
@@ -54,3 +61,36 @@ def test_an_expired_lock_cannot_double_move(client: TestClient, signer: Signer, 
     retry = move(client, user, "withdraw", idem=k, amount=10)
     assert retry.content == first.content
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 90
+
+
+def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+    """Concurrent withdrawals, each retried with its key until definitive, while the Redis
+    server is shut down mid-run: exactly the affordable ones succeed, and the audit is clean."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=1000)
+    state = client.app.state  # type: ignore[attr-defined]
+    system = state.system_wallets["USD"]
+    op = service.withdraw_op(user_id=user.id, amount=50, currency="USD", system_wallet_id=system)
+    with redis_server() as url:
+        victim = redis_client(url)
+        state.idempotency = IdempotencyCache(victim, ttl_s=60, lock_ttl_ms=5000)
+        count = itertools.count()
+
+        def until_definitive(k: str) -> tuple[int, bytes]:
+            for _ in range(200):
+                if next(count) == 25:
+                    redis.Redis.from_url(url).shutdown(nosave=True)  # mid-run
+                status, body = call(client, user, "withdraw", k, {"amount": 50, "currency": "USD"}, op)
+                if status != 409:
+                    return status, body
+                time.sleep(0.01)
+            raise AssertionError("never definitive")
+
+        keys = [key() for _ in range(60)]
+        results = run_all([lambda k=k: until_definitive(k) for k in keys])
+        # A second round with the same keys replays: nothing moves twice.
+        replays = run_all([lambda k=k: until_definitive(k) for k in keys])
+    assert Counter(s for s, _ in results) == {200: 20, 422: 40}
+    assert replays == results
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 0
+    assert audit(state.engine).violations == []
