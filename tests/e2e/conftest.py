@@ -38,6 +38,7 @@ class Stack:
     process: subprocess.Popen[bytes] | None
     stack_id: str | None
     wallet_database_url: str = ""
+    redis_url: str = ""
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         assert self.process is not None
@@ -75,7 +76,12 @@ def start_stack(var: Path, **env: str) -> Stack:
     state = json.loads(stack_file.read_text())
     wallet_db = full_env.get("WALLET_DATABASE_URL", f"sqlite:///{var}/data/wallet.db")
     return Stack(
-        url=state["gateway_url"], var=var, process=process, stack_id=state["stack_id"], wallet_database_url=wallet_db
+        url=state["gateway_url"],
+        var=var,
+        process=process,
+        stack_id=state["stack_id"],
+        wallet_database_url=wallet_db,
+        redis_url=state["redis_url"],
     )
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
+import redis
 
 from .client import balance, move, new_user, open_wallet
+from .conftest import Stack
 
 
 class TestWalletFlow:
@@ -58,3 +61,18 @@ class TestWalletFlow:
         move(api, user, "withdraw", amount=5)
         closed = api.delete("/wallet", headers=user.headers)
         assert closed.json() == {"message": "wallet belonging to Ada Lovelace deleted successfully"}
+
+
+class TestRedisFlushed:
+    def test_a_retry_after_redis_lost_its_data_moves_nothing(self, api: httpx.Client, stack: Stack) -> None:
+        if not stack.redis_url:
+            pytest.skip("GATEWAY_URL given: this test needs the stack it starts itself (to flush its Redis)")
+        user = new_user(api)
+        open_wallet(api, user, balance=100)
+        key = uuid.uuid4().hex
+        first = move(api, user, "withdraw", key=key, amount=60)
+        redis.Redis.from_url(stack.redis_url).flushall()  # fault injection: the cache forgets everything
+        retry = move(api, user, "withdraw", key=key, amount=60)
+        assert retry.content == first.content
+        assert retry.headers["idempotent-replayed"] == "true"
+        assert balance(api, user) == 40
