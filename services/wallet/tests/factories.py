@@ -52,9 +52,11 @@ class AuthFake:
         self.users: dict[int, tuple[str, str]] = {}
         self.down = False
         self.calls = 0
+        self.request_ids: list[str | None] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
+        self.request_ids.append(request.headers.get("X-Request-ID"))
         if self.down:
             return httpx.Response(503)
         assert request.headers["X-Service-Token"] == "test-service-token"

@@ -94,6 +94,14 @@ class TestCreateWallet:
         auth_fake.down = False
         assert client.get("/wallet", headers=user.headers).status_code == 404
 
+    def test_the_request_id_travels_to_the_auth_service(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake
+    ) -> None:
+        user = new_user(signer, auth_fake)
+        headers = {**user.headers, "X-Request-ID": "trace-wallet-1"}
+        assert client.post("/wallet", json={"currency": "USD"}, headers=headers).status_code == 201
+        assert auth_fake.request_ids == ["trace-wallet-1"]
+
     def test_no_token_is_401(self, client: TestClient) -> None:
         response = client.post("/wallet", json={"currency": "USD"})
         assert response.status_code == 401
