@@ -1,7 +1,5 @@
-from sqlmodel import SQLModel
-
-import auth.models  # noqa: F401  (registers the tables)
 from auth.config import get_settings
+from auth.models import Base
 from svckit.migrate import run_migrations
 
-run_migrations(SQLModel.metadata, get_settings().database_url)
+run_migrations(Base.metadata, get_settings().database_url)

@@ -1,7 +1,5 @@
-from sqlmodel import SQLModel
-
-import wallet.models  # noqa: F401  (registers the tables)
 from svckit.migrate import run_migrations
 from wallet.config import get_settings
+from wallet.models import Base
 
-run_migrations(SQLModel.metadata, get_settings().database_url)
+run_migrations(Base.metadata, get_settings().database_url)

@@ -27,3 +27,35 @@ def run_migrations(target_metadata: MetaData, url: str) -> None:
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()
+
+
+def create_outbox() -> None:
+    """The `outbox` table every producing service has (see svckit.outbox)."""
+    import sqlalchemy as sa
+    from alembic import op
+
+    from svckit.db import UTCDateTime
+
+    op.create_table(
+        "outbox",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("actor_name", sa.String(60), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("published_at", UTCDateTime(), nullable=True),
+    )
+    # The relay only ever scans unpublished rows.
+    op.create_index(
+        "ix_outbox_unpublished",
+        "outbox",
+        ["created_at"],
+        sqlite_where=sa.text("published_at IS NULL"),
+        postgresql_where=sa.text("published_at IS NULL"),
+    )
+
+
+def drop_outbox() -> None:
+    from alembic import op
+
+    op.drop_index("ix_outbox_unpublished", table_name="outbox")
+    op.drop_table("outbox")

@@ -13,3 +13,15 @@ Amount = Annotated[StrictInt, Field(ge=1, le=MAX_AMOUNT, description="Minor unit
 CurrencyCode = Annotated[
     str, StringConstraints(pattern=r"^[A-Z]{3}$"), Field(description="ISO 4217 code", examples=["USD"])
 ]
+
+# ISO 4217 minor-unit exponents that are not 2 (the default).
+_EXPONENTS = {"JPY": 0, "KRW": 0, "ISK": 0, "CLP": 0, "VND": 0, "KWD": 3, "BHD": 3, "JOD": 3, "OMR": 3, "TND": 3}
+
+
+def format_amount(amount: int, currency: str) -> str:
+    """`12345, "USD"` -> "123.45 USD", by integer arithmetic only (no float, no Decimal)."""
+    exponent = _EXPONENTS.get(currency, 2)
+    sign = "-" if amount < 0 else ""
+    units, minor = divmod(abs(amount), 10**exponent)
+    grouped = f"{units:,}"
+    return f"{sign}{grouped}.{minor:0{exponent}d} {currency}" if exponent else f"{sign}{grouped} {currency}"

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, DateTime
+from sqlalchemy import Column, DateTime, String, Text
+from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
+
+from svckit.db import UTCDateTime
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class User(SQLModel, table=True):
+class Base(SQLModel, registry=registry()):
+    """The auth service's own metadata: its tables never mix with another service's."""
+
+
+class User(Base, table=True):
     __tablename__ = "users"
 
     id: int | None = Field(default=None, primary_key=True)
@@ -21,3 +28,16 @@ class User(SQLModel, table=True):
     last_name: str = Field(max_length=100)
     password_hash: str = Field(max_length=100)
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class OutboxMessage(Base, table=True):
+    """A message for the notifier, committed with the change it reports (transactional
+    outbox); the relay publishes it to Dramatiq and stamps `published_at`."""
+
+    __tablename__ = "outbox"
+
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    actor_name: str = Field(sa_column=Column(String(60), nullable=False))
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    published_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))

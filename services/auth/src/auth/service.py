@@ -5,12 +5,13 @@ from __future__ import annotations
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from auth import repository
+from auth import outbox, repository
 from auth.errors import AccountLocked, EmailTaken, InvalidCredentials, UserNotFound
 from auth.lockout import Lockout
 from auth.models import User
 from auth.schemas import SignupRequest
 from auth.security import PasswordHasher, TokenIssuer
+from svckit.messages import WelcomeEmail, new_email_id
 
 
 def signup(session: Session, *, hasher: PasswordHasher, data: SignupRequest) -> User:
@@ -29,6 +30,9 @@ def signup(session: Session, *, hasher: PasswordHasher, data: SignupRequest) -> 
                     password_hash=password_hash,
                 ),
             )
+            assert user.id is not None
+            # The welcome email commits with the account, or not at all.
+            outbox.stage(session, WelcomeEmail(email_id=new_email_id(), user_id=user.id))
     except IntegrityError as exc:  # a concurrent signup with the same email won the race
         raise EmailTaken() from exc
     return user

@@ -9,9 +9,15 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 from svckit.db import UTCDateTime, utcnow
+
+
+class Base(SQLModel, registry=registry()):
+    """The wallet service's own metadata: its tables never mix with another service's."""
+
 
 USER = "user"
 SYSTEM = "system"
@@ -27,7 +33,7 @@ def _time() -> Column[datetime]:
     return Column(UTCDateTime(), nullable=False)
 
 
-class Wallet(SQLModel, table=True):
+class Wallet(Base, table=True):
     __tablename__ = "wallets"
     __table_args__ = (
         # One open wallet per user; one system wallet (the outside world) per currency.
@@ -63,7 +69,7 @@ class Wallet(SQLModel, table=True):
     closed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
 
 
-class Transaction(SQLModel, table=True):
+class Transaction(Base, table=True):
     __tablename__ = "transactions"
     __table_args__ = (
         CheckConstraint("amount > 0", name="ck_transactions_amount_positive"),
@@ -81,7 +87,7 @@ class Transaction(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
 
 
-class LedgerEntry(SQLModel, table=True):
+class LedgerEntry(Base, table=True):
     __tablename__ = "ledger_entries"
     __table_args__ = (
         CheckConstraint("amount > 0", name="ck_ledger_amount_positive"),
@@ -100,7 +106,7 @@ class LedgerEntry(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
 
 
-class IdempotencyRecord(SQLModel, table=True):
+class IdempotencyRecord(Base, table=True):
     """The database's last word on an idempotency key: at most one outcome per key.
 
     Written in the same transaction as the money movement it guards (or, for a business
@@ -120,3 +126,16 @@ class IdempotencyRecord(SQLModel, table=True):
     response_body: str = Field(sa_column=Column(Text, nullable=False))
     transaction_id: int | None = Field(default=None, foreign_key="transactions.id")
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class OutboxMessage(Base, table=True):
+    """A message for the notifier, committed with the change it reports (transactional
+    outbox); the relay publishes it to Dramatiq and stamps `published_at`."""
+
+    __tablename__ = "outbox"
+
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    actor_name: str = Field(sa_column=Column(String(60), nullable=False))
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    published_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))

@@ -33,6 +33,7 @@ class LockedWallet:
     status: str
     currency: str
     balance: int
+    owner_name: str
 
 
 def open_wallet_of(session: Session, user_id: int, *, lock: bool = False) -> Wallet | None:
@@ -236,7 +237,7 @@ def ledger_entries(session: Session, *, transaction_id: int, visible_to: Sequenc
 def lock_for_movement(session: Session, *, user_id: int, other_id: int) -> dict[int, LockedWallet]:
     """Lock the caller's open wallet and the other wallet, in id order, in one round trip."""
     rows = session.execute(
-        select(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance)
+        select(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
         .where(or_((W.c.user_id == user_id) & (W.c.status == OPEN), W.c.id == other_id))
         .order_by(W.c.id)
         .with_for_update()

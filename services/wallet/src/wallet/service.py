@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from fastapi import Response
@@ -15,8 +16,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from svckit.db import utcnow
+from svckit.messages import Receipt, new_email_id
 from svckit.problems import ProblemError
-from wallet import ledger, repository
+from wallet import ledger, outbox, repository
 from wallet.errors import (
     CurrencyMismatch,
     IdempotencyInProgress,
@@ -102,8 +104,8 @@ def create_wallet(
                 _post(
                     session,
                     kind="deposit",
-                    source=system_wallet_id,
-                    destination=wallet.id,
+                    source=external(system_wallet_id, EXTERNAL_SOURCE),
+                    destination=Party(wallet.id, user_id, name),
                     amount=balance,
                     currency=currency,
                     user_id=user_id,
@@ -148,19 +150,46 @@ def close_wallet(session: Session, *, user_id: int) -> Message:
 # --- money movement --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Party:
+    """A side of a movement: its wallet, and its owner (None for the outside world)."""
+
+    wallet_id: int
+    user_id: int | None
+    name: str
+
+
+def external(wallet_id: int, name: str) -> Party:
+    return Party(wallet_id, None, name)
+
+
+def party(wallet: repository.LockedWallet) -> Party:
+    return Party(wallet.id, wallet.user_id if wallet.kind == USER else None, wallet.owner_name)
+
+
+# (transaction type, is the receipt's owner the source?) -> receipt kind
+_RECEIPT_KIND = {
+    ("deposit", False): "deposit",
+    ("withdrawal", True): "withdrawal",
+    ("transfer", True): "transfer_sent",
+    ("transfer", False): "transfer_received",
+}
+
+
 def _post(
     session: Session,
     *,
     kind: str,
-    source: int,
-    destination: int,
+    source: Party,
+    destination: Party,
     amount: int,
     currency: str,
     user_id: int,
     now: datetime,
 ) -> tuple[int, dict[int, int]]:
-    """Book a movement: balances, the transaction row and its balanced ledger entries."""
-    postings = ledger.postings(source=source, destination=destination, amount=amount)
+    """Book a movement in the caller's transaction: balances, the transaction row, its
+    balanced ledger entries, and a receipt in the outbox for each user involved."""
+    postings = ledger.postings(source=source.wallet_id, destination=destination.wallet_id, amount=amount)
     assert ledger.is_balanced(postings)
     balances = repository.apply_postings(session, postings, now)
     txn_id = repository.add_transaction(
@@ -168,14 +197,30 @@ def _post(
         type=kind,
         amount=amount,
         currency=currency,
-        from_wallet_id=source,
-        to_wallet_id=destination,
+        from_wallet_id=source.wallet_id,
+        to_wallet_id=destination.wallet_id,
         initiated_by=user_id,
         now=now,
     )
     repository.add_entries(
         session, transaction_id=txn_id, postings=postings, snapshots=balances, currency=currency, now=now
     )
+    receipts = [
+        Receipt(
+            email_id=new_email_id(),
+            user_id=me.user_id,
+            transaction_id=txn_id,
+            kind=_RECEIPT_KIND[(kind, is_source)],  # type: ignore[arg-type]
+            amount=amount,
+            currency=currency,
+            balance_after=balances[me.wallet_id],
+            counterparty=other.name,
+            occurred_at=now,
+        )
+        for me, other, is_source in ((source, destination, True), (destination, source, False))
+        if me.user_id is not None
+    ]
+    outbox.stage(session, *receipts)
     return txn_id, balances
 
 
@@ -195,8 +240,8 @@ def deposit_op(*, user_id: int, amount: int, currency: str, system_wallet_id: in
         txn_id, balances = _post(
             session,
             kind="deposit",
-            source=system_wallet_id,
-            destination=own.id,
+            source=external(system_wallet_id, EXTERNAL_SOURCE),
+            destination=party(own),
             amount=amount,
             currency=currency,
             user_id=user_id,
@@ -216,8 +261,8 @@ def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: i
         txn_id, balances = _post(
             session,
             kind="withdrawal",
-            source=own.id,
-            destination=system_wallet_id,
+            source=party(own),
+            destination=external(system_wallet_id, EXTERNAL_DESTINATION),
             amount=amount,
             currency=currency,
             user_id=user_id,
@@ -244,8 +289,8 @@ def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) 
         txn_id, balances = _post(
             session,
             kind="transfer",
-            source=own.id,
-            destination=to_wallet_id,
+            source=party(own),
+            destination=party(recipient),
             amount=amount,
             currency=currency,
             user_id=user_id,

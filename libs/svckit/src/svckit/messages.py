@@ -1,0 +1,59 @@
+"""The notifier's message contracts: the interface between producers and the notifier.
+
+Producers stage these in their outbox; the relay publishes them to Dramatiq by actor
+name, so no producer imports notifier code. The outbox id doubles as the Dramatiq message
+id and as Brevo's idempotencyKey: one email, one id, end to end.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+QUEUE = "notifications"
+SEND_WELCOME = "notifier.send_welcome"
+SEND_RECEIPT = "notifier.send_receipt"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email_id: str  # the outbox id: stable across retries and redeliveries
+    user_id: int  # the recipient; the notifier looks up the address at the auth service
+
+
+class WelcomeEmail(_Message):
+    actor: Literal["notifier.send_welcome"] = SEND_WELCOME
+
+
+class Receipt(_Message):
+    actor: Literal["notifier.send_receipt"] = SEND_RECEIPT
+    transaction_id: int
+    kind: Literal["deposit", "withdrawal", "transfer_sent", "transfer_received"]
+    amount: int
+    currency: str
+    balance_after: int
+    counterparty: str  # a display name, "External Source" or "External Destination"
+    occurred_at: datetime
+
+
+NotifierMessage = WelcomeEmail | Receipt
+
+
+def new_email_id() -> str:
+    return uuid.uuid4().hex
+
+
+def dramatiq_payload(message: NotifierMessage, *, request_id: str | None) -> dict[str, Any]:
+    """The JSON a Dramatiq worker decodes (dramatiq.Message.asdict() shape)."""
+    return {
+        "queue_name": QUEUE,
+        "actor_name": message.actor,
+        "args": [],
+        "kwargs": {"message": message.model_dump(mode="json")},
+        "options": {"request_id": request_id} if request_id else {},
+        "message_id": message.email_id,
+    }

@@ -1,0 +1,142 @@
+"""The transactional outbox relay shared by every producing service.
+
+A service writes a row in its `outbox` table in the same database transaction as the
+change the message reports. This relay publishes committed rows to Dramatiq's Redis
+broker (by actor name: producers never import notifier code) and then marks them
+published. A crash between the two republishes the row later: delivery is at least once,
+and the notifier drops duplicates by message id.
+
+Several replicas may run: on Postgres each claims its rows with FOR UPDATE SKIP LOCKED;
+on SQLite (one writer anyway) a Redis lease lets only one relay work at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import Engine, Table, select, update
+
+from svckit.db import utcnow
+from svckit.messages import QUEUE, NotifierMessage, dramatiq_payload
+from svckit.requestid import current_request_id
+
+log = logging.getLogger("svckit.outbox")
+
+
+def outbox_row(message: NotifierMessage) -> dict[str, Any]:
+    """The values of the outbox row that carries `message` (insert it in your transaction)."""
+    return {
+        "id": message.email_id,
+        "actor_name": message.actor,
+        "payload": json.dumps(dramatiq_payload(message, request_id=current_request_id())),
+        "created_at": utcnow(),
+        "published_at": None,
+    }
+
+
+class Publisher:
+    """Enqueue pre-built Dramatiq messages without importing any actor."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.broker = RedisBroker(client=client)
+        self.broker.declare_queue(QUEUE)
+
+    def publish(self, payload: str) -> None:
+        from dramatiq import Message
+
+        self.broker.enqueue(Message(**json.loads(payload)))
+
+
+class Relay:
+    def __init__(
+        self,
+        engine: Engine,
+        table: Table,
+        publish: Callable[[str], None],
+        *,
+        lease: redis.Redis | None,
+        name: str,
+        batch: int = 100,
+        idle_s: float = 0.2,
+    ) -> None:
+        self.engine = engine
+        self.table = table
+        self.publish = publish
+        self.lease = lease
+        self.lease_key = f"outbox:relay:{name}"
+        self.token = secrets.token_hex(8)
+        self.batch = batch
+        self.idle_s = idle_s
+        self.running = True
+
+    def _has_lease(self) -> bool:
+        if self.engine.dialect.name == "postgresql" or self.lease is None:
+            return True  # rows are claimed with SKIP LOCKED instead
+        try:
+            # Take the lease, or extend it if it is ours already.
+            if self.lease.set(self.lease_key, self.token, nx=True, px=10_000):
+                return True
+            if self.lease.get(self.lease_key) in (self.token, self.token.encode()):
+                self.lease.pexpire(self.lease_key, 10_000)
+                return True
+        except redis.RedisError:
+            return False
+        return False
+
+    def run_once(self) -> int:
+        """Publish one batch; returns how many rows were published."""
+        if not self._has_lease():
+            return 0
+        t = self.table
+        with self.engine.begin() as conn:
+            query = (
+                select(t.c.id, t.c.payload)
+                .where(t.c.published_at.is_(None))
+                .order_by(t.c.created_at, t.c.id)
+                .limit(self.batch)
+            )
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = conn.execute(query).all()
+            for _, payload in rows:
+                self.publish(payload)
+            if rows:
+                conn.execute(update(t).where(t.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
+        return len(rows)
+
+    def run_forever(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "running", False))
+        log.info("outbox relay started")
+        while self.running:
+            try:
+                published = self.run_once()
+            except Exception:
+                log.exception("outbox relay error")
+                published = 0
+            if published:
+                log.info("published %d outbox messages", published)
+            else:
+                time.sleep(self.idle_s)
+        log.info("outbox relay stopped")
+
+
+def serve(*, service: str, database_url: str, redis_url: str, table: Table, log_level: str = "INFO") -> None:
+    """The body of each producing service's `<service>-relay` command."""
+    from svckit.db import make_engine
+    from svckit.logging import configure_logging
+    from svckit.redis import redis_client
+
+    configure_logging(f"{service}-relay", log_level)
+    engine = make_engine(database_url)
+    client = redis_client(redis_url, timeout_s=2.0)
+    Relay(engine, table, Publisher(client).publish, lease=client, name=service).run_forever()
+    engine.dispose()
