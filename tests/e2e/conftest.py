@@ -39,6 +39,19 @@ class Stack:
     stack_id: str | None
     wallet_database_url: str = ""
     redis_url: str = ""
+    env: dict[str, str] | None = None
+
+    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run one of the platform's commands (`notifier-dlq`, ...) with this stack's settings."""
+        env = {**os.environ, **(self.env or {})}
+        return subprocess.run(
+            [str(Path(sys.executable).parent / args[0]), *args[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         assert self.process is not None
@@ -82,6 +95,7 @@ def start_stack(var: Path, **env: str) -> Stack:
         stack_id=state["stack_id"],
         wallet_database_url=wallet_db,
         redis_url=state["redis_url"],
+        env={**state["env"], **env},
     )
 
 
@@ -113,13 +127,79 @@ def postgres_stack_env(tag: str) -> dict[str, str] | None:
     return env
 
 
+class BrevoStub:
+    """Client of tests/tools/brevo_stub.py, the stand-in for Brevo's API."""
+
+    API_KEY = "e2e-brevo-key"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    def state(self) -> dict[str, object]:
+        return dict(self.http.get("/_stub/emails").json())
+
+    def emails_to(self, address: str) -> list[dict[str, object]]:
+        emails = self.state()["emails"]
+        assert isinstance(emails, list)
+        return [e for e in emails if e["to"][0]["email"] == address]
+
+    def fail(self, mode: str, count: int = 1, **extra: object) -> None:
+        self.http.post("/_stub/fail", json={"mode": mode, "count": count, **extra}).raise_for_status()
+
+    def wait_for(self, address: str, count: int, timeout: float = 30) -> list[dict[str, object]]:
+        """Wait until `count` emails reached `address`, then a little longer to catch extras."""
+        deadline = time.monotonic() + timeout
+        while len(self.emails_to(address)) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a duplicate would show up by now
+        return self.emails_to(address)
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def brevo() -> Iterator[BrevoStub]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "tools" / "brevo_stub.py"),
+            "--port",
+            str(port),
+            "--api-key",
+            BrevoStub.API_KEY,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    stub = BrevoStub(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            stub.state()
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    yield stub
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, brevo: BrevoStub) -> Iterator[Stack]:
     if os.environ.get("GATEWAY_URL"):
         yield Stack(url=os.environ["GATEWAY_URL"], var=Path(), process=None, stack_id=None)
         return
     var = tmp_path_factory.mktemp("stack") / "var"
-    s = start_stack(var)
+    s = start_stack(
+        var,
+        NOTIFIER_BREVO_API_KEY=BrevoStub.API_KEY,
+        NOTIFIER_BREVO_BASE_URL=brevo.url,
+        NOTIFIER_BREVO_TIMEOUT_S="10",
+        NOTIFIER_MIN_BACKOFF_MS="200",  # fast retries, so failure tests finish in seconds
+        NOTIFIER_MAX_BACKOFF_MS="2000",
+        NOTIFIER_HEARTBEAT_TIMEOUT_MS="3000",  # a killed worker's message comes back quickly
+    )
     yield s
     s.stop()
 

@@ -60,11 +60,13 @@ def context() -> Context:
         timeout_s=settings.http_timeout_s,
         retries=settings.http_retries,
     )
-    return Context(
-        transport=transport,
-        markers=SentMarkers(redis_client(settings.redis_url, timeout_s=2.0), ttl_s=settings.sent_marker_ttl_s),
-        auth=auth,
+    # A claim outlives one Brevo call (its timeout) by a margin, so a killed worker's claim
+    # expires soon after its message is redelivered.
+    claim_ms = int(settings.brevo_timeout_s * 1000) + 5_000
+    markers = SentMarkers(
+        redis_client(settings.redis_url, timeout_s=2.0), ttl_s=settings.sent_marker_ttl_s, claim_ms=claim_ms
     )
+    return Context(transport=transport, markers=markers, auth=auth)
 
 
 def should_retry(retries: int, exc: BaseException) -> bool:
@@ -91,7 +93,10 @@ def deliver(email_id: str, build: Callable[[], Email]) -> None:
         return
     token = ctx.markers.claim(email_id)
     if token is None:
-        raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=5_000)
+        # Another worker is sending it, or was killed while sending: come back when its
+        # claim has expired (one retry, not a string of them).
+        delay = ctx.markers.claimed_for_ms(email_id) + random.randint(100, 1_000)
+        raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=delay)
     try:
         outcome = ctx.transport.send(build())
     except TransientError as exc:

@@ -12,7 +12,7 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 
 
 class SentMarkers:
-    def __init__(self, client: redis.Redis, *, ttl_s: int, claim_ms: int = 60_000) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_s: int, claim_ms: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.claim_ms = claim_ms
@@ -24,6 +24,10 @@ class SentMarkers:
     def claim(self, email_id: str) -> str | None:
         token = secrets.token_hex(8)
         return token if self.redis.set(f"notifier:sending:{email_id}", token, nx=True, px=self.claim_ms) else None
+
+    def claimed_for_ms(self, email_id: str) -> int:
+        """How long another worker's claim on this email still lasts (0 if none)."""
+        return max(int(self.redis.pttl(f"notifier:sending:{email_id}")), 0)  # type: ignore[arg-type]
 
     def mark_sent(self, email_id: str, token: str) -> None:
         pipe = self.redis.pipeline()
