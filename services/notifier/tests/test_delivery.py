@@ -1,0 +1,78 @@
+"""The actor's delivery step with real Redis markers: duplicates are dropped."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from notifier import actors
+from notifier.brevo import Email, FolderTransport, TransientError
+from notifier.dedupe import SentMarkers
+from svckit.redis import redis_client
+
+
+class Recording(FolderTransport):
+    def __init__(self, folder: Path) -> None:
+        super().__init__(str(folder), sender_email="s@example.com", sender_name="S")
+        self.sent: list[str] = []
+        self.fail_next = 0
+
+    def send(self, email: Email) -> str:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise TransientError("Brevo answered 503")
+        self.sent.append(email.email_id)
+        return super().send(email)
+
+
+@pytest.fixture
+def transport(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Recording:
+    recording = Recording(tmp_path)
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    ctx = actors.Context(transport=recording, markers=markers, auth=httpx.Client())
+    monkeypatch.setattr(actors, "context", lambda: ctx)
+    return recording
+
+
+def make(email_id: str) -> Email:
+    return Email(email_id=email_id, to_email="j@example.com", to_name="J", subject="s", html="h", text="t")
+
+
+def test_a_redelivered_message_is_not_sent_again(transport: Recording) -> None:
+    email_id = uuid.uuid4().hex
+    actors.deliver(email_id, lambda: make(email_id))
+    actors.deliver(email_id, lambda: make(email_id))
+    assert transport.sent == [email_id]
+
+
+def test_a_transient_failure_releases_the_claim_for_the_retry(transport: Recording) -> None:
+    email_id = uuid.uuid4().hex
+    transport.fail_next = 1
+    with pytest.raises(TransientError):
+        actors.deliver(email_id, lambda: make(email_id))
+    actors.deliver(email_id, lambda: make(email_id))  # the retry is not blocked by a stale claim
+    assert transport.sent == [email_id]
+
+
+def test_a_claimed_email_is_retried_after_the_claim(transport: Recording, redis_url: str) -> None:
+    import dramatiq
+
+    email_id = uuid.uuid4().hex
+    other = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=1500)
+    assert other.claim(email_id)  # another worker is sending it right now
+    with pytest.raises(dramatiq.Retry) as info:
+        actors.deliver(email_id, lambda: make(email_id))
+    assert info.value.delay is not None
+    assert 1000 <= info.value.delay <= 2600
+    assert transport.sent == []
+
+
+def test_should_retry_never_retries_permanent_errors() -> None:
+    from notifier.brevo import PermanentError
+
+    assert actors.should_retry(0, TransientError("x"))
+    assert not actors.should_retry(0, PermanentError("x"))
+    assert not actors.should_retry(actors.settings.max_retries, TransientError("x"))

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from notifier import emails
+from svckit.messages import Receipt
+from svckit.money import format_amount
+
+
+def receipt(**changes: object) -> Receipt:
+    fields: dict[str, object] = {
+        "email_id": "r1",
+        "user_id": 1,
+        "transaction_id": 9,
+        "kind": "transfer_sent",
+        "amount": 123456,
+        "currency": "USD",
+        "balance_after": 50,
+        "counterparty": "John Smith",
+        "occurred_at": datetime(2026, 5, 31, 12, 5, tzinfo=UTC),
+    }
+    return Receipt.model_validate({**fields, **changes})
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "text"),
+    [
+        (200, "USD", "2.00 USD"),
+        (5, "EUR", "0.05 EUR"),
+        (123456789, "USD", "1,234,567.89 USD"),
+        (1500, "JPY", "1,500 JPY"),
+        (1234, "KWD", "1.234 KWD"),
+        (-250, "USD", "-2.50 USD"),
+        (0, "GBP", "0.00 GBP"),
+    ],
+)
+def test_amounts_are_formatted_from_minor_units(amount: int, currency: str, text: str) -> None:
+    assert format_amount(amount, currency) == text
+
+
+class TestReceipts:
+    @pytest.mark.parametrize(
+        ("kind", "subject"),
+        [
+            ("deposit", "You received a deposit of 1,234.56 USD"),
+            ("withdrawal", "You withdrew 1,234.56 USD"),
+            ("transfer_sent", "You sent 1,234.56 USD to John Smith"),
+            ("transfer_received", "John Smith sent you 1,234.56 USD"),
+        ],
+    )
+    def test_subject_per_kind(self, kind: str, subject: str) -> None:
+        email = emails.receipt(receipt(kind=kind), to_email="j@example.com", first_name="Jane", last_name="Doe")
+        assert email.subject == subject
+        assert "Balance after: 0.50 USD" in email.text
+        assert email.email_id == "r1"
+
+    def test_names_are_escaped_in_html(self) -> None:
+        email = emails.receipt(
+            receipt(counterparty="<script>x</script>"),
+            to_email="j@example.com",
+            first_name="<b>Jane</b>",
+            last_name="Doe",
+        )
+        assert "<script>" not in email.html
+        assert "&lt;script&gt;" in email.html
+        assert "<b>Jane" not in email.html
