@@ -45,5 +45,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(app) as c:
         yield c
         with app.state.engine.begin() as conn:
+            conn.execute(text("DELETE FROM outbox"))
             conn.execute(text("DELETE FROM users"))
     redis.Redis.from_url(settings.redis_url).flushdb()

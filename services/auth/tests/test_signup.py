@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import bcrypt
 import pytest
 from fastapi.testclient import TestClient
@@ -91,3 +93,27 @@ class TestSignupValidation:
         response = client.post("/signup", content=b"{not json", headers={"content-type": "application/json"})
         assert response.status_code == 422
         assert response.json()["code"] == "validation_error"
+
+
+class TestWelcomeEmailIsStaged:
+    def outbox(self, client: TestClient) -> list[dict[str, object]]:
+        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+            return [json.loads(p) for (p,) in conn.execute(text("SELECT payload FROM outbox"))]
+
+    def test_signup_commits_exactly_one_welcome_message(self, client: TestClient) -> None:
+        user = signup(client)
+        [message] = self.outbox(client)
+        assert message["actor_name"] == "notifier.send_welcome"
+        assert message["queue_name"] == "notifications"
+        assert message["kwargs"]["message"]["user_id"] == user["id"]  # type: ignore[index]
+        assert message["message_id"] == message["kwargs"]["message"]["email_id"]  # type: ignore[index]
+
+    def test_a_refused_signup_stages_nothing_more(self, client: TestClient) -> None:
+        signup(client)
+        client.post(
+            "/signup", json={"first_name": "J", "last_name": "D", "email": "jane@example.com", "password": PASSWORD}
+        )
+        client.post(
+            "/signup", json={"first_name": "", "last_name": "D", "email": "x@example.com", "password": PASSWORD}
+        )
+        assert len(self.outbox(client)) == 1

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from .factories import AuthFake, Signer, User, key, move, new_user, open_wallet
 
@@ -230,3 +232,33 @@ class TestIdempotency:
         withdrawn = move(client, jane, "withdraw", idem=k, amount=10)
         assert "idempotent-replayed" not in withdrawn.headers
         assert withdrawn.json()["current_balance"] == 500
+
+
+class TestReceiptsAreStaged:
+    def receipts_of(self, client: TestClient, transaction_id: int) -> list[dict[str, Any]]:
+        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+            rows = [json.loads(p)["kwargs"]["message"] for (p,) in conn.execute(text("SELECT payload FROM outbox"))]
+        return [r for r in rows if r.get("transaction_id") == transaction_id]
+
+    def test_a_transfer_commits_one_receipt_per_side(self, client: TestClient, jane: User, john: User) -> None:
+        move(client, jane, "transfer", amount=100, to_account_id=wallet_id(client, john))
+        txn = history(client, jane)[0]["id"]
+        staged = sorted(self.receipts_of(client, txn), key=lambda r: r["kind"])
+        assert [(r["kind"], r["user_id"], r["counterparty"], r["balance_after"]) for r in staged] == [
+            ("transfer_received", john.id, "Jane Doe", 300),
+            ("transfer_sent", jane.id, "John Smith", 400),
+        ]
+
+    def test_deposit_and_withdrawal_commit_one_each(self, client: TestClient, jane: User) -> None:
+        move(client, jane, "deposit", amount=5)
+        move(client, jane, "withdraw", amount=7)
+        withdrawal, deposit = history(client, jane)[:2]
+        assert [r["counterparty"] for r in self.receipts_of(client, deposit["id"])] == ["External Source"]
+        assert [r["counterparty"] for r in self.receipts_of(client, withdrawal["id"])] == ["External Destination"]
+
+    def test_a_refusal_commits_no_receipt(self, client: TestClient, jane: User) -> None:
+        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+            before = conn.execute(text("SELECT count(*) FROM outbox")).scalar_one()
+        assert move(client, jane, "withdraw", amount=10**6).status_code == 422
+        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+            assert conn.execute(text("SELECT count(*) FROM outbox")).scalar_one() == before
