@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from svckit.db import UTCDateTime, make_engine
 from svckit.messages import Receipt, WelcomeEmail, new_email_id
 from svckit.outbox import Relay, outbox_row
 from svckit.redis import redis_client
-from svckit.testing import redis_server
+from svckit.testing import fresh_database, redis_server
 
 metadata = MetaData()
 OUTBOX = Table(
@@ -33,12 +37,19 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path}/outbox.db")
-    metadata.create_all(engine)
-    yield engine
-    engine.dispose()
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "postgres" and not os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("TEST_DATABASE_URL is not set: no Postgres for the SKIP LOCKED relay")
+    with (
+        fresh_database("outbox", tmp_path)
+        if request.param == "postgres"
+        else nullcontext(f"sqlite:///{tmp_path}/outbox.db") as url
+    ):
+        engine = make_engine(url)
+        metadata.create_all(engine)
+        yield engine
+        engine.dispose()
 
 
 def stage(engine: Engine, n: int) -> list[str]:
@@ -71,7 +82,33 @@ def test_a_failed_publish_leaves_the_rows_for_the_next_round(engine: Engine, red
     assert Relay(engine, OUTBOX, published.append, lease=redis_client(redis_url), name="t2b").run_once() == 2
 
 
+def test_concurrent_relays_publish_each_row_once(engine: Engine, redis_url: str) -> None:
+    ids = stage(engine, 40)
+    published: list[str] = []
+    lock = threading.Lock()
+
+    def slow_publish(payload: str) -> None:
+        time.sleep(0.01)  # hold the claim while the other relay looks
+        with lock:
+            published.append(json.loads(payload)["message_id"])
+
+    relays = [Relay(engine, OUTBOX, slow_publish, lease=redis_client(redis_url), name="t4", batch=10) for _ in range(2)]
+
+    def drain(relay: Relay) -> None:
+        for _ in range(20):
+            relay.run_once()
+
+    threads = [threading.Thread(target=drain, args=(r,)) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(published) == sorted(ids)
+
+
 def test_on_sqlite_only_the_lease_holder_relays(engine: Engine, redis_url: str) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("Postgres relays share the work with SKIP LOCKED instead of a lease")
     stage(engine, 1)
     first = Relay(engine, OUTBOX, lambda _: None, lease=redis_client(redis_url), name="t3")
     second = Relay(engine, OUTBOX, lambda _: None, lease=redis_client(redis_url), name="t3")

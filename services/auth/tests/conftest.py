@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from auth.config import Settings
 from auth.main import create_app
-from svckit.testing import alembic, redis_server, test_database
+from svckit.testing import alembic, fresh_database, redis_server
 
 INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
@@ -23,7 +23,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with test_database("auth", tmp_path_factory.mktemp("db")) as url:
+    with fresh_database("auth", tmp_path_factory.mktemp("db")) as url:
         alembic(INI, url, "upgrade", "head")
         yield url
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier
-from svckit.testing import alembic, redis_server, test_database
+from svckit.testing import alembic, fresh_database, redis_server
 from wallet.config import Settings
 from wallet.main import create_app
 
@@ -28,7 +28,7 @@ def redis_url() -> Iterator[str]:
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # One database per session, never cleaned: ledger tables refuse DELETE, and every
     # test uses fresh users, so the audit must hold over everything the suite did.
-    with test_database("wallet", tmp_path_factory.mktemp("db")) as url:
+    with fresh_database("wallet", tmp_path_factory.mktemp("db")) as url:
         alembic(INI, url, "upgrade", "head")
         yield url
 

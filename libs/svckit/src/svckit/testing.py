@@ -67,7 +67,7 @@ def redis_server() -> Iterator[str]:
 
 
 @contextmanager
-def test_database(service: str, tmp_dir: Path) -> Iterator[str]:
+def fresh_database(service: str, tmp_dir: Path) -> Iterator[str]:
     """A fresh database for one test session: Postgres if TEST_DATABASE_URL is set, else SQLite.
 
     On Postgres a database named after TEST_DATABASE_URL's plus the service is created, and
