@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,12 @@ def test_stopping_leaves_no_process_behind_and_a_restart_keeps_the_data(tmp_path
     email = unique_email()
     with httpx.Client(base_url=first.url, timeout=10) as api:
         signup(api, email=email)
+    # No Brevo key here (the local default): the welcome email lands in var/outbox.
+    deadline = time.monotonic() + 20
+    while not (written := list((var / "outbox").glob("*.json"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [welcome] = written
+    assert json.loads(welcome.read_text())["to"][0]["email"] == email
     assert first.stop(sig) in (0, 130, 143, -sig)
     assert alive(list(children)) == []
 

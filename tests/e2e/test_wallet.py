@@ -76,3 +76,5 @@ class TestRedisFlushed:
         assert retry.content == first.content
         assert retry.headers["idempotent-replayed"] == "true"
         assert balance(api, user) == 40
+        audit = stack.command("wallet-audit", "--database-url", stack.wallet_database_url)
+        assert audit.returncode == 0, audit.stdout

@@ -28,6 +28,7 @@ def test_redis_flushed_between_a_request_and_its_retry(client: TestClient, signe
     assert retry.content == first.content
     assert retry.headers["idempotent-replayed"] == "true"
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 40
+    assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
 
 
 def test_money_moves_correctly_with_redis_down(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
@@ -45,6 +46,7 @@ def test_money_moves_correctly_with_redis_down(client: TestClient, signer: Signe
     assert move(client, user, "withdraw", idem=k, amount=31).json()["code"] == "idempotency_key_reused"
     assert move(client, user, "withdraw", amount=80).json()["code"] == "insufficient_funds"
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
+    assert audit(state.engine).violations == []
 
 
 def test_an_expired_lock_cannot_double_move(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
@@ -61,6 +63,7 @@ def test_an_expired_lock_cannot_double_move(client: TestClient, signer: Signer, 
     retry = move(client, user, "withdraw", idem=k, amount=10)
     assert retry.content == first.content
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 90
+    assert audit(state.engine).violations == []
 
 
 def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
