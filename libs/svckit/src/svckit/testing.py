@@ -98,3 +98,22 @@ def alembic(ini: Path, url: str, *args: str) -> None:
         check=True,
         capture_output=True,
     )
+
+
+def tables(url: str) -> set[str]:
+    from sqlalchemy import inspect
+
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def migration_roundtrip(ini: Path, url: str) -> list[set[str]]:
+    """Tables after: upgrade head, downgrade base, upgrade head again (on a fresh database)."""
+    seen = []
+    for step in (("upgrade", "head"), ("downgrade", "base"), ("upgrade", "head")):
+        alembic(ini, url, *step)
+        seen.append(tables(url))
+    return seen
