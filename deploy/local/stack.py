@@ -79,9 +79,17 @@ class Plan:
             "gateway_ping": port("GATEWAY_PING_PORT", 80),
             "gateway_metrics": port("GATEWAY_METRICS_PORT", 81),
             "redis": port("EMBEDDED_REDIS_PORT", 90),
+            # Prometheus metrics, one port per process (never routed by the gateway).
+            "auth_metrics": port("AUTH_METRICS_PORT", 41),
+            "auth_relay_metrics": port("AUTH_RELAY_METRICS_PORT", 43),
+            "wallet_relay_metrics": port("WALLET_RELAY_METRICS_PORT", 44),
+            "notifier_metrics": port("NOTIFIER_METRICS_PORT", 45),
         }
         wallet_base = port("WALLET_PORT", 10)
         wallet_ports = [free_port() if auto else wallet_base + i for i in range(replicas)]
+        metrics_base = port("WALLET_METRICS_PORT", 50)
+        for i in range(replicas):
+            ports[f"wallet{i + 1}_metrics"] = free_port() if auto else metrics_base + i
         redis_url = os.environ.get("REDIS_URL", "")
         return cls(
             var=var,
@@ -114,10 +122,12 @@ class Plan:
         token = self.service_token()
         defaults = {
             "STACK_ID": self.stack_id,
+            "METRICS_BIND": "127.0.0.1",
             "AUTH_DATABASE_URL": f"sqlite:///{data}/auth.db",
             "AUTH_REDIS_URL": self.redis_url,
             "AUTH_KEYS_DIR": str(self.var / "keys"),
             "AUTH_SERVICE_TOKEN": token,
+            "AUTH_METRICS_PORT": str(self.ports["auth_metrics"]),
             "WALLET_DATABASE_URL": f"sqlite:///{data}/wallet.db",
             "WALLET_REDIS_URL": self.redis_url,
             "WALLET_AUTH_URL": auth_url,
@@ -178,14 +188,20 @@ def commands(plan: Plan) -> dict[str, str]:
             f"exec {redis_server_binary()} --bind 127.0.0.1 --port {plan.ports['redis']} "
             f"--dir {redis_dir} --appendonly yes --save '' --protected-mode no"
         )
-    procs["auth"] = f"{uvicorn} --port {plan.ports['auth']} auth.main:create_app"
+    ports = plan.ports
+    procs["auth"] = f"{uvicorn} --port {ports['auth']} auth.main:create_app"
     for i, port in enumerate(plan.wallet_ports, start=1):
-        procs[f"wallet{i}"] = f"{uvicorn} --port {port} wallet.main:create_app"
+        metrics = f"WALLET_METRICS_PORT={ports[f'wallet{i}_metrics']}"
+        procs[f"wallet{i}"] = f"{uvicorn} --port {port} wallet.main:create_app".replace(
+            "exec ", f"exec env {metrics} ", 1
+        )
     procs["docs"] = f"{uvicorn} --port {plan.ports['docs']} svckit.docs:create_app"
-    procs["auth-relay"] = f"{BIN}/auth-relay"
-    procs["wallet-relay"] = f"{BIN}/wallet-relay"
+    procs["auth-relay"] = f"env AUTH_RELAY_METRICS_PORT={ports['auth_relay_metrics']} {BIN}/auth-relay"
+    procs["wallet-relay"] = f"env WALLET_RELAY_METRICS_PORT={ports['wallet_relay_metrics']} {BIN}/wallet-relay"
     threads = os.environ.get("NOTIFIER_THREADS", "8")
-    procs["notifier"] = f"{BIN}/dramatiq notifier.worker --processes 1 --threads {threads} --queues notifications"
+    procs["notifier"] = (
+        f"env NOTIFIER_METRICS_PORT={ports['notifier_metrics']} {BIN}/dramatiq notifier.worker --processes 1 --threads {threads} --queues notifications"
+    )
     for name in RESTARTED:
         procs[name] = supervised(name, procs[name], plan.var / "run")
     flags = traefik_flags(

@@ -40,6 +40,7 @@ class Stack:
     wallet_database_url: str = ""
     redis_url: str = ""
     env: dict[str, str] | None = None
+    ports: dict[str, int] | None = None
 
     def command(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run one of the platform's commands (`notifier-dlq`, ...) with this stack's settings."""
@@ -96,6 +97,7 @@ def start_stack(var: Path, **env: str) -> Stack:
         wallet_database_url=wallet_db,
         redis_url=state["redis_url"],
         env={**state["env"], **env},
+        ports={**state["ports"], **{f"wallet{i + 1}": p for i, p in enumerate(state["wallet_ports"])}},
     )
 
 

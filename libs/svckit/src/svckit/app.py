@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from svckit.logging import configure_logging
+from svckit.metrics import MetricsMiddleware
 from svckit.problems import install_problem_handlers
 from svckit.requestid import RequestIdMiddleware
 
@@ -21,7 +22,8 @@ def base_app(service: str, *, log_level: str, version: str = "0.1.0", **kwargs: 
     configure_logging(service, log_level)
     app = FastAPI(title=f"{service} service", version=version, docs_url=None, redoc_url=None, **kwargs)
     install_problem_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(MetricsMiddleware, service=service)
+    app.add_middleware(RequestIdMiddleware)  # outermost: its 500 fallback is counted too
     return app
 
 

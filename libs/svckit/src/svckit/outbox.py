@@ -22,13 +22,18 @@ from typing import Any
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from sqlalchemy import Engine, Table, select, update
+from prometheus_client import Counter, Gauge
+from sqlalchemy import Engine, Table, func, select, update
 
 from svckit.db import utcnow
 from svckit.messages import QUEUE, NotifierMessage, dramatiq_payload
 from svckit.requestid import current_request_id
 
 log = logging.getLogger("svckit.outbox")
+
+BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet published", ["service"])
+OLDEST_AGE = Gauge("outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", ["service"])
+PUBLISHED = Counter("outbox_published_total", "Outbox rows published to the queue", ["service"])
 
 
 def outbox_row(message: NotifierMessage) -> dict[str, Any]:
@@ -76,6 +81,8 @@ class Relay:
         self.batch = batch
         self.idle_s = idle_s
         self.running = True
+        self.name = name
+        self._measured = 0.0
 
     def _has_lease(self) -> bool:
         if self.engine.dialect.name == "postgresql" or self.lease is None:
@@ -110,7 +117,22 @@ class Relay:
                 self.publish(payload)
             if rows:
                 conn.execute(update(t).where(t.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
+        PUBLISHED.labels(self.name).inc(len(rows))
         return len(rows)
+
+    def measure(self) -> None:
+        """Refresh the backlog gauges (at most once a second)."""
+        if time.monotonic() - self._measured < 1.0:
+            return
+        self._measured = time.monotonic()
+        t = self.table
+        with self.engine.connect() as conn:
+            count, oldest = conn.execute(
+                select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None))
+            ).one()
+        BACKLOG.labels(self.name).set(count)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        OLDEST_AGE.labels(self.name).set(max(age, 0.0))
 
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
@@ -119,6 +141,7 @@ class Relay:
         while self.running:
             try:
                 published = self.run_once()
+                self.measure()
             except Exception:
                 log.exception("outbox relay error")
                 published = 0
@@ -129,13 +152,17 @@ class Relay:
         log.info("outbox relay stopped")
 
 
-def serve(*, service: str, database_url: str, redis_url: str, table: Table, log_level: str = "INFO") -> None:
+def serve(
+    *, service: str, database_url: str, redis_url: str, table: Table, log_level: str = "INFO", metrics_port: int = 0
+) -> None:
     """The body of each producing service's `<service>-relay` command."""
     from svckit.db import make_engine
     from svckit.logging import configure_logging
+    from svckit.metrics import serve_metrics
     from svckit.redis import redis_client
 
     configure_logging(f"{service}-relay", log_level)
+    serve_metrics(metrics_port)
     engine = make_engine(database_url)
     client = redis_client(redis_url, timeout_s=2.0)
     Relay(engine, table, Publisher(client).publish, lease=client, name=service).run_forever()

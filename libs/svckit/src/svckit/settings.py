@@ -26,3 +26,5 @@ class BaseServiceSettings(BaseSettings):
     auth_url: str = "http://127.0.0.1:8101"
     http_timeout_s: float = 3.0
     http_retries: int = 2
+    metrics_port: int = 0  # Prometheus metrics on this port (0: off); never routed by the gateway
+    relay_metrics_port: int = 0  # the same, for this service's outbox relay process

@@ -15,6 +15,7 @@ from auth.security import PasswordHasher, TokenIssuer
 from svckit.app import add_health_routes, base_app
 from svckit.db import make_engine
 from svckit.jwt import JWKSVerifier
+from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
 
 
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.keys.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl_s=5, min_refresh_s=0
         )
         state.lockout = Lockout(state.redis, threshold=settings.lockout_threshold, seconds=settings.lockout_seconds)
+        serve_metrics(settings.metrics_port)
         yield
         state.redis.close()
         state.engine.dispose()

@@ -26,4 +26,5 @@ def main() -> None:
         redis_url=settings.redis_url,
         table=TABLE,
         log_level=settings.log_level,
+        metrics_port=settings.relay_metrics_port,
     )

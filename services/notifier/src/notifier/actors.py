@@ -24,6 +24,7 @@ from notifier import emails
 from notifier.brevo import BrevoTransport, Email, FolderTransport, PermanentError, TransientError, Transport
 from notifier.config import get_settings
 from notifier.dedupe import SentMarkers
+from notifier.metrics import DELIVERED, DUPLICATES
 from svckit.http import service_client
 from svckit.messages import QUEUE, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
 from svckit.redis import redis_client
@@ -86,9 +87,10 @@ def recipient(user_id: int) -> dict[str, Any]:
     return dict(match)
 
 
-def deliver(email_id: str, build: Callable[[], Email]) -> None:
+def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -> None:
     ctx = context()
     if ctx.markers.is_sent(email_id):
+        DUPLICATES.inc()
         log.info("email %s already sent; duplicate dropped", email_id)
         return
     token = ctx.markers.claim(email_id)
@@ -108,6 +110,7 @@ def deliver(email_id: str, build: Callable[[], Email]) -> None:
         ctx.markers.release(email_id, token)
         raise
     ctx.markers.mark_sent(email_id, token)
+    DELIVERED.labels(kind).inc()
     log.info("email %s delivered (%s)", email_id, outcome)
 
 
@@ -140,7 +143,7 @@ def send_welcome(message: dict[str, Any]) -> None:
             last_name=user["last_name"],
         )
 
-    deliver(welcome.email_id, build)
+    deliver(welcome.email_id, build, kind="welcome")
 
 
 @dramatiq.actor(actor_name=SEND_RECEIPT, **_OPTIONS)
@@ -153,4 +156,4 @@ def send_receipt(message: dict[str, Any]) -> None:
             receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
         )
 
-    deliver(receipt.email_id, build)
+    deliver(receipt.email_id, build, kind=receipt.kind)

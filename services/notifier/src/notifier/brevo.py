@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from notifier.metrics import BREVO_CALLS
+
 log = logging.getLogger("notifier.brevo")
 
 
@@ -69,9 +71,12 @@ class BrevoTransport:
         try:
             response = self.client.post("/v3/smtp/email", json=body)
         except httpx.TimeoutException as exc:
+            BREVO_CALLS.labels("timeout").inc()
             raise TransientError("Brevo timed out") from exc
         except httpx.TransportError as exc:
+            BREVO_CALLS.labels("unreachable").inc()
             raise TransientError(f"Brevo unreachable: {type(exc).__name__}") from exc
+        BREVO_CALLS.labels(str(response.status_code)).inc()
         if response.status_code in (201, 202):
             return str(response.json().get("messageId") or response.json().get("batchId") or "")
         code = _error_code(response)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from notifier.config import Settings, get_settings
+from notifier.metrics import register_dead_letters
+from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
 from svckit.requestid import request_id_var
 
@@ -25,6 +28,19 @@ class RequestIdMiddleware(Middleware):
     after_skip_message = after_process_message
 
 
+class MetricsServer(Middleware):
+    """Each worker process serves its metrics on NOTIFIER_METRICS_PORT (run one process per
+    container and scale with replicas, or set PROMETHEUS_MULTIPROC_DIR)."""
+
+    def __init__(self, port: int, client: redis.Redis) -> None:
+        self.port = port
+        self.client = client
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        register_dead_letters(self.client)
+        serve_metrics(self.port)
+
+
 def setup_broker(settings: Settings | None = None) -> RedisBroker:
     settings = settings or get_settings()
     broker = RedisBroker(
@@ -34,5 +50,6 @@ def setup_broker(settings: Settings | None = None) -> RedisBroker:
         maintenance_chance=settings.maintenance_chance,
     )
     broker.add_middleware(RequestIdMiddleware())
+    broker.add_middleware(MetricsServer(settings.metrics_port, broker.client))
     dramatiq.set_broker(broker)
     return broker

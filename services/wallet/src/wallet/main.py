@@ -12,6 +12,7 @@ from svckit.app import add_health_routes, base_app
 from svckit.db import make_engine
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier, http_jwks_source
+from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
 from wallet import service
 from wallet.config import Settings, get_settings
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         with Session(state.engine) as session:
             state.system_wallets = service.ensure_system_wallets(session, settings.currency_set)
+        serve_metrics(settings.metrics_port)
         yield
         state.auth_client.close()
         state.redis.close()

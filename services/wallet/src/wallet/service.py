@@ -22,6 +22,7 @@ from wallet import ledger, outbox, repository
 from wallet.errors import (
     CurrencyMismatch,
     IdempotencyInProgress,
+    IdempotencyKeyReused,
     InsufficientFunds,
     RecipientNotFound,
     SelfTransfer,
@@ -32,6 +33,7 @@ from wallet.errors import (
     WalletNotFound,
 )
 from wallet.idempotency import BUSY, LOCKED, IdempotencyCache, Outcome, fingerprint
+from wallet.metrics import IDEMPOTENCY, MONEY_MOVED, MOVEMENTS
 from wallet.models import OPEN, USER, Wallet
 from wallet.schemas import (
     History,
@@ -374,15 +376,16 @@ def run_idempotent(
     scope = f"{user_id}:{endpoint}:{key}"
     state, stored, token = cache.begin(scope)
     if stored is not None:
-        return stored.replay_for(request_fp)
+        return _replay(stored, request_fp)
     if state == BUSY:
         # Another request holds the lock. The database may know its outcome already
         # (the lock can outlive the cached response only briefly); else tell the client to wait.
         with session.begin():
             record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
         if record is None:
+            IDEMPOTENCY.labels("in_progress").inc()
             raise IdempotencyInProgress()
-        return Outcome(record.status_code, record.response_body, record.fingerprint).replay_for(request_fp)
+        return _replay(Outcome(record.status_code, record.response_body, record.fingerprint), request_fp)
     try:
         outcome, replayed = _execute(
             session,
@@ -399,7 +402,29 @@ def run_idempotent(
         raise
     if state == LOCKED:
         cache.finish(scope, token, outcome)
-    return outcome.replay_for(request_fp) if replayed else outcome.response(replayed=False)
+    if replayed:
+        return _replay(outcome, request_fp)
+    _count(endpoint, payload, outcome)
+    return outcome.response(replayed=False)
+
+
+def _replay(outcome: Outcome, request_fp: str) -> Response:
+    try:
+        response = outcome.replay_for(request_fp)
+    except IdempotencyKeyReused:
+        IDEMPOTENCY.labels("reused").inc()
+        raise
+    IDEMPOTENCY.labels("replay").inc()
+    return response
+
+
+def _count(endpoint: str, payload: dict[str, object], outcome: Outcome) -> None:
+    kind = {"withdraw": "withdrawal"}.get(endpoint, endpoint)
+    if outcome.status_code == 200:
+        MOVEMENTS.labels(kind, "ok").inc()
+        MONEY_MOVED.labels(kind, str(payload["currency"])).inc(int(payload["amount"]))  # type: ignore[call-overload]
+    else:
+        MOVEMENTS.labels(kind, json.loads(outcome.body).get("code", "refused")).inc()
 
 
 # --- reads -------------------------------------------------------------------------------
