@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 SERVICE_TESTS := $(wildcard services/*/tests)
 
-.PHONY: run test venv lint test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
+.PHONY: run test venv lint check-k8s test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
 
 $(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 check-compose: $(STAMP)
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+# Kubernetes manifests against the API schemas shipped in kubernetes-validate (offline).
+check-k8s: $(STAMP)
+	$(BIN)/kubernetes-validate --strict --quiet $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
 
 test-auth: $(STAMP)
 	env -u TEST_DATABASE_URL $(PYTEST) services/auth/tests
@@ -52,7 +56,7 @@ test-e2e: $(STAMP)
 test-postgres: $(STAMP)
 	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) libs/svckit/tests/test_outbox.py $(SERVICE_TESTS)
 
-test: lint check-compose test-unit test-e2e test-postgres
+test: lint check-compose check-k8s test-unit test-e2e test-postgres
 
 # Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres.
 bench: $(STAMP)
