@@ -49,3 +49,20 @@ class TestKeyRotation:
         time.sleep(1.01)
         new_kid = KeyRing(tmp_path, token_ttl_s=900).rotate()
         assert serving.current().kid == new_kid
+
+
+class TestKeysCommand:
+    def test_rotate_and_list_as_the_runbook_does(self, tmp_path: Path) -> None:
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "AUTH_KEYS_DIR": str(tmp_path / "keys")}
+        cmd = str(Path(sys.executable).parent / "auth-keys")
+        first = subprocess.run([cmd, "ensure"], env=env, capture_output=True, text=True, check=True).stdout
+        time.sleep(1.01)
+        rotated = subprocess.run([cmd, "rotate"], env=env, capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run([cmd, "list"], env=env, capture_output=True, text=True, check=True).stdout
+        old_kid = first.split(":", 1)[1].strip()
+        new_kid = rotated.split(":", 1)[1].strip()
+        assert listing.splitlines() == [f"{new_kid}\tsigning", f"{old_kid}\tpublished"]

@@ -51,7 +51,7 @@ class KeyRing:
         if stamp is not None and stamp == self._stamp and self._keys:
             return
         if not any(self.dir.glob("*.pem")):
-            self.rotate()
+            self._create(only_if_none=True)
             stamp = self.dir.stat().st_mtime
         keys = []
         for path in sorted(self.dir.glob("*.pem")):
@@ -62,12 +62,15 @@ class KeyRing:
         self._stamp = stamp
 
     def rotate(self) -> str:
-        """Create a new signing key (safe against concurrent starts of several replicas)."""
+        """Create a new signing key: it signs from now on; older keys stay published."""
+        return self._create(only_if_none=False)
+
+    def _create(self, *, only_if_none: bool) -> str:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.dir / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # several replicas may start at once
             existing = sorted(self.dir.glob("*.pem"))
-            if self._stamp is None and existing:
+            if only_if_none and existing:
                 return existing[-1].stem  # another process made the first key meanwhile
             kid = f"{int(time.time())}-{secrets.token_hex(4)}"
             pem = Ed25519PrivateKey.generate().private_bytes(
