@@ -26,6 +26,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/bandit -q -c pyproject.toml -r libs/svckit/src services/auth/src services/wallet/src services/notifier/src deploy/local
 
 check-compose: $(STAMP)
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml

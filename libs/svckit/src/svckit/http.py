@@ -15,7 +15,7 @@ import httpx
 from svckit.requestid import HEADER as REQUEST_ID_HEADER
 from svckit.requestid import current_request_id
 
-SERVICE_TOKEN_HEADER = "X-Service-Token"
+SERVICE_TOKEN_HEADER = "X-Service-Token"  # nosec B105
 _RETRY_STATUS = {502, 503, 504}
 _IDEMPOTENT = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE"}
 

@@ -63,7 +63,7 @@ def serve_metrics(port: int) -> None:
         prom_multiprocess.MultiProcessCollector(registry)
     # Containers listen on every interface (the scraper is elsewhere); `make run` sets
     # METRICS_BIND=127.0.0.1.
-    addr = os.environ.get("METRICS_BIND", "0.0.0.0")  # noqa: S104
+    addr = os.environ.get("METRICS_BIND", "0.0.0.0")  # noqa: S104  # nosec B104
     try:
         if registry is None:
             start_http_server(port, addr=addr)

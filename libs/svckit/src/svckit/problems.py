@@ -99,12 +99,14 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 async def _problem_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ProblemError)
+    if not isinstance(exc, ProblemError):  # registered for ProblemError only
+        raise exc
     return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):
+        raise exc
     errors = [
         {"field": _field_name(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))} for e in exc.errors()
     ]
@@ -131,7 +133,8 @@ _HTTP_CODES = {
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     # Framework-raised errors (unknown route, wrong method): same problem shape.
-    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
     code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
     detail = exc.detail if isinstance(exc.detail, str) and exc.status_code != 500 else title
     return problem_response(exc.status_code, code, title, detail, headers=exc.headers)

@@ -30,7 +30,8 @@ def signup(session: Session, *, hasher: PasswordHasher, data: SignupRequest) -> 
                     password_hash=password_hash,
                 ),
             )
-            assert user.id is not None
+            if user.id is None:  # the flush assigns it
+                raise RuntimeError("user id not assigned")
             # The welcome email commits with the account, or not at all.
             outbox.stage(session, WelcomeEmail(email_id=new_email_id(), user_id=user.id))
     except IntegrityError as exc:  # a concurrent signup with the same email won the race

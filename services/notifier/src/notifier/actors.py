@@ -97,14 +97,14 @@ def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -
     if token is None:
         # Another worker is sending it, or was killed while sending: come back when its
         # claim has expired (one retry, not a string of them).
-        delay = ctx.markers.claimed_for_ms(email_id) + random.randint(100, 1_000)
+        delay = ctx.markers.claimed_for_ms(email_id) + random.randint(100, 1_000)  # nosec B311
         raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=delay)
     try:
         outcome = ctx.transport.send(build())
     except TransientError as exc:
         ctx.markers.release(email_id, token)
         if exc.retry_after_ms is not None:  # Brevo said when its rate limit resets
-            raise dramatiq.Retry(str(exc), delay=exc.retry_after_ms + random.randint(0, 1_000)) from exc
+            raise dramatiq.Retry(str(exc), delay=exc.retry_after_ms + random.randint(0, 1_000)) from exc  # nosec B311
         raise
     except BaseException:
         ctx.markers.release(email_id, token)

@@ -100,7 +100,8 @@ def create_wallet(
             wallet = repository.add_wallet(
                 session, Wallet(user_id=user_id, currency=currency, balance=0, owner_name=name)
             )
-            assert wallet.id is not None
+            if wallet.id is None:  # the flush assigns it
+                raise RuntimeError("wallet id not assigned")
             if balance:
                 # The opening balance is an ordinary deposit: in the history and the ledger.
                 _post(
@@ -192,7 +193,8 @@ def _post(
     """Book a movement in the caller's transaction: balances, the transaction row, its
     balanced ledger entries, and a receipt in the outbox for each user involved."""
     postings = ledger.postings(source=source.wallet_id, destination=destination.wallet_id, amount=amount)
-    assert ledger.is_balanced(postings)
+    if not ledger.is_balanced(postings):  # an invariant, checked even under python -O
+        raise RuntimeError("unbalanced postings")
     balances = repository.apply_postings(session, postings, now)
     txn_id = repository.add_transaction(
         session,
