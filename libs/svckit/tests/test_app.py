@@ -108,3 +108,35 @@ class TestProblems:
         assert response.json()["code"] == "internal_error"
         assert "SELECT" not in response.text
         assert any(r.request_id == "crash-1" for r in caplog.records if r.levelno >= logging.ERROR)  # type: ignore[attr-defined]
+
+
+class TestFrameworkErrors:
+    def test_405_lists_every_method_of_the_path(self) -> None:
+        app = base_app("test", log_level="INFO")
+
+        @app.get("/thing")
+        def read() -> dict[str, str]:
+            return {}
+
+        @app.delete("/thing")
+        def remove() -> dict[str, str]:
+            return {}
+
+        response = TestClient(app).put("/thing")
+        assert response.status_code == 405
+        assert response.headers["allow"] == "DELETE, GET"
+        assert response.json()["code"] == "method_not_allowed"
+
+    def test_a_body_that_is_not_text_is_a_422(self, client: TestClient) -> None:
+        response = client.post("/pay", content=b"\xff\xfe{", headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        assert response.json()["errors"] == [{"field": "body", "message": "malformed body"}]
+
+    def test_errors_are_documented_as_problem_json(self) -> None:
+        doc = make_app().openapi()
+        responses = doc["paths"]["/pay"]["post"]["responses"]
+        assert list(responses["422"]["content"]) == ["application/problem+json"]
+        assert responses["422"]["content"]["application/problem+json"]["schema"] == {
+            "$ref": "#/components/schemas/Problem"
+        }
+        assert "HTTPValidationError" not in doc["components"]["schemas"]

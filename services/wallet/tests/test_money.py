@@ -262,3 +262,23 @@ class TestReceiptsAreStaged:
         assert move(client, jane, "withdraw", amount=10**6).status_code == 422
         with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
             assert conn.execute(text("SELECT count(*) FROM outbox")).scalar_one() == before
+
+
+class TestHugeNumbers:
+    """Numbers past the 32-bit ids are validation errors, never a database overflow (500)."""
+
+    @pytest.mark.parametrize(
+        ("method", "path", "kwargs"),
+        [
+            ("get", "/transaction/history", {"params": {"offset": 10**30}}),
+            ("get", f"/transaction/{10**20}/ledger", {}),
+            ("get", f"/transaction/{2**31}/ledger", {}),
+        ],
+    )
+    def test_reads(self, client: TestClient, jane: User, method: str, path: str, kwargs: dict[str, Any]) -> None:
+        response = getattr(client, method)(path, headers=jane.headers, **kwargs)
+        assert response.status_code == 422
+
+    def test_transfer_to_a_huge_wallet_id(self, client: TestClient, jane: User) -> None:
+        response = move(client, jane, "transfer", amount=1, to_account_id=2**31)
+        assert [e["field"] for e in response.json()["errors"]] == ["to_account_id"]

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from svckit.logging import configure_logging
 from svckit.metrics import MetricsMiddleware
-from svckit.problems import install_problem_handlers
+from svckit.problems import document_problems, install_problem_handlers
 from svckit.requestid import RequestIdMiddleware
 
 HealthCheck = Callable[[], None]
@@ -22,6 +22,7 @@ def base_app(service: str, *, log_level: str, version: str = "0.1.0", **kwargs: 
     configure_logging(service, log_level)
     app = FastAPI(title=f"{service} service", version=version, docs_url=None, redoc_url=None, **kwargs)
     install_problem_handlers(app)
+    document_problems(app)
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)  # outermost: its 500 fallback is counted too
     return app

@@ -25,3 +25,9 @@ def format_amount(amount: int, currency: str) -> str:
     units, minor = divmod(abs(amount), 10**exponent)
     grouped = f"{units:,}"
     return f"{sign}{grouped}.{minor:0{exponent}d} {currency}" if exponent else f"{sign}{grouped} {currency}"
+
+
+# Ids are 32-bit INTEGER primary keys on both databases: a larger number can name nothing,
+# and must be a validation error rather than a database overflow.
+MAX_ID = 2**31 - 1
+Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]

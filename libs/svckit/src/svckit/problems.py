@@ -131,13 +131,35 @@ _HTTP_CODES = {
 }
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     # Framework-raised errors (unknown route, wrong method): same problem shape.
     if not isinstance(exc, StarletteHTTPException):
         raise exc
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # A body that is not even text (invalid UTF-8): a validation error like any other.
+        return problem_response(
+            422,
+            "validation_error",
+            "Validation error",
+            "The request body could not be parsed.",
+            extra={"errors": [{"field": "body", "message": "malformed body"}]},
+        )
     code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
     detail = exc.detail if isinstance(exc.detail, str) and exc.status_code != 500 else title
-    return problem_response(exc.status_code, code, title, detail, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return problem_response(exc.status_code, code, title, detail, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method any route serves at this path (one path may have several routes)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def internal_error() -> JSONResponse:
@@ -150,3 +172,38 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     # Unhandled exceptions are caught by RequestIdMiddleware, so the 500 keeps its request id.
+
+
+def document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API does: every error is
+    `application/problem+json` with the Problem schema, including validation errors (422)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = build()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in (
+            Problem.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}).items()
+        ):
+            schemas.setdefault(name, schema)
+        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        problem.pop("$defs", None)
+        schemas["Problem"] = problem
+        ref = {"$ref": "#/components/schemas/Problem"}
+        for item in doc.get("paths", {}).values():
+            for operation in item.values():
+                for status, response in operation.get("responses", {}).items():
+                    if status.isdigit() and int(status) >= 400:
+                        response["content"] = {PROBLEM_JSON: {"schema": ref}}
+                        if status == "422":
+                            response["description"] = (
+                                "Validation error (lists the offending fields), or a business rule"
+                            )
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
 from auth import service
@@ -12,6 +12,7 @@ from auth.deps import SessionDep, UserDep, service_caller
 from auth.errors import AccountLocked, EmailTaken, InvalidCredentials, UserNotFound
 from auth.models import User
 from auth.schemas import SignupRequest, TokenResponse, UserList, UserRead
+from svckit.money import MAX_ID
 from svckit.problems import Unauthorized, problem_responses
 
 router = APIRouter()
@@ -66,7 +67,7 @@ def token(
     tags=["users"],
     responses=problem_responses(Unauthorized, UserNotFound),
 )
-def get_user(user_id: int, session: SessionDep, caller: UserDep) -> UserRead:
+def get_user(user_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, caller: UserDep) -> UserRead:
     """Your own profile. Any other id answers 404, whether it exists or not."""
     return _read(service.get_profile(session, requester_id=caller.user_id, user_id=user_id))
 

@@ -18,7 +18,15 @@ def _password_rules(value: str) -> str:
     return value
 
 
-Password = Annotated[str, AfterValidator(_password_rules), Field(examples=["securepass123"])]
+Password = Annotated[
+    str,
+    AfterValidator(_password_rules),
+    Field(
+        examples=["securepass123"],
+        json_schema_extra={"minLength": 8, "maxLength": 72},
+        description="8 to 72 characters, and at most 72 bytes in UTF-8 (bcrypt's limit; never truncated)",
+    ),
+]
 
 
 class SignupRequest(BaseModel):

@@ -31,9 +31,17 @@ def current_user(
 
 def idempotency_key(
     idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", description="1 to 255 visible ASCII characters")
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Required (or its older name X-Idempotency-Key): 1 to 255 visible ASCII characters",
+            json_schema_extra={"pattern": "^[!-~]{1,255}$"},
+        ),
     ] = None,
-    x_idempotency_key: Annotated[str | None, Header(alias="X-Idempotency-Key", description="Same, older name")] = None,
+    x_idempotency_key: Annotated[
+        str | None,
+        Header(alias="X-Idempotency-Key", description="The same key under its older name; send one of the two"),
+    ] = None,
 ) -> str:
     return parse_key(idempotency_key, x_idempotency_key)
 

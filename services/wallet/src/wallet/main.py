@@ -17,7 +17,7 @@ from svckit.redis import redis_client
 from wallet import service
 from wallet.config import Settings, get_settings
 from wallet.idempotency import IdempotencyCache
-from wallet.routes import router
+from wallet.routes import require_idempotency_key_in_docs, router
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,5 +56,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = base_app("wallet", log_level=settings.log_level, lifespan=lifespan)
     app.include_router(router)
+    require_idempotency_key_in_docs(app)
     add_health_routes(app)
     return app

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 
+from svckit.money import MAX_ID
 from svckit.problems import Unauthorized, problem_responses
 from wallet import service
 from wallet.deps import KeyDep, SessionDep, UserDep
@@ -183,7 +184,7 @@ def history(
     session: SessionDep,
     caller: UserDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> History:
     """Your transactions, newest first, across all your wallets (closed ones included)."""
     return service.history(session, user_id=caller.user_id, limit=limit, offset=offset)
@@ -195,6 +196,25 @@ def history(
     tags=["transaction"],
     responses=problem_responses(Unauthorized, TransactionNotFound),
 )
-def ledger(transaction_id: int, session: SessionDep, caller: UserDep) -> list[LedgerEntryRead]:
+def ledger(
+    transaction_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, caller: UserDep
+) -> list[LedgerEntryRead]:
     """The double-entry ledger lines of one of your transactions."""
     return service.ledger_of(session, user_id=caller.user_id, transaction_id=transaction_id)
+
+
+def require_idempotency_key_in_docs(app: FastAPI) -> None:
+    """Money movements need a key: document `Idempotency-Key` as required. (At run time the
+    older `X-Idempotency-Key` is accepted instead, which one schema cannot say; a missing
+    key is a 400 problem, not a validation error.)"""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        doc = build()
+        for path in ("/transaction/deposit", "/transaction/withdraw", "/transaction/transfer"):
+            for parameter in doc["paths"][path]["patch"].get("parameters", []):
+                if parameter["name"] == "Idempotency-Key":
+                    parameter["required"] = True
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

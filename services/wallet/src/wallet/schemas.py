@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from svckit.money import Amount, CurrencyCode
+from svckit.money import Amount, CurrencyCode, Id
 
 
 class WalletCreate(BaseModel):
@@ -45,7 +45,7 @@ class MoneyIn(BaseModel):
 
 
 class TransferIn(MoneyIn):
-    to_account_id: StrictInt = Field(ge=1, description="The recipient's wallet id")
+    to_account_id: Id = Field(description="The recipient's wallet id")
 
 
 class MovementResult(BaseModel):
