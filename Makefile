@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 SERVICE_TESTS := $(wildcard services/*/tests)
 
-.PHONY: run test venv lint check-k8s test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
+.PHONY: run test venv lint check-k8s test-fuzz fuzz test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
 
 $(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,7 +57,14 @@ test-e2e: $(STAMP)
 test-postgres: $(STAMP)
 	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) libs/svckit/tests/test_outbox.py $(SERVICE_TESTS)
 
-test: lint check-compose check-k8s test-unit test-e2e test-postgres
+# Fuzzing the public API through the gateway: a bounded pass here, a long one in `make fuzz`.
+test-fuzz: $(STAMP)
+	$(PYTEST) -s tests/fuzz
+
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} $(PYTEST) -s tests/fuzz
+
+test: lint check-compose check-k8s test-unit test-e2e test-fuzz test-postgres
 
 # Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres.
 bench: $(STAMP)
