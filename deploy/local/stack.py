@@ -162,12 +162,9 @@ def redis_server_binary() -> str:
     return found
 
 
-# Like compose's `restart: unless-stopped`: these come back a second after they die (a
-# chaos test kills them). While var/run/hold-<name> exists, the restart waits (so a test
-# can keep a process down, then let it come back).
-RESTARTED = ("auth-relay", "wallet-relay", "notifier")
-
-
+# Like compose's `restart: unless-stopped`, every process comes back a second after it
+# dies (the chaos tests kill them). While var/run/hold-<name> exists, the restart waits,
+# so a test (or you) can keep a process down, then let it come back. Ctrl-C stops all.
 def supervised(name: str, command: str, run_dir: Path) -> str:
     hold = shlex.quote(str(run_dir / f"hold-{name}"))
     loop = (
@@ -178,43 +175,40 @@ def supervised(name: str, command: str, run_dir: Path) -> str:
 
 
 def commands(plan: Plan) -> dict[str, str]:
-    """The processes of the stack, as shell commands (honcho runs them with `exec`)."""
-    uvicorn = f"exec {BIN}/uvicorn --factory --host 127.0.0.1 --no-access-log --log-level warning"
+    """The processes of the stack, as shell commands, each under a restart loop."""
+    ports = plan.ports
+    uvicorn = f"{BIN}/uvicorn --factory --host 127.0.0.1 --no-access-log --log-level warning"
     procs: dict[str, str] = {}
     if plan.embedded_redis:
         redis_dir = plan.var / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
         procs["redis"] = (
-            f"exec {redis_server_binary()} --bind 127.0.0.1 --port {plan.ports['redis']} "
+            f"{redis_server_binary()} --bind 127.0.0.1 --port {ports['redis']} "
             f"--dir {redis_dir} --appendonly yes --save '' --protected-mode no"
         )
-    ports = plan.ports
     procs["auth"] = f"{uvicorn} --port {ports['auth']} auth.main:create_app"
     for i, port in enumerate(plan.wallet_ports, start=1):
         metrics = f"WALLET_METRICS_PORT={ports[f'wallet{i}_metrics']}"
-        procs[f"wallet{i}"] = f"{uvicorn} --port {port} wallet.main:create_app".replace(
-            "exec ", f"exec env {metrics} ", 1
-        )
-    procs["docs"] = f"{uvicorn} --port {plan.ports['docs']} svckit.docs:create_app"
+        procs[f"wallet{i}"] = f"env {metrics} {uvicorn} --port {port} wallet.main:create_app"
+    procs["docs"] = f"{uvicorn} --port {ports['docs']} svckit.docs:create_app"
     procs["auth-relay"] = f"env AUTH_RELAY_METRICS_PORT={ports['auth_relay_metrics']} {BIN}/auth-relay"
     procs["wallet-relay"] = f"env WALLET_RELAY_METRICS_PORT={ports['wallet_relay_metrics']} {BIN}/wallet-relay"
     threads = os.environ.get("NOTIFIER_THREADS", "8")
     procs["notifier"] = (
-        f"env NOTIFIER_METRICS_PORT={ports['notifier_metrics']} {BIN}/dramatiq notifier.worker --processes 1 --threads {threads} --queues notifications"
+        f"env NOTIFIER_METRICS_PORT={ports['notifier_metrics']} {BIN}/dramatiq notifier.worker "
+        f"--processes 1 --threads {threads} --queues notifications"
     )
-    for name in RESTARTED:
-        procs[name] = supervised(name, procs[name], plan.var / "run")
     flags = traefik_flags(
         {
             "entryPoints.web.address": f"{plan.gateway_host}:{plan.gateway_port}",
-            "entryPoints.ping.address": f"127.0.0.1:{plan.ports['gateway_ping']}",
-            "entryPoints.metrics.address": f"127.0.0.1:{plan.ports['gateway_metrics']}",
+            "entryPoints.ping.address": f"127.0.0.1:{ports['gateway_ping']}",
+            "entryPoints.metrics.address": f"127.0.0.1:{ports['gateway_metrics']}",
             "providers.file.directory": str(ROOT / "gateway" / "dynamic"),
             "accessLog.filePath": str(plan.var / "logs" / "gateway-access.json"),
         }
     )
-    procs["gateway"] = "exec " + shlex.join([str(BIN / "traefik"), *flags])
-    return procs
+    procs["gateway"] = shlex.join([str(BIN / "traefik"), *flags])
+    return {name: supervised(name, command, plan.var / "run") for name, command in procs.items()}
 
 
 def _flatten(prefix: str, value: object) -> Iterator[tuple[str, str]]:
