@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 SERVICE_TESTS := $(wildcard services/*/tests)
 
-.PHONY: run test venv lint check-k8s test-fuzz fuzz test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
+.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
 
 $(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,7 +64,12 @@ test-fuzz: $(STAMP)
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} $(PYTEST) -s tests/fuzz
 
-test: lint check-compose check-k8s test-unit test-e2e test-fuzz test-postgres
+# Faults under load: replicas, Redis, the notifier, the auth service and (with
+# TEST_DATABASE_URL) Postgres connections, each ending with exactly-once checks.
+test-chaos: $(STAMP)
+	$(PYTEST) tests/chaos
+
+test: lint check-compose check-k8s test-unit test-e2e test-chaos test-fuzz test-postgres
 
 # Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres.
 bench: $(STAMP)
