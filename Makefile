@@ -71,9 +71,11 @@ test-chaos: $(STAMP)
 
 test: lint check-compose check-k8s test-unit test-e2e test-chaos test-fuzz test-postgres
 
-# Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres.
+# Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres, and
+# wrk (installed from Debian's packages when missing).
 bench: $(STAMP)
-	$(BIN)/python bench/transfers.py
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -36,6 +36,7 @@ class State:
         self.failures: list[dict[str, Any]] = []
         self.calls = 0
         self.duplicates = 0
+        self.received: list[dict[str, Any]] = []  # when each accepted email arrived
 
 
 def _missing(body: dict[str, Any]) -> str | None:
@@ -104,6 +105,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     state.failures.clear()
                     state.calls = 0
                     state.duplicates = 0
+                    state.received.clear()
                 self._json(200, {})
             elif self.path == "/v3/smtp/email":
                 self._send_email()
@@ -154,6 +156,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     if key:
                         state.keys.add(key)
                     state.emails.append(body)
+                    state.received.append({"key": key, "at": time.time()})
             if duplicate:
                 self._json(400, {"code": "duplicate_parameter", "message": "idempotencyKey already used"})
                 return

@@ -189,11 +189,15 @@ def user_wallet_ids(session: Session, user_id: int) -> list[int]:
 
 
 def history(session: Session, *, wallet_ids: Sequence[int], limit: int, offset: int) -> list[tuple]:  # type: ignore[type-arg]
-    """The transactions touching these wallets, newest first, with both sides' names."""
+    """The transactions touching these wallets, newest first, with both sides' names.
+
+    Driven by the (wallet_id, transaction_id) index of ledger_entries, read backwards, so a
+    page costs limit + offset index entries however long the history (one entry per
+    transaction and user: a user's wallets never trade with each other).
+    """
     if not wallet_ids:
         return []
     src, dst = aliased(W), aliased(W)
-    touched = select(L.c.transaction_id).where(L.c.wallet_id.in_(wallet_ids))
     query = (
         select(
             T.c.id,
@@ -206,10 +210,12 @@ def history(session: Session, *, wallet_ids: Sequence[int], limit: int, offset: 
             dst.c.owner_name,
             dst.c.kind,
         )
+        .select_from(L)
+        .join(T, T.c.id == L.c.transaction_id)
         .join(src, src.c.id == T.c.from_wallet_id)
         .join(dst, dst.c.id == T.c.to_wallet_id)
-        .where(T.c.id.in_(touched))
-        .order_by(T.c.id.desc())
+        .where(L.c.wallet_id.in_(wallet_ids))
+        .order_by(L.c.transaction_id.desc())
         .limit(limit)
         .offset(offset)
     )
