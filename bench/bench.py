@@ -48,7 +48,7 @@ WALLETS = 100
 
 def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench" / script), url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(ROOT / "bench" / script), url],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

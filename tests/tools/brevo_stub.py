@@ -87,6 +87,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                             "calls": state.calls,
                             "duplicates": state.duplicates,
                             "pending_failures": len(state.failures),
+                            "received": list(state.received),
                         },
                     )
             else:
