@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,7 +75,14 @@ def should_retry(retries: int, exc: BaseException) -> bool:
     return not isinstance(exc, PermanentError) and retries < settings.max_retries
 
 
+_RECIPIENTS: dict[int, tuple[float, dict[str, Any]]] = {}
+RECIPIENT_TTL_S = 300.0  # names and addresses change rarely; the auth service is spared a call per email
+
+
 def recipient(user_id: int) -> dict[str, Any]:
+    cached = _RECIPIENTS.get(user_id)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
     try:
         response = context().auth.get("/internal/users", params={"ids": user_id})
         response.raise_for_status()
@@ -84,6 +92,7 @@ def recipient(user_id: int) -> dict[str, Any]:
     match = next((u for u in users if u["id"] == user_id), None)
     if match is None:
         raise PermanentError(f"user {user_id} does not exist")
+    _RECIPIENTS[user_id] = (time.monotonic() + RECIPIENT_TTL_S, dict(match))
     return dict(match)
 
 
