@@ -21,6 +21,10 @@ CHAOS_ENV = {
     "NOTIFIER_HEARTBEAT_TIMEOUT_MS": "3000",
     "NOTIFIER_BREVO_TIMEOUT_S": "3",
     "WALLET_REPLICAS": "2",
+    # Republish unconfirmed outbox messages after 3 s (60 s by default), so a queue lost
+    # with a Redis flush is refilled within the test.
+    "AUTH_OUTBOX_REPUBLISH_AFTER_S": "3",
+    "WALLET_OUTBOX_REPUBLISH_AFTER_S": "3",
     # Limits out of the way: the load is one IP and a few tokens (429s would only slow it).
     "GATEWAY_AUTH_RATE_AVERAGE": "100000",
     "GATEWAY_AUTH_RATE_BURST": "100000",

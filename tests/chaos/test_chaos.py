@@ -8,6 +8,7 @@ moved exactly once, every receipt arrived exactly once, and wallet-audit is clea
 from __future__ import annotations
 
 import httpx
+import redis
 from e2e.conftest import BrevoStub, Stack
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -37,6 +38,18 @@ def test_redis_killed_mid_load_then_restarted(gw: httpx.Client, chaos_stack: Sta
     def fault() -> None:
         after_progress(load, 0.3, TOTAL)
         assert kill(chaos_stack, "redis-server", match=port, check_env=False) == 1
+
+    load.run(MOVES, during=fault)
+    load.verify(chaos_stack, brevo)
+
+
+def test_redis_flushed_mid_load(gw: httpx.Client, chaos_stack: Stack, brevo: BrevoStub) -> None:
+    """Queued messages, idempotency records, sent markers, limiter buckets: all gone at once."""
+    load = Load.create(gw, USERS)
+
+    def fault() -> None:
+        after_progress(load, 0.4, TOTAL)
+        redis.Redis.from_url(chaos_stack.redis_url).flushall()
 
     load.run(MOVES, during=fault)
     load.verify(chaos_stack, brevo)

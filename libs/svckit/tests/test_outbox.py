@@ -9,12 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import Column, Engine, MetaData, String, Table, Text, select
 
 from svckit.db import UTCDateTime, make_engine
-from svckit.messages import Receipt, WelcomeEmail, new_email_id
+from svckit.messages import DEAD_MARKER, SENT_MARKER, Receipt, WelcomeEmail, new_email_id
 from svckit.outbox import Relay, outbox_row
 from svckit.redis import redis_client
 from svckit.testing import fresh_database, redis_server
@@ -28,6 +29,7 @@ OUTBOX = Table(
     Column("payload", Text, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("published_at", UTCDateTime(), nullable=True),
+    Column("confirmed_at", UTCDateTime(), nullable=True),
 )
 
 
@@ -144,3 +146,41 @@ def test_the_payload_is_a_dramatiq_message_with_the_request_id() -> None:
     assert payload["actor_name"] == "notifier.send_receipt"
     assert payload["options"] == {"request_id": "req-42"}
     assert payload["message_id"] == row["id"] == "e1"
+
+
+class TestReconcile:
+    """Published rows stay unconfirmed until the notifier's marker shows up; the queue may lose
+    them (a Redis flush), so unconfirmed rows go out again."""
+
+    def relay(self, engine: Engine, redis_url: str, published: list[str]) -> Relay:
+        client = redis_client(redis_url)
+        return Relay(
+            engine,
+            OUTBOX,
+            lambda p: published.append(json.loads(p)["message_id"]),
+            lease=client,
+            name=f"r-{uuid4()}",
+            markers=client,
+            republish_after_s=0.2,
+            check_every_s=0,
+        )
+
+    def test_unconfirmed_rows_go_out_again_and_confirmed_ones_do_not(self, engine: Engine, redis_url: str) -> None:
+        sent, lost, dead = stage(engine, 3)
+        published: list[str] = []
+        relay = self.relay(engine, redis_url, published)
+        assert relay.run_once() == 3
+        markers = redis_client(redis_url)
+        markers.set(SENT_MARKER.format(sent), 1)
+        markers.set(DEAD_MARKER.format(dead), 1)
+        assert relay.reconcile() == 0  # too early: published less than 0.2 s ago
+        time.sleep(0.3)
+        assert relay.reconcile() == 1
+        assert published[3:] == [lost]
+        with engine.connect() as conn:
+            confirmed = {r.id for r in conn.execute(select(OUTBOX.c.id).where(OUTBOX.c.confirmed_at.is_not(None)))}
+        assert confirmed == {sent, dead}
+        markers.set(SENT_MARKER.format(lost), 1)  # the second attempt got through
+        time.sleep(0.3)
+        assert relay.reconcile() == 0
+        assert published[4:] == []

@@ -14,6 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 QUEUE = "notifications"
+# Redis markers the notifier sets per email id: delivered, or given up on (dead-lettered).
+# The outbox relays read them to confirm delivery, and republish what is unconfirmed.
+SENT_MARKER = "notifier:sent:{}"
+DEAD_MARKER = "notifier:dead:{}"
 SEND_WELCOME = "notifier.send_welcome"
 SEND_RECEIPT = "notifier.send_receipt"
 

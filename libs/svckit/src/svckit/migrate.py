@@ -59,3 +59,29 @@ def drop_outbox() -> None:
 
     op.drop_index("ix_outbox_unpublished", table_name="outbox")
     op.drop_table("outbox")
+
+
+def add_outbox_confirmation() -> None:
+    """`confirmed_at`: the notifier's marker for the email was seen (see Relay.reconcile)."""
+    import sqlalchemy as sa
+    from alembic import op
+
+    from svckit.db import UTCDateTime
+
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("confirmed_at", UTCDateTime(), nullable=True))
+    op.create_index(
+        "ix_outbox_unconfirmed",
+        "outbox",
+        ["published_at"],
+        sqlite_where=sa.text("published_at IS NOT NULL AND confirmed_at IS NULL"),
+        postgresql_where=sa.text("published_at IS NOT NULL AND confirmed_at IS NULL"),
+    )
+
+
+def drop_outbox_confirmation() -> None:
+    from alembic import op
+
+    op.drop_index("ix_outbox_unconfirmed", table_name="outbox")
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("confirmed_at")

@@ -18,6 +18,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -26,7 +27,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, Table, func, select, update
 
 from svckit.db import utcnow
-from svckit.messages import QUEUE, NotifierMessage, dramatiq_payload
+from svckit.messages import DEAD_MARKER, QUEUE, SENT_MARKER, NotifierMessage, dramatiq_payload
 from svckit.requestid import current_request_id
 
 log = logging.getLogger("svckit.outbox")
@@ -34,6 +35,9 @@ log = logging.getLogger("svckit.outbox")
 BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet published", ["service"])
 OLDEST_AGE = Gauge("outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", ["service"])
 PUBLISHED = Counter("outbox_published_total", "Outbox rows published to the queue", ["service"])
+REPUBLISHED = Counter(
+    "outbox_republished_total", "Rows published again because their delivery was never confirmed", ["service"]
+)
 
 
 def outbox_row(message: NotifierMessage) -> dict[str, Any]:
@@ -44,6 +48,7 @@ def outbox_row(message: NotifierMessage) -> dict[str, Any]:
         "payload": json.dumps(dramatiq_payload(message, request_id=current_request_id())),
         "created_at": utcnow(),
         "published_at": None,
+        "confirmed_at": None,
     }
 
 
@@ -71,6 +76,9 @@ class Relay:
         name: str,
         batch: int = 100,
         idle_s: float = 0.2,
+        markers: redis.Redis | None = None,
+        republish_after_s: float = 60.0,
+        check_every_s: float = 5.0,
     ) -> None:
         self.engine = engine
         self.table = table
@@ -83,6 +91,10 @@ class Relay:
         self.running = True
         self.name = name
         self._measured = 0.0
+        self.markers = markers
+        self.republish_after_s = republish_after_s
+        self.check_every_s = check_every_s
+        self._reconciled = float("-inf")
 
     def _has_lease(self) -> bool:
         if self.engine.dialect.name == "postgresql" or self.lease is None:
@@ -120,6 +132,53 @@ class Relay:
         PUBLISHED.labels(self.name).inc(len(rows))
         return len(rows)
 
+    def reconcile(self) -> int:
+        """Confirm or republish rows whose delivery was never confirmed.
+
+        The queue lives in Redis: a flush, a failover, or a crash between append-only syncs
+        can lose messages the relay already published. So a published row stays
+        unconfirmed until the notifier's "sent" (or "dead-lettered") marker for its id
+        shows up; rows still unconfirmed `republish_after_s` after publishing go out again.
+        A republished email that had in fact been sent is dropped by the notifier (marker)
+        or by Brevo (same idempotencyKey). Returns how many rows went out again.
+        """
+        if self.markers is None or time.monotonic() - self._reconciled < self.check_every_s:
+            return 0
+        self._reconciled = time.monotonic()
+        if not self._has_lease():
+            return 0
+        t = self.table
+        cutoff = utcnow() - timedelta(seconds=self.republish_after_s)
+        with self.engine.begin() as conn:
+            query = (
+                select(t.c.id, t.c.payload)
+                .where(t.c.published_at.is_not(None), t.c.confirmed_at.is_(None), t.c.published_at < cutoff)
+                .order_by(t.c.published_at)
+                .limit(self.batch * 5)
+            )
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = conn.execute(query).all()
+            if not rows:
+                return 0
+            pipe = self.markers.pipeline()
+            for row in rows:
+                pipe.exists(SENT_MARKER.format(row.id), DEAD_MARKER.format(row.id))
+            done = pipe.execute()
+            confirmed = [row.id for row, found in zip(rows, done, strict=True) if found]
+            again = [row for row, found in zip(rows, done, strict=True) if not found]
+            for row in again:
+                self.publish(row.payload)
+            now = utcnow()
+            if confirmed:
+                conn.execute(update(t).where(t.c.id.in_(confirmed)).values(confirmed_at=now))
+            if again:
+                conn.execute(update(t).where(t.c.id.in_([r.id for r in again])).values(published_at=now))
+        if again:
+            REPUBLISHED.labels(self.name).inc(len(again))
+            log.warning("republished %d outbox messages whose delivery was never confirmed", len(again))
+        return len(again)
+
     def measure(self) -> None:
         """Refresh the backlog gauges (at most once a second)."""
         if time.monotonic() - self._measured < 1.0:
@@ -141,6 +200,7 @@ class Relay:
         while self.running:
             try:
                 published = self.run_once()
+                self.reconcile()
                 self.measure()
             except Exception:
                 log.exception("outbox relay error")
@@ -153,7 +213,14 @@ class Relay:
 
 
 def serve(
-    *, service: str, database_url: str, redis_url: str, table: Table, log_level: str = "INFO", metrics_port: int = 0
+    *,
+    service: str,
+    database_url: str,
+    redis_url: str,
+    table: Table,
+    log_level: str = "INFO",
+    metrics_port: int = 0,
+    republish_after_s: float = 60.0,
 ) -> None:
     """The body of each producing service's `<service>-relay` command."""
     from svckit.db import make_engine
@@ -165,5 +232,13 @@ def serve(
     serve_metrics(metrics_port)
     engine = make_engine(database_url)
     client = redis_client(redis_url, timeout_s=2.0)
-    Relay(engine, table, Publisher(client).publish, lease=client, name=service).run_forever()
+    Relay(
+        engine,
+        table,
+        Publisher(client).publish,
+        lease=client,
+        name=service,
+        markers=client,
+        republish_after_s=republish_after_s,
+    ).run_forever()
     engine.dispose()

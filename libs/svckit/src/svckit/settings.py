@@ -28,3 +28,5 @@ class BaseServiceSettings(BaseSettings):
     http_retries: int = 2
     metrics_port: int = 0  # Prometheus metrics on this port (0: off); never routed by the gateway
     relay_metrics_port: int = 0  # the same, for this service's outbox relay process
+    # An outbox message not confirmed delivered this long after publishing is published again.
+    outbox_republish_after_s: float = 60.0

@@ -11,6 +11,7 @@ from dramatiq.middleware import Middleware
 
 from notifier.config import Settings, get_settings
 from notifier.metrics import register_dead_letters
+from svckit.messages import DEAD_MARKER
 from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
 from svckit.requestid import request_id_var
@@ -26,6 +27,17 @@ class RequestIdMiddleware(Middleware):
         request_id_var.set(None)
 
     after_skip_message = after_process_message
+
+
+class DeadLetterMarker(Middleware):
+    """Mark dead-lettered emails, so the outbox relays stop waiting for them to be sent."""
+
+    def __init__(self, client: redis.Redis, ttl_ms: int) -> None:
+        self.client = client
+        self.ttl_ms = ttl_ms
+
+    def after_nack(self, broker: Any, message: dramatiq.Message) -> None:  # type: ignore[type-arg]
+        self.client.set(DEAD_MARKER.format(message.message_id), 1, px=self.ttl_ms)
 
 
 class MetricsServer(Middleware):
@@ -51,5 +63,6 @@ def setup_broker(settings: Settings | None = None) -> RedisBroker:
     )
     broker.add_middleware(RequestIdMiddleware())
     broker.add_middleware(MetricsServer(settings.metrics_port, broker.client))
+    broker.add_middleware(DeadLetterMarker(broker.client, settings.dead_message_ttl_ms))
     dramatiq.set_broker(broker)
     return broker

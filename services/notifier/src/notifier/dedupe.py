@@ -8,6 +8,8 @@ import secrets
 
 import redis
 
+from svckit.messages import SENT_MARKER
+
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -19,7 +21,7 @@ class SentMarkers:
         self._release = client.register_script(_RELEASE)
 
     def is_sent(self, email_id: str) -> bool:
-        return bool(self.redis.exists(f"notifier:sent:{email_id}"))
+        return bool(self.redis.exists(SENT_MARKER.format(email_id)))
 
     def claim(self, email_id: str) -> str | None:
         token = secrets.token_hex(8)
@@ -31,7 +33,7 @@ class SentMarkers:
 
     def mark_sent(self, email_id: str, token: str) -> None:
         pipe = self.redis.pipeline()
-        pipe.set(f"notifier:sent:{email_id}", 1, ex=self.ttl_s)
+        pipe.set(SENT_MARKER.format(email_id), 1, ex=self.ttl_s)
         pipe.execute()
         self.release(email_id, token)
 

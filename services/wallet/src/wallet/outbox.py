@@ -27,4 +27,5 @@ def main() -> None:
         table=TABLE,
         log_level=settings.log_level,
         metrics_port=settings.relay_metrics_port,
+        republish_after_s=settings.outbox_republish_after_s,
     )
