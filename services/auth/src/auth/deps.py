@@ -1,36 +1,17 @@
-"""FastAPI dependencies: the database session, the caller's identity, service credentials."""
+"""FastAPI dependencies of the auth service (the shared ones come from svckit.deps)."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
-from fastapi.security import OAuth2PasswordBearer
-from sqlmodel import Session
+from fastapi import Header, Request
 
 from auth.errors import Forbidden
+from svckit.deps import SessionDep, UserDep
 from svckit.http import SERVICE_TOKEN_HEADER
-from svckit.jwt import Claims, verify_bearer
 
-# Declared for OpenAPI (Swagger's "Authorize" logs in through /token); we check it ourselves.
-oauth2 = OAuth2PasswordBearer(tokenUrl="token", auto_error=False)
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    # No commit here: services commit before they return (a yield dependency's exit runs
-    # after the response is sent, so a failed commit there could follow a 200).
-    with Session(request.app.state.engine) as session:
-        yield session
-
-
-def current_user(
-    request: Request,
-    _: Annotated[str | None, Depends(oauth2)],
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> Claims:
-    return verify_bearer(request.app.state.verifier, authorization)
+__all__ = ["SessionDep", "UserDep", "service_caller"]
 
 
 def service_caller(
@@ -40,7 +21,3 @@ def service_caller(
     expected = request.app.state.settings.service_token.get_secret_value()
     if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
         raise Forbidden()
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
-UserDep = Annotated[Claims, Depends(current_user)]

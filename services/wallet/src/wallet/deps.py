@@ -1,32 +1,16 @@
-"""FastAPI dependencies: the database session, the caller, the idempotency key."""
+"""FastAPI dependencies of the wallet service: the idempotency key (the session and the
+caller come from svckit.deps)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
-from fastapi.security import OAuth2PasswordBearer
-from sqlmodel import Session
+from fastapi import Depends, Header
 
-from svckit.jwt import Claims, verify_bearer
+from svckit.deps import SessionDep, UserDep
 from wallet.idempotency import parse_key
 
-oauth2 = OAuth2PasswordBearer(tokenUrl="token", auto_error=False)
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    # No commit here: services commit before they return.
-    with Session(request.app.state.engine) as session:
-        yield session
-
-
-def current_user(
-    request: Request,
-    _: Annotated[str | None, Depends(oauth2)],
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> Claims:
-    return verify_bearer(request.app.state.verifier, authorization)
+__all__ = ["KeyDep", "SessionDep", "UserDep"]
 
 
 def idempotency_key(
@@ -46,6 +30,4 @@ def idempotency_key(
     return parse_key(idempotency_key, x_idempotency_key)
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
-UserDep = Annotated[Claims, Depends(current_user)]
 KeyDep = Annotated[str, Depends(idempotency_key)]
