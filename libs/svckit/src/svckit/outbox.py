@@ -52,6 +52,25 @@ def outbox_row(message: NotifierMessage) -> dict[str, Any]:
     }
 
 
+def stage(session: Any, table: Table, *messages: NotifierMessage) -> None:
+    """Write the messages in the caller's transaction: they commit with the change, or not at all."""
+    if messages:
+        session.execute(table.insert(), [outbox_row(m) for m in messages])
+
+
+def relay_main(service: str, settings: Any, table: Table) -> None:
+    """The body of `<service>-relay`, from the service's settings."""
+    serve(
+        service=service,
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        table=table,
+        log_level=settings.log_level,
+        metrics_port=settings.relay_metrics_port,
+        republish_after_s=settings.outbox_republish_after_s,
+    )
+
+
 class Publisher:
     """Enqueue pre-built Dramatiq messages without importing any actor."""
 
