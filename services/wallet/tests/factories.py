@@ -17,7 +17,7 @@ from jwt.algorithms import OKPAlgorithm
 from sqlmodel import Session
 
 from svckit.problems import ProblemError
-from wallet import service
+from wallet.idempotency import Operation, run_idempotent
 
 _ids = itertools.count(1_000)
 
@@ -100,13 +100,13 @@ def move(client: TestClient, user: User, kind: str, *, idem: str | None = None, 
 
 
 def call(
-    client: TestClient, user: User, endpoint: str, key: str, payload: dict[str, object], operation: service.Operation
+    client: TestClient, user: User, endpoint: str, key: str, payload: dict[str, object], operation: Operation
 ) -> tuple[int, bytes]:
     """One request, as the route would run it, in its own session (its own connection)."""
     state = client.app.state  # type: ignore[attr-defined]
     with Session(state.engine) as session:
         try:
-            response: Response = service.run_idempotent(
+            response: Response = run_idempotent(
                 session,
                 cache=state.idempotency,
                 user_id=user.id,

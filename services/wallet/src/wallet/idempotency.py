@@ -1,4 +1,5 @@
-"""Idempotency keys: parsing, request fingerprints, and the Redis fast path.
+"""Idempotency keys: parsing, request fingerprints, the Redis fast path, and running a
+money movement at most once under its key.
 
 Redis holds a lock per (user, endpoint, key), taken with a random token and released only
 by its holder (compare-and-delete in Lua), plus the stored response for replays. It is an
@@ -15,13 +16,22 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
 from fastapi import Response
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
 
-from wallet.errors import IdempotencyKeyInvalid, IdempotencyKeyMissing, IdempotencyKeyReused
+from svckit.db import utcnow
+from svckit.problems import ProblemError
+from wallet import repository
+from wallet.errors import IdempotencyInProgress, IdempotencyKeyInvalid, IdempotencyKeyMissing, IdempotencyKeyReused
+from wallet.metrics import IDEMPOTENCY, MONEY_MOVED, MOVEMENTS
 
 log = logging.getLogger("wallet.idempotency")
 
@@ -142,3 +152,132 @@ class IdempotencyCache:
             self._release(keys=self._keys(scope)[1:], args=[token])
         except redis.RedisError as exc:
             log.warning("could not release idempotency lock: %s", type(exc).__name__)
+
+
+# --- at most once, in the database ----------------------------------------------------
+
+# A movement: writes in the caller's transaction, returns (response body, transaction id).
+Operation = Callable[[Session, datetime], tuple[BaseModel, int]]
+# Postgres: serialization failure, deadlock; both mean "run the transaction again".
+_RETRYABLE_PGCODES = {"40001", "40P01"}
+
+
+def _problem_json(refusal: ProblemError) -> str:
+    return json.dumps(refusal.body(), ensure_ascii=False, separators=(",", ":"))
+
+
+def _retryable(exc: OperationalError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
+
+
+def _execute(
+    session: Session, *, user_id: int, endpoint: str, key: str, request_fp: str, operation: Operation, retries: int
+) -> tuple[Outcome, bool]:
+    """Run the operation and record its outcome under the key, in one database transaction.
+
+    Returns (outcome, replayed). A business refusal is recorded too (nothing moved). If the
+    key's unique constraint fires, another request with this key won: its outcome is the
+    answer, and everything this attempt did is rolled back.
+    """
+    for attempt in range(retries + 1):
+        try:
+            with session.begin():
+                now = utcnow()
+                try:
+                    result, txn_id = operation(session, now)
+                    outcome = Outcome(200, result.model_dump_json(by_alias=True), request_fp)
+                except ProblemError as refusal:
+                    # Operations check everything before their first write, so nothing moved.
+                    outcome, txn_id = Outcome(refusal.status, _problem_json(refusal), request_fp), None
+                repository.add_idempotency_record(
+                    session,
+                    user_id=user_id,
+                    endpoint=endpoint,
+                    key=key,
+                    fingerprint=request_fp,
+                    status_code=outcome.status_code,
+                    response_body=outcome.body,
+                    transaction_id=txn_id,
+                    now=now,
+                )
+            return outcome, False
+        except IntegrityError:
+            with session.begin():
+                record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
+            if record is None:
+                raise  # not the key's constraint: a real bug, answered as a 500
+            return Outcome(record.status_code, record.response_body, record.fingerprint), True
+        except OperationalError as exc:
+            if attempt == retries or not _retryable(exc):
+                raise
+            log.warning("retrying %s after %s (attempt %d)", endpoint, type(exc.orig).__name__, attempt + 1)
+            time.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def run_idempotent(
+    session: Session,
+    *,
+    cache: IdempotencyCache,
+    user_id: int,
+    endpoint: str,
+    key: str,
+    payload: dict[str, object],
+    operation: Operation,
+    retries: int,
+) -> Response:
+    """At most once per (user, endpoint, key); the same answer, byte for byte, ever after."""
+    request_fp = fingerprint(payload)
+    scope = f"{user_id}:{endpoint}:{key}"
+    state, stored, token = cache.begin(scope)
+    if stored is not None:
+        return _replay(stored, request_fp)
+    if state == BUSY:
+        # Another request holds the lock. The database may know its outcome already
+        # (the lock can outlive the cached response only briefly); else tell the client to wait.
+        with session.begin():
+            record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
+        if record is None:
+            IDEMPOTENCY.labels("in_progress").inc()
+            raise IdempotencyInProgress()
+        return _replay(Outcome(record.status_code, record.response_body, record.fingerprint), request_fp)
+    try:
+        outcome, replayed = _execute(
+            session,
+            user_id=user_id,
+            endpoint=endpoint,
+            key=key,
+            request_fp=request_fp,
+            operation=operation,
+            retries=retries,
+        )
+    except BaseException:
+        if state == LOCKED:
+            cache.release(scope, token)
+        raise
+    if state == LOCKED:
+        cache.finish(scope, token, outcome)
+    if replayed:
+        return _replay(outcome, request_fp)
+    _count(endpoint, payload, outcome)
+    return outcome.response(replayed=False)
+
+
+def _replay(outcome: Outcome, request_fp: str) -> Response:
+    try:
+        response = outcome.replay_for(request_fp)
+    except IdempotencyKeyReused:
+        IDEMPOTENCY.labels("reused").inc()
+        raise
+    IDEMPOTENCY.labels("replay").inc()
+    return response
+
+
+def _count(endpoint: str, payload: dict[str, object], outcome: Outcome) -> None:
+    kind = {"withdraw": "withdrawal"}.get(endpoint, endpoint)
+    if outcome.status_code == 200:
+        MOVEMENTS.labels(kind, "ok").inc()
+        MONEY_MOVED.labels(kind, str(payload["currency"])).inc(int(payload["amount"]))  # type: ignore[call-overload]
+    else:
+        MOVEMENTS.labels(kind, json.loads(outcome.body).get("code", "refused")).inc()

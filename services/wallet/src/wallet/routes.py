@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 
 from svckit.money import MAX_ID
 from svckit.problems import Unauthorized, problem_responses
-from wallet import service
+from wallet import idempotency, service
 from wallet.deps import KeyDep, SessionDep, UserDep
 from wallet.errors import (
     AuthUnavailable,
@@ -101,10 +101,10 @@ def _move(
     key: str,
     endpoint: str,
     body: MoneyIn,
-    operation: service.Operation,
+    operation: idempotency.Operation,
 ) -> Response:
     settings = request.app.state.settings
-    return service.run_idempotent(
+    return idempotency.run_idempotent(
         session,
         cache=request.app.state.idempotency,
         user_id=caller.user_id,
