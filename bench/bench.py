@@ -261,16 +261,16 @@ def main() -> None:
                         **{**run, "seconds": min(args.seconds, 10)},
                     )
             rss = memory(stack.process.pid) if stack.process else {}
+        audit = subprocess.run(
+            [str(BIN / "wallet-audit"), "--database-url", env["WALLET_DATABASE_URL"]],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     finally:
         stack.stop()
         stub_proc.terminate()
-    audit = subprocess.run(
-        [str(BIN / "wallet-audit"), "--database-url", env["WALLET_DATABASE_URL"]],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    drop_databases(env)
+        drop_databases(env)  # also when a run fails half way
     report(results, rss, audit.stdout.strip(), args)
     sys.exit(audit.returncode)
 
