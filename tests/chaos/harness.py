@@ -43,6 +43,26 @@ def definitive(api: httpx.Client, user: User, kind: str, body: dict[str, object]
     raise AssertionError(f"no definitive answer for {kind} {key}")
 
 
+def wait_healthy(stack: Stack, timeout: float = 90) -> None:
+    """Wait until every service process answers its readiness check (after a fault heals)."""
+    ports = stack.ports or {}
+    urls = [
+        f"http://127.0.0.1:{p}/readyz"
+        for name, p in ports.items()
+        if name == "auth" or (name.startswith("wallet") and not name.endswith("_metrics"))
+    ]
+    deadline = time.monotonic() + timeout
+    for url in urls:
+        while True:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{url} not ready after {timeout}s"
+            time.sleep(0.2)
+
+
 @dataclass
 class Load:
     api: httpx.Client
@@ -52,7 +72,8 @@ class Load:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def create(cls, api: httpx.Client, n_users: int) -> Load:
+    def create(cls, api: httpx.Client, n_users: int, stack: Stack) -> Load:
+        wait_healthy(stack)  # the previous scenario's fault has healed
         users = [new_user(api) for _ in range(n_users)]
         wallets = {u.id: open_wallet(api, u, balance=OPENING)["id"] for u in users}
         return cls(api, users, wallets)
@@ -102,6 +123,7 @@ class Load:
 
     def verify(self, stack: Stack, brevo: BrevoStub) -> None:
         assert self.results, "no load ran"
+        wait_healthy(stack)
         assert {r.status_code for *_, r in self.results} <= {200, 422}, Counter(r.status_code for *_, r in self.results)
         balances, receipts = self.expected()
         for user in self.users:

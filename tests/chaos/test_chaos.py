@@ -20,7 +20,7 @@ TOTAL = USERS * MOVES
 
 
 def test_a_wallet_replica_killed_mid_load(gw: httpx.Client, chaos_stack: Stack, brevo: BrevoStub) -> None:
-    load = Load.create(gw, USERS)
+    load = Load.create(gw, USERS, chaos_stack)
     port = chaos_stack.ports["wallet1"] if chaos_stack.ports else 0
 
     def fault() -> None:
@@ -32,7 +32,7 @@ def test_a_wallet_replica_killed_mid_load(gw: httpx.Client, chaos_stack: Stack, 
 
 
 def test_redis_killed_mid_load_then_restarted(gw: httpx.Client, chaos_stack: Stack, brevo: BrevoStub) -> None:
-    load = Load.create(gw, USERS)
+    load = Load.create(gw, USERS, chaos_stack)
     port = str(chaos_stack.ports["redis"]) if chaos_stack.ports else ""
 
     def fault() -> None:
@@ -45,7 +45,7 @@ def test_redis_killed_mid_load_then_restarted(gw: httpx.Client, chaos_stack: Sta
 
 def test_redis_flushed_mid_load(gw: httpx.Client, chaos_stack: Stack, brevo: BrevoStub) -> None:
     """Queued messages, idempotency records, sent markers, limiter buckets: all gone at once."""
-    load = Load.create(gw, USERS)
+    load = Load.create(gw, USERS, chaos_stack)
 
     def fault() -> None:
         after_progress(load, 0.4, TOTAL)
@@ -58,7 +58,7 @@ def test_redis_flushed_mid_load(gw: httpx.Client, chaos_stack: Stack, brevo: Bre
 def test_the_notifier_killed_while_brevo_fails_and_is_slow(
     gw: httpx.Client, chaos_stack: Stack, brevo: BrevoStub
 ) -> None:
-    load = Load.create(gw, USERS)
+    load = Load.create(gw, USERS, chaos_stack)
 
     def fault() -> None:
         after_progress(load, 0.2, TOTAL)
@@ -73,7 +73,7 @@ def test_the_notifier_killed_while_brevo_fails_and_is_slow(
 
 
 def test_transfers_work_with_the_auth_service_down(gw: httpx.Client, chaos_stack: Stack, brevo: BrevoStub) -> None:
-    load = Load.create(gw, USERS)  # tokens issued while auth was up
+    load = Load.create(gw, USERS, chaos_stack)  # tokens issued while auth was up
     hold = chaos_stack.var / "run" / "hold-auth"
     port = chaos_stack.ports["auth"] if chaos_stack.ports else 0
     done_while_down = 0
@@ -99,7 +99,7 @@ def test_transfers_work_with_the_auth_service_down(gw: httpx.Client, chaos_stack
 
 def test_postgres_connections_dropped_mid_load(chaos_pg_stack: Stack, brevo: BrevoStub) -> None:
     with httpx.Client(base_url=chaos_pg_stack.url, timeout=30) as api:
-        load = Load.create(api, USERS)
+        load = Load.create(api, USERS, chaos_pg_stack)
         url = make_url(chaos_pg_stack.wallet_database_url)
         admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
 

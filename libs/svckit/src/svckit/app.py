@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from svckit.db import READ_ONLY
 from svckit.logging import configure_logging
 from svckit.metrics import MetricsMiddleware
 from svckit.problems import document_problems, install_problem_handlers
@@ -36,7 +37,7 @@ def add_health_routes(app: FastAPI, checks: dict[str, HealthCheck] | None = None
 
     def database() -> None:
         with app.state.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execution_options(**READ_ONLY).execute(text("SELECT 1"))
 
     def redis_ping() -> None:
         app.state.redis.ping()

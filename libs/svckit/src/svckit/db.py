@@ -33,9 +33,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur.close()
 
 
+READ_ONLY = {"read_only": True}  # execution options for work that never writes
+
+
 def _sqlite_begin(conn: Any) -> None:
     # IMMEDIATE takes the write lock up front, so two writers never deadlock on upgrade.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Read-only work (start-up checks, health) takes no lock, so a busy writer elsewhere
+    # cannot starve it.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

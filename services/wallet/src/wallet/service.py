@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from svckit.db import READ_ONLY
 from svckit.messages import Receipt, new_email_id
 from wallet import ledger, outbox, repository
 from wallet.errors import (
@@ -53,6 +54,7 @@ def ensure_system_wallets(session: Session, currencies: frozenset[str]) -> dict[
     """The per-currency wallets that stand for the outside world (created once, race-safe)."""
     for _ in range(3):
         with session.begin():
+            session.connection(execution_options=READ_ONLY)
             existing = repository.system_wallet_ids(session)
         missing = currencies - set(existing)
         if not missing:
