@@ -16,7 +16,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
 from svckit.db import utcnow
-from wallet.ledger import Posting
+from wallet.ledger import Posting, signed
 from wallet.models import CLOSED, OPEN, SYSTEM, USER, IdempotencyRecord, LedgerEntry, Transaction, Wallet
 
 W = Wallet.__table__  # type: ignore[attr-defined]
@@ -80,7 +80,7 @@ def add_system_wallet(session: Session, currency: str) -> None:
 
 def apply_postings(session: Session, postings: Sequence[Posting], now: datetime) -> dict[int, int]:
     """Move the balances in one statement; returns each wallet's new balance."""
-    deltas = {p.wallet_id: (p.amount if p.entry_type == "credit" else -p.amount) for p in postings}
+    deltas = {p.wallet_id: signed(p) for p in postings}
     delta = case(*((W.c.id == wid, amount) for wid, amount in deltas.items()), else_=0)
     rows = session.execute(
         update(W)

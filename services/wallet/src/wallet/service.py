@@ -227,15 +227,22 @@ def _own_wallet(locked: dict[int, repository.LockedWallet], user_id: int, curren
     return own
 
 
-def deposit_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
+def _external_op(*, kind: str, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
+    """A deposit (from the outside world) or a withdrawal (to it): the currency's system
+    wallet is the other side."""
+    deposit = kind == "deposit"
+
     def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
         own = _own_wallet(locked, user_id, currency)
+        if not deposit and own.balance < amount:
+            raise InsufficientFunds()
+        outside = external(system_wallet_id, EXTERNAL_SOURCE if deposit else EXTERNAL_DESTINATION)
         txn_id, balances = _post(
             session,
-            kind="deposit",
-            source=external(system_wallet_id, EXTERNAL_SOURCE),
-            destination=party(own),
+            kind=kind,
+            source=outside if deposit else party(own),
+            destination=party(own) if deposit else outside,
             amount=amount,
             currency=currency,
             user_id=user_id,
@@ -244,27 +251,18 @@ def deposit_op(*, user_id: int, amount: int, currency: str, system_wallet_id: in
         return MovementResult(wallet_id=own.id, amount=amount, current_balance=balances[own.id]), txn_id
 
     return run
+
+
+def deposit_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
+    return _external_op(
+        kind="deposit", user_id=user_id, amount=amount, currency=currency, system_wallet_id=system_wallet_id
+    )
 
 
 def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
-    def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
-        locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
-        own = _own_wallet(locked, user_id, currency)
-        if own.balance < amount:
-            raise InsufficientFunds()
-        txn_id, balances = _post(
-            session,
-            kind="withdrawal",
-            source=party(own),
-            destination=external(system_wallet_id, EXTERNAL_DESTINATION),
-            amount=amount,
-            currency=currency,
-            user_id=user_id,
-            now=now,
-        )
-        return MovementResult(wallet_id=own.id, amount=amount, current_balance=balances[own.id]), txn_id
-
-    return run
+    return _external_op(
+        kind="withdrawal", user_id=user_id, amount=amount, currency=currency, system_wallet_id=system_wallet_id
+    )
 
 
 def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) -> Operation:
