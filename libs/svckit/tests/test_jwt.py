@@ -92,6 +92,42 @@ class TestAcceptsGoodTokens:
         assert jwks.fetches == 2
 
 
+class TestRemembersVerifiedTokens:
+    """A client sends the same token on every request; it is checked once a minute, not each time."""
+
+    def test_a_verified_token_is_remembered(self, verifier: JWKSVerifier, signer: Signer) -> None:
+        token = signer.token()
+        assert verifier.remembered(token) is None
+        verifier.verify(token)
+        claims = verifier.remembered(token)
+        assert claims is not None
+        assert claims.user_id == 42
+
+    def test_a_refused_token_is_not_remembered(self, verifier: JWKSVerifier, signer: Signer) -> None:
+        token = signer.token(iss="someone-else")
+        with pytest.raises(InvalidToken):
+            verifier.verify(token)
+        assert verifier.remembered(token) is None
+
+    def test_a_remembered_token_stops_working_when_it_expires(
+        self, verifier: JWKSVerifier, signer: Signer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        now = time.time()
+        token = signer.token(exp=int(now) + 2)
+        verifier.verify(token)
+        monkeypatch.setattr(time, "time", lambda: now + 3)
+        assert verifier.remembered(token) is None  # so verify() checks it again, and refuses it
+
+    def test_memory_lasts_a_minute_at_most(
+        self, verifier: JWKSVerifier, signer: Signer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        now = time.time()
+        token = signer.token()
+        verifier.verify(token)
+        monkeypatch.setattr(time, "time", lambda: now + JWKSVerifier.REMEMBER_S + 1)
+        assert verifier.remembered(token) is None  # checked again (keys may have been pulled)
+
+
 class TestRefusesAttacks:
     def test_alg_none(self, verifier: JWKSVerifier) -> None:
         token = jwt.encode({"iss": ISS, "aud": AUD, "sub": "42"}, None, algorithm="none", headers={"kid": "k1"})

@@ -71,6 +71,11 @@ class JWKSVerifier:
         self._keys: dict[str, Any] = {}
         self._fetched_at = float("-inf")
         self._lock = threading.Lock()
+        # token -> (good until, claims): a client sends the same token on every request, and
+        # an Ed25519 check costs more than the rest of a cheap request. Entries live at most
+        # `remember_s` (like the key cache, a key pulled from the JWKS stops working within
+        # minutes) and never past the token's own expiry.
+        self._verified: dict[str, tuple[float, Claims]] = {}
 
     def _refresh(self, *, force: bool) -> None:
         with self._lock:
@@ -99,7 +104,26 @@ class JWKSVerifier:
             raise InvalidToken(f"unknown kid {kid!r}")
         return key
 
+    REMEMBER_S = 60.0
+    REMEMBER_MAX = 10_000
+
+    def remembered(self, token: str) -> Claims | None:
+        """The claims of a token verified within the last minute and not expired since, or None."""
+        hit = self._verified.get(token)
+        if hit is None or hit[0] <= time.time():
+            return None
+        return hit[1]
+
     def verify(self, token: str) -> Claims:
+        claims = self.remembered(token)
+        if claims is None:
+            claims = self._verify(token)
+            if len(self._verified) >= self.REMEMBER_MAX:
+                self._verified.clear()  # crude, but bounded; refills at one check per token
+            self._verified[token] = (min(time.time() + self.REMEMBER_S, claims.expires_at), claims)
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -134,8 +158,16 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def remembered_bearer(verifier: JWKSVerifier, authorization: str | None) -> Claims | None:
+    """The claims of a recently verified bearer token (no I/O, microseconds), else None."""
+    token = bearer_token(authorization)
+    return verifier.remembered(token) if token is not None else None
+
+
 def verify_bearer(verifier: JWKSVerifier, authorization: str | None) -> Claims:
-    """Claims of a valid bearer token, or the contract's 401 (with WWW-Authenticate)."""
+    """Claims of a valid bearer token, or the contract's 401 (with WWW-Authenticate).
+
+    May fetch the JWKS over HTTP (an unknown kid): call it from a worker thread."""
     from svckit.problems import Unauthorized
 
     token = bearer_token(authorization)

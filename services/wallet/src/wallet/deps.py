@@ -13,7 +13,7 @@ from wallet.idempotency import parse_key
 __all__ = ["KeyDep", "SessionDep", "UserDep"]
 
 
-def idempotency_key(
+async def idempotency_key(  # async: pure parsing, no worker-thread hop
     idempotency_key: Annotated[
         str | None,
         Header(
