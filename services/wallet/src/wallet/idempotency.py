@@ -156,8 +156,9 @@ class IdempotencyCache:
 
 # --- at most once, in the database ----------------------------------------------------
 
-# A movement: writes in the caller's transaction, returns (response body, transaction id).
-Operation = Callable[[Session, datetime], tuple[BaseModel, int]]
+# A movement: locks and checks in the caller's transaction, and returns (response body, the
+# booking to write); the booking is written together with the idempotency record.
+Operation = Callable[[Session, datetime], tuple[BaseModel, repository.Booking]]
 # Postgres: serialization failure, deadlock; both mean "run the transaction again".
 _RETRYABLE_PGCODES = {"40001", "40P01"}
 
@@ -184,23 +185,27 @@ def _execute(
         try:
             with session.begin():
                 now = utcnow()
+                booking: repository.Booking | None
                 try:
-                    result, txn_id = operation(session, now)
+                    result, booking = operation(session, now)
                     outcome = Outcome(200, result.model_dump_json(by_alias=True), request_fp)
                 except ProblemError as refusal:
-                    # Operations check everything before their first write, so nothing moved.
-                    outcome, txn_id = Outcome(refusal.status, _problem_json(refusal), request_fp), None
-                repository.add_idempotency_record(
-                    session,
+                    # Operations check everything before they book anything, so nothing moved.
+                    outcome, booking = Outcome(refusal.status, _problem_json(refusal), request_fp), None
+                record = repository.idempotency_record(
                     user_id=user_id,
                     endpoint=endpoint,
                     key=key,
                     fingerprint=request_fp,
                     status_code=outcome.status_code,
                     response_body=outcome.body,
-                    transaction_id=txn_id,
+                    transaction_id=booking.transaction_id if booking else None,
                     now=now,
                 )
+                if booking is None:
+                    repository.add_idempotency_record(session, record)
+                else:
+                    repository.write_booking(session, booking, record)
             return outcome, False
         except IntegrityError:
             with session.begin():

@@ -1,28 +1,56 @@
 """Every query of the wallet service.
 
-The money-moving path uses Core statements (one round trip each) rather than the ORM's
-unit of work: a transfer is SELECT ... FOR UPDATE, one UPDATE, two INSERTs and the
-idempotency record.
+The money-moving path uses Core statements rather than the ORM's unit of work. A movement
+draws its transaction id, locks both wallets (SELECT ... FOR UPDATE), and once the rules
+are checked writes everything as one `Booking`: on Postgres a single statement (balances,
+transaction, ledger entries, outbox rows and the idempotency record), so the row locks are
+held for one round trip and the commit.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy import (
+    Select,
+    Table,
+    TextClause,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
 from svckit.db import UTCDateTime, utcnow
 from wallet.ledger import Posting, signed
-from wallet.models import CLOSED, OPEN, SYSTEM, USER, IdempotencyRecord, LedgerEntry, Transaction, Wallet
+from wallet.models import (
+    CLOSED,
+    OPEN,
+    SYSTEM,
+    USER,
+    IdempotencyRecord,
+    LedgerEntry,
+    OutboxMessage,
+    Transaction,
+    Wallet,
+)
 
 W = Wallet.__table__  # type: ignore[attr-defined]
 T = Transaction.__table__  # type: ignore[attr-defined]
 L = LedgerEntry.__table__  # type: ignore[attr-defined]
 I = IdempotencyRecord.__table__  # type: ignore[attr-defined]  # noqa: E741
+Outbox = OutboxMessage.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -78,9 +106,54 @@ def add_system_wallet(session: Session, currency: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Booking:
+    """Every row one money movement writes, worked out in full while the wallets are locked
+    (their balances are known, and the transaction id is drawn beforehand), so that all of
+    it goes to the database in one statement just before the commit. The locks are then
+    held for one round trip instead of five."""
+
+    transaction_id: int
+    type: str
+    amount: int
+    currency: str
+    source: Posting
+    destination: Posting
+    snapshots: dict[int, int]  # each wallet's balance after the movement
+    initiated_by: int
+    now: datetime
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+
+    def transaction_row(self) -> dict[str, Any]:
+        return {
+            "id": self.transaction_id,
+            "type": self.type,
+            "amount": self.amount,
+            "currency": self.currency,
+            "from_wallet_id": self.source.wallet_id,
+            "to_wallet_id": self.destination.wallet_id,
+            "initiated_by": self.initiated_by,
+            "created_at": self.now,
+        }
+
+    def entry_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "transaction_id": self.transaction_id,
+                "wallet_id": p.wallet_id,
+                "entry_type": p.entry_type,
+                "amount": p.amount,
+                "currency": self.currency,
+                "balance_snapshot": self.snapshots[p.wallet_id],
+                "created_at": self.now,
+            }
+            for p in (self.source, self.destination)
+        ]
+
+
 # The money path runs these statements thousands of times a second: they are built once
-# (bind parameters, no per-call construction or cache-key work beyond the lookup) and run on
-# the session's Core connection, skipping the ORM's per-statement bookkeeping.
+# (bind parameters, no per-call construction) and run on the session's Core connection,
+# skipping the ORM's per-statement bookkeeping.
 _MOVE_BALANCES = (
     update(W)
     .where(W.c.id.in_([bindparam("a"), bindparam("b")]))
@@ -90,76 +163,95 @@ _MOVE_BALANCES = (
     )
     .returning(W.c.id, W.c.balance)
 )
-_ADD_TRANSACTION = insert(T).returning(T.c.id)
+_ADD_TRANSACTION = insert(T)
 _ADD_ENTRIES = insert(L)
 _ADD_IDEMPOTENCY_RECORD = insert(I)
-_LOCK_FOR_MOVEMENT = (
-    select(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
-    .where(or_((W.c.user_id == bindparam("user_id")) & (W.c.status == OPEN), W.c.id == bindparam("other_id")))
-    .order_by(W.c.id)
-    .with_for_update()
-)
 
 
-def apply_postings(session: Session, postings: tuple[Posting, Posting], now: datetime) -> dict[int, int]:
-    """Move both balances in one statement; returns each wallet's new balance."""
-    a, b = postings
-    rows = session.connection().execute(
-        _MOVE_BALANCES, {"a": a.wallet_id, "b": b.wallet_id, "delta_a": signed(a), "delta_b": signed(b), "now": now}
+def _lock_for_movement(next_transaction_id: str) -> Select[Any]:
+    # The next transaction id rides along with the locks: an uncorrelated scalar subquery
+    # is evaluated once per statement, so the booking needs no round trip of its own.
+    return (
+        select(
+            W.c.id,
+            W.c.user_id,
+            W.c.kind,
+            W.c.status,
+            W.c.currency,
+            W.c.balance,
+            W.c.owner_name,
+            literal_column(f"({next_transaction_id})").label("next_transaction_id"),
+        )
+        .where(or_((W.c.user_id == bindparam("user_id")) & (W.c.status == OPEN), W.c.id == bindparam("other_id")))
+        .order_by(W.c.id)
+        .with_for_update()
     )
-    return {wallet_id: balance for wallet_id, balance in rows}
 
 
-def add_transaction(
-    session: Session,
-    *,
-    type: str,
-    amount: int,
-    currency: str,
-    from_wallet_id: int,
-    to_wallet_id: int,
-    initiated_by: int,
-    now: datetime,
-) -> int:
-    result = session.connection().execute(
-        _ADD_TRANSACTION,
-        {
-            "type": type,
-            "amount": amount,
-            "currency": currency,
-            "from_wallet_id": from_wallet_id,
-            "to_wallet_id": to_wallet_id,
-            "initiated_by": initiated_by,
-            "created_at": now,
-        },
-    )
-    return int(result.scalar_one())
+_LOCK_FOR_MOVEMENT = {
+    # A sequence value, never handed out twice (one a refused movement draws is skipped).
+    "postgresql": _lock_for_movement("SELECT nextval(pg_get_serial_sequence('transactions', 'id'))"),
+    # SQLite: every writer holds the database lock (BEGIN IMMEDIATE), so max + 1 is ours.
+    "sqlite": _lock_for_movement("SELECT coalesce(max(id), 0) + 1 FROM transactions"),
+}
 
 
-def add_entries(
-    session: Session,
-    *,
-    transaction_id: int,
-    postings: Sequence[Posting],
-    snapshots: dict[int, int],
-    currency: str,
-    now: datetime,
-) -> None:
-    session.connection().execute(
-        _ADD_ENTRIES,
-        [
-            {
-                "transaction_id": transaction_id,
-                "wallet_id": p.wallet_id,
-                "entry_type": p.entry_type,
-                "amount": p.amount,
-                "currency": currency,
-                "balance_snapshot": snapshots[p.wallet_id],
-                "created_at": now,
-            }
-            for p in postings
-        ],
-    )
+def write_booking(session: Session, booking: Booking, record: dict[str, Any] | None = None) -> None:
+    """Write the movement (and the idempotency record that answers for it) in the caller's
+    transaction: balances, the transaction row, its ledger entries, its outbox rows."""
+    conn = session.connection()
+    a, b = booking.source, booking.destination
+    moves = {"a": a.wallet_id, "b": b.wallet_id, "delta_a": signed(a), "delta_b": signed(b), "now": booking.now}
+    if conn.dialect.name == "postgresql":
+        statement = _booking_statement(len(booking.outbox), record is not None)
+        params: dict[str, Any] = {**moves, **_prefixed("t_", booking.transaction_row())}
+        for i, row in enumerate(booking.entry_rows()):
+            params.update(_prefixed(f"e{i}_", row))
+        for i, row in enumerate(booking.outbox):
+            params.update(_prefixed(f"o{i}_", row))
+        if record is not None:
+            params.update(_prefixed("r_", record))
+        balances = dict(conn.execute(statement, params).all())
+    else:
+        balances = dict(conn.execute(_MOVE_BALANCES, moves).all())
+        conn.execute(_ADD_TRANSACTION, booking.transaction_row())
+        conn.execute(_ADD_ENTRIES, booking.entry_rows())
+        if booking.outbox:
+            conn.execute(insert(Outbox), booking.outbox)
+        if record is not None:
+            conn.execute(_ADD_IDEMPOTENCY_RECORD, record)
+    if balances != booking.snapshots:  # the locks make this impossible; refuse to commit if not
+        raise RuntimeError(f"balances {balances} differ from the booked snapshots {booking.snapshots}")
+
+
+def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + key: value for key, value in row.items()}
+
+
+def _values(table: Table, prefix: str, columns: Sequence[str]) -> str:
+    # Names come from our own table metadata; every value is a bind parameter.
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join(':' + prefix + c for c in columns)})"  # noqa: S608  # nosec B608
+
+
+@functools.cache
+def _booking_statement(outbox_rows: int, with_record: bool) -> TextClause:
+    """Postgres: the whole booking as one statement of data-modifying CTEs. (Foreign keys
+    are checked at the end of the statement, when the transaction row exists.)"""
+    parts = [
+        "moved AS (UPDATE wallets SET balance = balance + CASE WHEN id = :a THEN :delta_a ELSE :delta_b END,"
+        " updated_at = :now WHERE id IN (:a, :b) RETURNING id, balance)",
+        f"txn AS ({_values(T, 't_', list(T.c.keys()))})",
+        f"entries AS ({_values(L, 'e0_', _ENTRY_COLUMNS)}, ({', '.join(':e1_' + c for c in _ENTRY_COLUMNS)}))",
+    ]
+    parts += [f"outbox{i} AS ({_values(Outbox, f'o{i}_', _OUTBOX_COLUMNS)})" for i in range(outbox_rows)]
+    if with_record:
+        parts.append(f"record AS ({_values(I, 'r_', _RECORD_COLUMNS)})")
+    return text("WITH " + ",\n".join(parts) + "\nSELECT id, balance FROM moved")
+
+
+_ENTRY_COLUMNS = [c.name for c in L.c if c.name != "id"]
+_OUTBOX_COLUMNS = list(Outbox.c.keys())
+_RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
 
 
 def get_idempotency_record(session: Session, *, user_id: int, endpoint: str, key: str) -> IdempotencyRecord | None:
@@ -176,8 +268,7 @@ def get_idempotency_record(session: Session, *, user_id: int, endpoint: str, key
     )
 
 
-def add_idempotency_record(
-    session: Session,
+def idempotency_record(
     *,
     user_id: int,
     endpoint: str,
@@ -187,20 +278,22 @@ def add_idempotency_record(
     response_body: str,
     transaction_id: int | None,
     now: datetime,
-) -> None:
-    session.connection().execute(
-        _ADD_IDEMPOTENCY_RECORD,
-        {
-            "user_id": user_id,
-            "endpoint": endpoint,
-            "key": key,
-            "fingerprint": fingerprint,
-            "status_code": status_code,
-            "response_body": response_body,
-            "transaction_id": transaction_id,
-            "created_at": now,
-        },
-    )
+) -> dict[str, Any]:
+    """The row that keeps a request's outcome under its key (see write_booking)."""
+    return {
+        "user_id": user_id,
+        "endpoint": endpoint,
+        "key": key,
+        "fingerprint": fingerprint,
+        "status_code": status_code,
+        "response_body": response_body,
+        "transaction_id": transaction_id,
+        "created_at": now,
+    }
+
+
+def add_idempotency_record(session: Session, record: dict[str, Any]) -> None:
+    session.connection().execute(_ADD_IDEMPOTENCY_RECORD, record)
 
 
 def user_wallet_ids(session: Session, user_id: int) -> list[int]:
@@ -259,7 +352,22 @@ def ledger_entries(session: Session, *, transaction_id: int, visible_to: Sequenc
     )
 
 
-def lock_for_movement(session: Session, *, user_id: int, other_id: int) -> dict[int, LockedWallet]:
-    """Lock the caller's open wallet and the other wallet, in id order, in one round trip."""
-    rows = session.connection().execute(_LOCK_FOR_MOVEMENT, {"user_id": user_id, "other_id": other_id})
-    return {row.id: LockedWallet(*row) for row in rows}
+@dataclass(frozen=True)
+class Locked:
+    wallets: dict[int, LockedWallet]
+    transaction_id: int  # the id this movement's transaction row will have
+
+    @property
+    def balances(self) -> dict[int, int]:
+        return {w.id: w.balance for w in self.wallets.values()}
+
+
+def lock_for_movement(session: Session, *, user_id: int, other_id: int) -> Locked:
+    """Lock the caller's open wallet and the other wallet, in id order, and draw the
+    movement's transaction id, in one round trip."""
+    conn = session.connection()
+    rows = conn.execute(_LOCK_FOR_MOVEMENT[conn.dialect.name], {"user_id": user_id, "other_id": other_id}).all()
+    return Locked(
+        wallets={row.id: LockedWallet(*row[:-1]) for row in rows},
+        transaction_id=int(rows[0].next_transaction_id) if rows else 0,
+    )

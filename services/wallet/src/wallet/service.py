@@ -14,7 +14,8 @@ from sqlmodel import Session
 
 from svckit.db import READ_ONLY
 from svckit.messages import Receipt, new_email_id
-from wallet import ledger, outbox, repository
+from svckit.outbox import outbox_row
+from wallet import ledger, repository
 from wallet.errors import (
     CurrencyMismatch,
     InsufficientFunds,
@@ -94,16 +95,18 @@ def create_wallet(
                 raise RuntimeError("wallet id not assigned")
             if balance:
                 # The opening balance is an ordinary deposit: in the history and the ledger.
-                _post(
-                    session,
+                locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
+                booking = _book(
                     kind="deposit",
                     source=external(system_wallet_id, EXTERNAL_SOURCE),
                     destination=Party(wallet.id, user_id, name),
                     amount=balance,
                     currency=currency,
+                    locked=locked,
                     user_id=user_id,
                     now=wallet.created_at,
                 )
+                repository.write_booking(session, booking)
             session.refresh(wallet)
     except IntegrityError as exc:  # a concurrent create won the one-open-wallet race
         raise WalletExists() from exc
@@ -169,36 +172,28 @@ _RECEIPT_KIND = {
 }
 
 
-def _post(
-    session: Session,
+def _book(
     *,
     kind: str,
     source: Party,
     destination: Party,
     amount: int,
     currency: str,
+    locked: repository.Locked,
     user_id: int,
     now: datetime,
-) -> tuple[int, dict[int, int]]:
-    """Book a movement in the caller's transaction: balances, the transaction row, its
-    balanced ledger entries, and a receipt in the outbox for each user involved."""
-    postings = ledger.postings(source=source.wallet_id, destination=destination.wallet_id, amount=amount)
-    if not ledger.is_balanced(postings):  # an invariant, checked even under python -O
+) -> repository.Booking:
+    """Work out a movement in full from the `locked` wallets' balances: the transaction,
+    its balanced ledger entries with their snapshots, and a receipt in the outbox for each
+    user involved. Nothing is written yet (see repository.write_booking)."""
+    source_posting, destination_posting = ledger.postings(
+        source=source.wallet_id, destination=destination.wallet_id, amount=amount
+    )
+    if not ledger.is_balanced((source_posting, destination_posting)):  # checked even under python -O
         raise RuntimeError("unbalanced postings")
-    balances = repository.apply_postings(session, postings, now)
-    txn_id = repository.add_transaction(
-        session,
-        type=kind,
-        amount=amount,
-        currency=currency,
-        from_wallet_id=source.wallet_id,
-        to_wallet_id=destination.wallet_id,
-        initiated_by=user_id,
-        now=now,
-    )
-    repository.add_entries(
-        session, transaction_id=txn_id, postings=postings, snapshots=balances, currency=currency, now=now
-    )
+    balances = locked.balances
+    after = {p.wallet_id: ledger.apply(balances[p.wallet_id], p) for p in (source_posting, destination_posting)}
+    txn_id = locked.transaction_id
     receipts = [
         Receipt(
             email_id=new_email_id(),
@@ -207,15 +202,25 @@ def _post(
             kind=_RECEIPT_KIND[(kind, is_source)],  # type: ignore[arg-type]
             amount=amount,
             currency=currency,
-            balance_after=balances[me.wallet_id],
+            balance_after=after[me.wallet_id],
             counterparty=other.name,
             occurred_at=now,
         )
         for me, other, is_source in ((source, destination, True), (destination, source, False))
         if me.user_id is not None
     ]
-    outbox.stage(session, *receipts)
-    return txn_id, balances
+    return repository.Booking(
+        transaction_id=txn_id,
+        type=kind,
+        amount=amount,
+        currency=currency,
+        source=source_posting,
+        destination=destination_posting,
+        snapshots=after,
+        initiated_by=user_id,
+        now=now,
+        outbox=[outbox_row(r) for r in receipts],
+    )
 
 
 def _own_wallet(locked: dict[int, repository.LockedWallet], user_id: int, currency: str) -> repository.LockedWallet:
@@ -232,23 +237,24 @@ def _external_op(*, kind: str, user_id: int, amount: int, currency: str, system_
     wallet is the other side."""
     deposit = kind == "deposit"
 
-    def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
+    def run(session: Session, now: datetime) -> tuple[BaseModel, repository.Booking]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
-        own = _own_wallet(locked, user_id, currency)
+        own = _own_wallet(locked.wallets, user_id, currency)
         if not deposit and own.balance < amount:
             raise InsufficientFunds()
         outside = external(system_wallet_id, EXTERNAL_SOURCE if deposit else EXTERNAL_DESTINATION)
-        txn_id, balances = _post(
-            session,
+        booking = _book(
             kind=kind,
             source=outside if deposit else party(own),
             destination=party(own) if deposit else outside,
             amount=amount,
             currency=currency,
+            locked=locked,
             user_id=user_id,
             now=now,
         )
-        return MovementResult(wallet_id=own.id, amount=amount, current_balance=balances[own.id]), txn_id
+        result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
+        return result, booking
 
     return run
 
@@ -266,32 +272,35 @@ def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: i
 
 
 def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) -> Operation:
-    def run(session: Session, now: datetime) -> tuple[BaseModel, int]:
+    def run(session: Session, now: datetime) -> tuple[BaseModel, repository.Booking]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=to_wallet_id)
-        own = _own_wallet(locked, user_id, currency)
+        own = _own_wallet(locked.wallets, user_id, currency)
         if to_wallet_id == own.id:
             raise SelfTransfer()
-        recipient = locked.get(to_wallet_id)
+        recipient = locked.wallets.get(to_wallet_id)
         if recipient is None or recipient.kind != USER or recipient.status != OPEN:
             raise RecipientNotFound()
         if recipient.currency != currency:
             raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
         if own.balance < amount:
             raise InsufficientFunds()
-        txn_id, balances = _post(
-            session,
+        booking = _book(
             kind="transfer",
             source=party(own),
             destination=party(recipient),
             amount=amount,
             currency=currency,
+            locked=locked,
             user_id=user_id,
             now=now,
         )
         result = TransferResult(
-            wallet_id=own.id, recipient_wallet_id=to_wallet_id, amount=amount, current_balance=balances[own.id]
+            wallet_id=own.id,
+            recipient_wallet_id=to_wallet_id,
+            amount=amount,
+            current_balance=booking.snapshots[own.id],
         )
-        return result, txn_id
+        return result, booking
 
     return run
 
