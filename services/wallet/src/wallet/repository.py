@@ -246,7 +246,7 @@ def _booking_statement(outbox_rows: int, with_record: bool) -> TextClause:
     parts += [f"outbox{i} AS ({_values(Outbox, f'o{i}_', _OUTBOX_COLUMNS)})" for i in range(outbox_rows)]
     if with_record:
         parts.append(f"record AS ({_values(I, 'r_', _RECORD_COLUMNS)})")
-    return text("WITH " + ",\n".join(parts) + "\nSELECT id, balance FROM moved")
+    return text("WITH " + ",\n".join(parts) + "\nSELECT id, balance FROM moved")  # nosec B608 (names only)
 
 
 _ENTRY_COLUMNS = [c.name for c in L.c if c.name != "id"]
