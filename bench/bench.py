@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from e2e.conftest import drop_databases, free_port, start_stack  # noqa: E402
 
 WALLETS = 100
+# Emails may lag under load, requests may not: the notifier, the relays and the Brevo
+# stand-in run at this niceness, as if on machines of their own.
+BACKGROUND_NICE = 10
 
 
 def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> dict[str, float]:
@@ -139,22 +143,39 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
     return int(last)
 
 
-def receipt_latency(stub: httpx.Client, wallet_db: str) -> tuple[float, float, int]:
-    received = stub.get("/_stub/emails").json()["received"]
+def receipt_latency(stub: httpx.Client, wallet_db: str, since: float, drain_s: float = 180) -> dict[str, float]:
+    """Commit (outbox row) to Brevo call for every receipt of movements since `since`, after
+    waiting for the backlog to drain; the backlog is counted when the load stops."""
     engine = create_engine(wallet_db)
+    query = text(
+        "SELECT id, created_at FROM outbox WHERE actor_name = 'notifier.send_receipt' AND created_at >= :since"
+    )
     with engine.connect() as conn:
-        created = {
-            row.id: row.created_at.timestamp()
-            for row in conn.execute(
-                text("SELECT id, created_at FROM outbox WHERE actor_name = 'notifier.send_receipt'")
-            )
-        }
         backlog = conn.execute(text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar_one()
+        created = {row.id: row.created_at.timestamp() for row in conn.execute(query, {"since": _utc(since)})}
     engine.dispose()
-    delays = sorted((r["at"] - created[r["key"]]) * 1000 for r in received if r["key"] in created)
+    stopped = time.time()
+    arrived: dict[str, float] = {}
+    while time.time() < stopped + drain_s:
+        arrived = {r["key"]: r["at"] for r in stub.get("/_stub/emails").json()["received"] if r["key"] in created}
+        if len(arrived) >= len(created):
+            break
+        time.sleep(0.5)
+    delays = sorted((arrived[k] - created[k]) * 1000 for k in arrived)
     if not delays:
-        return float("nan"), float("nan"), backlog
-    return statistics.median(delays), delays[max(int(len(delays) * 0.99) - 1, 0)], backlog
+        return {"p50": float("nan"), "p99": float("nan"), "backlog": backlog, "receipts": 0}
+    return {
+        "p50": statistics.median(delays),
+        "p99": delays[max(int(len(delays) * 0.99) - 1, 0)],
+        "backlog": backlog,
+        "receipts": len(delays),
+        "missing": len(created) - len(delays),
+        "drained_s": max(arrived.values()) - stopped,
+    }
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 def memory(launcher_pid: int) -> dict[str, float]:
@@ -204,10 +225,10 @@ def main() -> None:
     env = postgres_stack_env(f"bench{os.getpid()}")
     assert env is not None
     stub_port = free_port()
-    stub_proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/tools/brevo_stub.py"), "--port", str(stub_port), "--api-key", "bench-key"],
-        stdout=subprocess.DEVNULL,
-    )
+    # Brevo is somebody else's server: its stand-in yields the CPU, like the notifier and the
+    # relays (STACK_BACKGROUND_NICE), to the request path being measured.
+    stub_cmd = [str(ROOT / "tests/tools/brevo_stub.py"), "--port", str(stub_port), "--api-key", "bench-key"]
+    stub_proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), sys.executable, *stub_cmd], stdout=subprocess.DEVNULL)
     high = {f"GATEWAY_AUTH_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")}  # setup signs up 100 users
     stack = start_stack(
         work / "var",
@@ -215,6 +236,8 @@ def main() -> None:
         NOTIFIER_BREVO_BASE_URL=f"http://127.0.0.1:{stub_port}",
         AUTH_LOG_LEVEL="WARNING",
         WALLET_LOG_LEVEL="WARNING",
+        NOTIFIER_LOG_LEVEL="WARNING",
+        STACK_BACKGROUND_NICE=str(BACKGROUND_NICE),
         **high,
         **env,
     )
@@ -237,11 +260,11 @@ def main() -> None:
             )
             time.sleep(3)  # let the receipts of the funding drain
             stub.post("/_stub/reset")
+            started = time.time()
             results["PATCH /transaction/transfer"] = wrk(
                 stack.url, "money.lua", BENCH_WALLETS=str(wallets), BENCH_KIND="transfer", **run
             )
-            p50, p99, backlog = receipt_latency(stub, env["WALLET_DATABASE_URL"])
-            results["receipts: commit to Brevo call"] = {"p50": p50, "p99": p99, "backlog": backlog}
+            results["receipts: commit to Brevo call"] = receipt_latency(stub, env["WALLET_DATABASE_URL"], started)
             for kind in ("deposit", "withdraw"):
                 results[f"PATCH /transaction/{kind}"] = wrk(
                     stack.url, "money.lua", BENCH_WALLETS=str(wallets), BENCH_KIND=kind, **run
@@ -282,7 +305,8 @@ def report(results: dict[str, dict[str, float]], rss: dict[str, float], audit: s
     )
     print(f"{'measure':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  notes")
     for name, r in results.items():
-        notes = ", ".join(f"{k} {int(r[k])}" for k in ("non2xx", "socket_errors", "backlog") if r.get(k))
+        keys = ("non2xx", "socket_errors", "backlog", "receipts", "missing", "drained_s")
+        notes = ", ".join(f"{k} {r[k]:.0f}" for k in keys if r.get(k))
         print(f"{name:<40}{r.get('rps', float('nan')):>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}  {notes}")
     trivial = results["GET /.well-known/jwks.json (trivial)"]["rps"]
     transfers = results["PATCH /transaction/transfer"]["rps"]

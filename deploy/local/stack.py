@@ -198,6 +198,13 @@ def commands(plan: Plan) -> dict[str, str]:
         f"env NOTIFIER_METRICS_PORT={ports['notifier_metrics']} {BIN}/dramatiq notifier.worker "
         f"--processes 1 --threads {threads} --queues notifications"
     )
+    # Emails may wait a little; requests may not. On a small shared machine (make bench),
+    # the background workers can yield the CPU to the request path, as they would by
+    # running on nodes of their own in production.
+    background_nice = int(os.environ.get("STACK_BACKGROUND_NICE", "0"))
+    if background_nice:
+        for name in ("auth-relay", "wallet-relay", "notifier"):
+            procs[name] = f"nice -n {background_nice} {procs[name]}"
     flags = traefik_flags(
         {
             "entryPoints.web.address": f"{plan.gateway_host}:{plan.gateway_port}",

@@ -3,13 +3,19 @@ and one idempotency key moves money once. Real threads, real database, real Redi
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
+from datetime import datetime
 
+import pytest
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
+from sqlmodel import Session
 
 from wallet import service
 from wallet.audit import audit
+from wallet.repository import Booking
 
 from .factories import AuthFake, Signer, call, new_user, open_wallet, run_all
 
@@ -62,3 +68,28 @@ def test_thirty_requests_with_one_key_move_money_once(client: TestClient, signer
     assert len(successes) == 1  # every 200 is the same bytes
     assert {status for status, _ in results} <= {200, 409}
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 100
+
+
+def test_a_movement_whose_connection_dies_is_run_again_once(
+    client: TestClient, signer: Signer, auth_fake: AuthFake
+) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    if engine.dialect.name != "postgresql":
+        pytest.skip("needs Postgres (TEST_DATABASE_URL): a server that can drop our connection")
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    system = client.app.state.system_wallets["USD"]  # type: ignore[attr-defined]
+    withdraw = service.withdraw_op(user_id=user.id, amount=30, currency="USD", system_wallet_id=system)
+    attempts = []
+
+    def dropped_once(session: Session, now: datetime) -> tuple[BaseModel, Booking]:
+        attempts.append(now)
+        if len(attempts) == 1:  # the server kills this backend half way through the request
+            session.connection().exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        return withdraw(session, now)
+
+    status, body = call(client, user, "withdraw", uuid.uuid4().hex, {"amount": 30, "currency": "USD"}, dropped_once)
+    assert (status, len(attempts)) == (200, 2)
+    assert json.loads(body)["current_balance"] == 70
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
+    assert audit(engine).violations == []

@@ -168,6 +168,11 @@ def _problem_json(refusal: ProblemError) -> str:
 
 
 def _retryable(exc: OperationalError) -> bool:
+    # A dead connection (the server restarted, or dropped us) is retried on a fresh one:
+    # whatever the lost attempt did either never committed or committed its idempotency
+    # record, which the retry then finds.
+    if exc.connection_invalidated:
+        return True
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     return code in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
 
