@@ -228,7 +228,9 @@ def main() -> None:
     # Brevo is somebody else's server: its stand-in yields the CPU, like the notifier and the
     # relays (STACK_BACKGROUND_NICE), to the request path being measured.
     stub_cmd = [str(ROOT / "tests/tools/brevo_stub.py"), "--port", str(stub_port), "--api-key", "bench-key"]
-    stub_proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), sys.executable, *stub_cmd], stdout=subprocess.DEVNULL)
+    stub_proc = subprocess.Popen(
+        ["nice", "-n", str(BACKGROUND_NICE), sys.executable, *stub_cmd], stdout=subprocess.DEVNULL
+    )
     high = {f"GATEWAY_AUTH_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")}  # setup signs up 100 users
     stack = start_stack(
         work / "var",
