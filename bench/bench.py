@@ -105,7 +105,10 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
         n = max((total_entries - have) // 2, 0)
         if n:
             system, sys_balance = conn.execute(
-                text("SELECT id, balance FROM wallets WHERE kind = 'system' AND currency = 'USD' FOR UPDATE")
+                text(
+                    "SELECT id, balance FROM wallets WHERE kind = 'system' AND currency = 'USD' "
+                    "ORDER BY shard LIMIT 1 FOR UPDATE"
+                )
             ).one()
             user_balance, owner = conn.execute(
                 text("SELECT balance, user_id FROM wallets WHERE id = :w FOR UPDATE"), {"w": wallet_id}

@@ -25,7 +25,7 @@ def test_sixty_withdrawals_of_50_from_1000_exactly_twenty_succeed(
 ) -> None:
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=1000)
-    system = client.app.state.system_wallets["USD"]  # type: ignore[attr-defined]
+    system = client.app.state.system_wallets.for_user("USD", user.id)  # type: ignore[attr-defined]
     op = service.withdraw_op(user_id=user.id, amount=50, currency="USD", system_wallet_id=system)
     payload = {"amount": 50, "currency": "USD"}
     results = run_all([lambda: call(client, user, "withdraw", uuid.uuid4().hex, payload, op) for _ in range(60)])
@@ -60,7 +60,7 @@ def test_crossed_transfers_conserve_the_total_without_errors(
 def test_thirty_requests_with_one_key_move_money_once(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
     user = new_user(signer, auth_fake)
     open_wallet(client, user)
-    system = client.app.state.system_wallets["USD"]  # type: ignore[attr-defined]
+    system = client.app.state.system_wallets.for_user("USD", user.id)  # type: ignore[attr-defined]
     op = service.deposit_op(user_id=user.id, amount=100, currency="USD", system_wallet_id=system)
     key = uuid.uuid4().hex
     results = run_all([lambda: call(client, user, "deposit", key, {"amount": 100, "currency": "USD"}, op)] * 30)
@@ -78,7 +78,7 @@ def test_a_movement_whose_connection_dies_is_run_again_once(
         pytest.skip("needs Postgres (TEST_DATABASE_URL): a server that can drop our connection")
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=100)
-    system = client.app.state.system_wallets["USD"]  # type: ignore[attr-defined]
+    system = client.app.state.system_wallets.for_user("USD", user.id)  # type: ignore[attr-defined]
     withdraw = service.withdraw_op(user_id=user.id, amount=30, currency="USD", system_wallet_id=system)
     attempts = []
 

@@ -7,6 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from wallet.audit import audit
+
 from .factories import AuthFake, Signer, User, key, move, new_user, open_wallet
 
 
@@ -56,6 +58,33 @@ class TestDeposit:
         assert response.status_code == 422
         assert [e["field"] for e in response.json()["errors"]] == ["amount"]
         assert balance(client, jane) == 500
+
+
+class TestSystemWalletShards:
+    """The outside world is several system wallets per currency, so deposits and withdrawals of
+    different users lock different rows; each user always meets the same one."""
+
+    def outside_wallet(self, client: TestClient, user: User) -> int:
+        txn = history(client, user)[0]["id"]
+        entries = client.get(f"/transaction/{txn}/ledger", headers=user.headers).json()
+        (outside,) = {e["wallet_id"] for e in entries} - {wallet_id(client, user)}
+        return int(outside)
+
+    def test_users_spread_over_the_shards_and_each_keeps_one(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake
+    ) -> None:
+        shards = client.app.state.settings.system_wallet_shards  # type: ignore[attr-defined]
+        users = [new_user(signer, auth_fake) for _ in range(shards)]
+        seen = set()
+        for user in users:
+            open_wallet(client, user)
+            move(client, user, "deposit", amount=300).raise_for_status()
+            deposit_side = self.outside_wallet(client, user)
+            move(client, user, "withdraw", amount=100).raise_for_status()
+            assert self.outside_wallet(client, user) == deposit_side
+            seen.add(deposit_side)
+        assert len(seen) == shards  # consecutive user ids land on distinct shards
+        assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
 
 
 class TestWithdraw:

@@ -72,7 +72,7 @@ def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fak
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=1000)
     state = client.app.state  # type: ignore[attr-defined]
-    system = state.system_wallets["USD"]
+    system = state.system_wallets.for_user("USD", user.id)
     op = service.withdraw_op(user_id=user.id, amount=50, currency="USD", system_wallet_id=system)
     with redis_server() as url:
         victim = redis_client(url)

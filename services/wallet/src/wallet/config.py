@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from svckit.settings import BaseServiceSettings
@@ -15,6 +16,8 @@ class Settings(BaseServiceSettings):
     currencies: str = "USD,EUR,GBP,NGN,KES,GHS,ZAR,CAD,JPY"
     idempotency_ttl_s: int = 86_400  # stored outcomes are replayable for at least a day
     idempotency_lock_ttl_ms: int = 30_000
+    # System wallets (the outside world) per currency: deposits and withdrawals lock one.
+    system_wallet_shards: int = Field(default=8, ge=1, le=64)
     # Serialization/deadlock losers are retried this many times before a 503.
     db_retries: int = 3
     # Requests that run at once in the worker threads. Each one holds the GIL between its

@@ -49,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.redis, ttl_s=settings.idempotency_ttl_s, lock_ttl_ms=settings.idempotency_lock_ttl_ms
         )
         with Session(state.engine) as session:
-            state.system_wallets = service.ensure_system_wallets(session, settings.currency_set)
+            state.system_wallets = service.ensure_system_wallets(
+                session, settings.currency_set, shards=settings.system_wallet_shards
+            )
         serve_metrics(settings.metrics_port)
         yield
         state.auth_client.close()

@@ -36,7 +36,8 @@ def _time() -> Column[datetime]:
 class Wallet(Base, table=True):
     __tablename__ = "wallets"
     __table_args__ = (
-        # One open wallet per user; one system wallet (the outside world) per currency.
+        # One open wallet per user; per currency, a few system wallets (the outside world,
+        # sharded so that deposits and withdrawals do not all wait for one row lock).
         Index(
             "uq_wallets_open_user",
             "user_id",
@@ -45,8 +46,9 @@ class Wallet(Base, table=True):
             postgresql_where=text("status = 'open'"),
         ),
         Index(
-            "uq_wallets_system_currency",
+            "uq_wallets_system_currency_shard",
             "currency",
+            "shard",
             unique=True,
             sqlite_where=text("kind = 'system'"),
             postgresql_where=text("kind = 'system'"),
@@ -64,6 +66,8 @@ class Wallet(Base, table=True):
     currency: str = Field(sa_column=Column(String(3), nullable=False))
     balance: int = Field(default=0, sa_column=_money())
     owner_name: str = Field(sa_column=Column(String(201), nullable=False))
+    # System wallets only: which of the currency's shards of the outside world (0 for users).
+    shard: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
     closed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))

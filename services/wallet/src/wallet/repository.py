@@ -85,12 +85,13 @@ def close_wallet(session: Session, wallet: Wallet) -> None:
     session.flush()
 
 
-def system_wallet_ids(session: Session) -> dict[str, int]:
-    rows = session.execute(select(W.c.currency, W.c.id).where(W.c.kind == SYSTEM))
-    return {currency: wallet_id for currency, wallet_id in rows}
+def system_wallet_ids(session: Session) -> dict[tuple[str, int], int]:
+    """The system wallets' ids, by (currency, shard)."""
+    rows = session.execute(select(W.c.currency, W.c.shard, W.c.id).where(W.c.kind == SYSTEM))
+    return {(currency, shard): wallet_id for currency, shard, wallet_id in rows}
 
 
-def add_system_wallet(session: Session, currency: str) -> None:
+def add_system_wallet(session: Session, currency: str, shard: int) -> None:
     now = utcnow()
     session.execute(
         insert(W).values(
@@ -100,6 +101,7 @@ def add_system_wallet(session: Session, currency: str) -> None:
             currency=currency,
             balance=0,
             owner_name="External",
+            shard=shard,
             created_at=now,
             updated_at=now,
         )

@@ -67,7 +67,7 @@ def create_wallet(body: WalletCreate, session: SessionDep, caller: UserDep, requ
         currency=body.currency,
         balance=body.balance,
         full_name=lambda: full_name(state.auth_client, caller.user_id),
-        system_wallet_id=state.system_wallets[body.currency],
+        system_wallet_id=state.system_wallets.for_user(body.currency, caller.user_id),
     )
 
 
@@ -130,7 +130,7 @@ def deposit(body: MoneyIn, session: SessionDep, caller: UserDep, key: KeyDep, re
         user_id=caller.user_id,
         amount=body.amount,
         currency=body.currency,
-        system_wallet_id=state.system_wallets[body.currency],
+        system_wallet_id=state.system_wallets.for_user(body.currency, caller.user_id),
     )
     return _move(request, session, caller, key, "deposit", body, operation)
 
@@ -152,7 +152,7 @@ def withdraw(body: MoneyIn, session: SessionDep, caller: UserDep, key: KeyDep, r
         user_id=caller.user_id,
         amount=body.amount,
         currency=body.currency,
-        system_wallet_id=state.system_wallets[body.currency],
+        system_wallet_id=state.system_wallets.for_user(body.currency, caller.user_id),
     )
     return _move(request, session, caller, key, "withdraw", body, operation)
 

@@ -51,23 +51,36 @@ def check_currency(currency: str, allowed: frozenset[str]) -> None:
         raise UnsupportedCurrency(f"{currency} is not a supported currency ({', '.join(sorted(allowed))}).")
 
 
-def ensure_system_wallets(session: Session, currencies: frozenset[str]) -> dict[str, int]:
-    """The per-currency wallets that stand for the outside world (created once, race-safe)."""
+@dataclass(frozen=True)
+class SystemWallets:
+    """Each currency's outside world: `shards` system wallets. A user's deposits and
+    withdrawals always use the same shard, and different users spread over all of them, so
+    they do not queue for one row lock (the audit sums the shards like any wallets)."""
+
+    ids: dict[str, list[int]]
+
+    def for_user(self, currency: str, user_id: int) -> int:
+        shards = self.ids[currency]
+        return shards[user_id % len(shards)]
+
+
+def ensure_system_wallets(session: Session, currencies: frozenset[str], *, shards: int) -> SystemWallets:
+    """Create whichever system wallets are missing (race-safe: replicas start together)."""
+    wanted = sorted((currency, shard) for currency in currencies for shard in range(shards))
     for _ in range(3):
         with session.begin():
             session.connection(execution_options=READ_ONLY)
             existing = repository.system_wallet_ids(session)
-        missing = currencies - set(existing)
+        missing = [pair for pair in wanted if pair not in existing]
         if not missing:
-            return existing
+            return SystemWallets({c: [existing[(c, shard)] for shard in range(shards)] for c in currencies})
         try:
             with session.begin():
-                for currency in sorted(missing):
-                    repository.add_system_wallet(session, currency)
+                for currency, shard in missing:
+                    repository.add_system_wallet(session, currency, shard)
         except IntegrityError:
             continue  # another replica created them meanwhile
-    with session.begin():
-        return repository.system_wallet_ids(session)
+    raise RuntimeError("could not create the system wallets")
 
 
 # --- wallets -------------------------------------------------------------------------
