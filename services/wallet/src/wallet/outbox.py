@@ -1,20 +1,13 @@
-"""`wallet-relay`: publishes this service's committed outbox rows to the notifier's queue."""
+"""`wallet-relay`: publishes this service's committed outbox rows to the notifier's queue.
+(Movements write their outbox rows as part of their booking: see repository.write_booking.)"""
 
 from __future__ import annotations
 
-from sqlmodel import Session
-
 from svckit import outbox
-from svckit.messages import NotifierMessage
 from wallet.config import get_settings
 from wallet.models import OutboxMessage
 
 TABLE = OutboxMessage.__table__  # type: ignore[attr-defined]
-
-
-def stage(session: Session, *messages: NotifierMessage) -> None:
-    """Stage messages in the caller's transaction (see svckit.outbox.stage)."""
-    outbox.stage(session, TABLE, *messages)
 
 
 def main() -> None:
