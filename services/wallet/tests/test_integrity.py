@@ -6,10 +6,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlmodel import Session
 
-from svckit.db import make_engine
+from svckit.db import make_engine, utcnow
 from svckit.testing import alembic
+from wallet import repository
 from wallet.audit import audit, main
+from wallet.ledger import postings
 
 from .conftest import INI
 from .factories import AuthFake, Signer, move, new_user, open_wallet
@@ -111,3 +114,39 @@ class TestAudit:
             main(["--database-url", url])
         assert exit_info.value.code == 1
         engine.dispose()
+
+
+class TestBookingGuard:
+    def test_a_booking_whose_snapshots_disagree_with_the_balances_is_refused(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake
+    ) -> None:
+        """Under the row locks the booked snapshots always match; if they ever did not, the
+        booking refuses to commit rather than write a ledger that lies."""
+        user = new_user(signer, auth_fake)
+        wallet = open_wallet(client, user, balance=100)["id"]
+        state = client.app.state  # type: ignore[attr-defined]
+        system = state.system_wallets.for_user("USD", user.id)
+        before = audit(state.engine)
+
+        def book_with_a_wrong_snapshot() -> None:
+            with Session(state.engine) as session, session.begin():
+                locked = repository.lock_for_movement(session, user_id=user.id, other_id=system)
+                source, destination = postings(source=system, destination=wallet, amount=5)
+                booking = repository.Booking(
+                    transaction_id=locked.transaction_id,
+                    type="deposit",
+                    amount=5,
+                    currency="USD",
+                    source=source,
+                    destination=destination,
+                    snapshots={system: locked.balances[system] - 5, wallet: 999},  # right: 105
+                    initiated_by=user.id,
+                    now=utcnow(),
+                )
+                repository.write_booking(session, booking)
+
+        with pytest.raises(RuntimeError, match="differ"):
+            book_with_a_wrong_snapshot()
+        after = audit(state.engine)
+        assert (after.transactions, after.entries, after.violations) == (before.transactions, before.entries, [])
+        assert client.get("/wallet", headers=user.headers).json()["balance"] == 100
