@@ -73,7 +73,7 @@ class JWKSVerifier:
         self._lock = threading.Lock()
         # token -> (good until, claims): a client sends the same token on every request, and
         # an Ed25519 check costs more than the rest of a cheap request. Entries live at most
-        # `remember_s` (like the key cache, a key pulled from the JWKS stops working within
+        # REMEMBER_S (like the key cache, a key pulled from the JWKS stops working within
         # minutes) and never past the token's own expiry.
         self._verified: dict[str, tuple[float, Claims]] = {}
 

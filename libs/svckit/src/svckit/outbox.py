@@ -12,7 +12,6 @@ on SQLite (one writer anyway) a Redis lease lets only one relay work at a time.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import secrets
@@ -56,12 +55,7 @@ def outbox_row(message: NotifierMessage) -> dict[str, Any]:
 def stage(session: Any, table: Table, *messages: NotifierMessage) -> None:
     """Write the messages in the caller's transaction: they commit with the change, or not at all."""
     if messages:
-        session.connection().execute(_insert(table), [outbox_row(m) for m in messages])
-
-
-@functools.cache
-def _insert(table: Table) -> Any:
-    return table.insert()  # built once per table: staging sits on the money path
+        session.execute(table.insert(), [outbox_row(m) for m in messages])
 
 
 def relay_main(service: str, settings: Any, table: Table) -> None:

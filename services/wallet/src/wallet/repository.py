@@ -16,23 +16,22 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     Select,
     Table,
     TextClause,
     bindparam,
-    case,
     func,
     insert,
     literal_column,
     or_,
     select,
     text,
-    update,
 )
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
-from svckit.db import UTCDateTime, utcnow
+from svckit.db import utcnow
 from wallet.ledger import Posting, signed
 from wallet.models import (
     CLOSED,
@@ -153,23 +152,6 @@ class Booking:
         ]
 
 
-# The money path runs these statements thousands of times a second: they are built once
-# (bind parameters, no per-call construction) and run on the session's Core connection,
-# skipping the ORM's per-statement bookkeeping.
-_MOVE_BALANCES = (
-    update(W)
-    .where(W.c.id.in_([bindparam("a"), bindparam("b")]))
-    .values(
-        balance=W.c.balance + case((W.c.id == bindparam("a"), bindparam("delta_a")), else_=bindparam("delta_b")),
-        updated_at=bindparam("now", type_=UTCDateTime()),
-    )
-    .returning(W.c.id, W.c.balance)
-)
-_ADD_TRANSACTION = insert(T)
-_ADD_ENTRIES = insert(L)
-_ADD_IDEMPOTENCY_RECORD = insert(I)
-
-
 def _lock_for_movement(next_transaction_id: str) -> Select[Any]:
     # The next transaction id rides along with the locks: an uncorrelated scalar subquery
     # is evaluated once per statement, so the booking needs no round trip of its own.
@@ -203,25 +185,23 @@ def write_booking(session: Session, booking: Booking, record: dict[str, Any] | N
     transaction: balances, the transaction row, its ledger entries, its outbox rows."""
     conn = session.connection()
     a, b = booking.source, booking.destination
-    moves = {"a": a.wallet_id, "b": b.wallet_id, "delta_a": signed(a), "delta_b": signed(b), "now": booking.now}
-    if conn.dialect.name == "postgresql":
-        statement = _booking_statement(len(booking.outbox), record is not None)
-        params: dict[str, Any] = {**moves, **_prefixed("t_", booking.transaction_row())}
-        for i, row in enumerate(booking.entry_rows()):
-            params.update(_prefixed(f"e{i}_", row))
-        for i, row in enumerate(booking.outbox):
-            params.update(_prefixed(f"o{i}_", row))
-        if record is not None:
-            params.update(_prefixed("r_", record))
-        balances = dict(conn.execute(statement, params).all())
-    else:
-        balances = dict(conn.execute(_MOVE_BALANCES, moves).all())
-        conn.execute(_ADD_TRANSACTION, booking.transaction_row())
-        conn.execute(_ADD_ENTRIES, booking.entry_rows())
-        if booking.outbox:
-            conn.execute(insert(Outbox), booking.outbox)
-        if record is not None:
-            conn.execute(_ADD_IDEMPOTENCY_RECORD, record)
+    params: dict[str, Any] = {
+        "a": a.wallet_id,
+        "b": b.wallet_id,
+        "delta_a": signed(a),
+        "delta_b": signed(b),
+        "now": booking.now,
+        **_prefixed("t_", booking.transaction_row()),
+        **_prefixed("r_", record or {}),
+    }
+    for i, row in enumerate(booking.entry_rows()):
+        params.update(_prefixed(f"e{i}_", row))
+    for i, row in enumerate(booking.outbox):
+        params.update(_prefixed(f"o{i}_", row))
+    first, *rest = _booking_statements(conn.dialect.name, len(booking.outbox), record is not None)
+    balances = dict(conn.execute(first, params).all())
+    for statement in rest:
+        conn.execute(statement, params)
     if balances != booking.snapshots:  # the locks make this impossible; refuse to commit if not
         raise RuntimeError(f"balances {balances} differ from the booked snapshots {booking.snapshots}")
 
@@ -230,30 +210,49 @@ def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
     return {prefix + key: value for key, value in row.items()}
 
 
-def _values(table: Table, prefix: str, columns: Sequence[str]) -> str:
-    # Names come from our own table metadata; every value is a bind parameter.
-    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join(':' + prefix + c for c in columns)})"  # noqa: S608  # nosec B608
+_Part = tuple[str, list[BindParameter[Any]]]  # SQL with :name placeholders, its typed binds
 
 
-@functools.cache
-def _booking_statement(outbox_rows: int, with_record: bool) -> TextClause:
-    """Postgres: the whole booking as one statement of data-modifying CTEs. (Foreign keys
-    are checked at the end of the statement, when the transaction row exists.)"""
-    parts = [
-        "moved AS (UPDATE wallets SET balance = balance + CASE WHEN id = :a THEN :delta_a ELSE :delta_b END,"
-        " updated_at = :now WHERE id IN (:a, :b) RETURNING id, balance)",
-        f"txn AS ({_values(T, 't_', list(T.c.keys()))})",
-        f"entries AS ({_values(L, 'e0_', _ENTRY_COLUMNS)}, ({', '.join(':e1_' + c for c in _ENTRY_COLUMNS)}))",
-    ]
-    parts += [f"outbox{i} AS ({_values(Outbox, f'o{i}_', _OUTBOX_COLUMNS)})" for i in range(outbox_rows)]
-    if with_record:
-        parts.append(f"record AS ({_values(I, 'r_', _RECORD_COLUMNS)})")
-    return text("WITH " + ",\n".join(parts) + "\nSELECT id, balance FROM moved")  # nosec B608 (names only)
+def _insert(table: Table, rows: list[tuple[str, list[str]]]) -> _Part:
+    """An INSERT of one row per (bind prefix, columns); each value a bind parameter typed like
+    its column, so values are stored exactly as Core stores them (datetimes on SQLite)."""
+    columns = rows[0][1]
+    values = ", ".join(f"({', '.join(':' + prefix + c for c in cols)})" for prefix, cols in rows)
+    binds = [bindparam(prefix + c, type_=table.c[c].type) for prefix, cols in rows for c in cols]
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}", binds  # noqa: S608  # nosec B608
 
 
 _ENTRY_COLUMNS = [c.name for c in L.c if c.name != "id"]
-_OUTBOX_COLUMNS = list(Outbox.c.keys())
 _RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
+_MOVE_BALANCES: _Part = (
+    "UPDATE wallets SET balance = balance + CASE WHEN id = :a THEN :delta_a ELSE :delta_b END,"
+    " updated_at = :now WHERE id IN (:a, :b) RETURNING id, balance",
+    [bindparam("now", type_=W.c.updated_at.type)],
+)
+
+
+@functools.cache
+def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[TextClause]:
+    """The booking's statements, built once per shape. The first moves the balances and
+    returns the new ones; the others insert the transaction, its two entries, its outbox
+    rows and the record. On Postgres they are one statement of data-modifying CTEs: one
+    round trip while the rows are locked (foreign keys are checked at its end, when the
+    transaction row exists). On SQLite, in process, they run one by one."""
+    parts = [
+        _MOVE_BALANCES,
+        _insert(T, [("t_", list(T.c.keys()))]),
+        _insert(L, [("e0_", _ENTRY_COLUMNS), ("e1_", _ENTRY_COLUMNS)]),
+    ]
+    if outbox_rows:
+        parts.append(_insert(Outbox, [(f"o{i}_", list(Outbox.c.keys())) for i in range(outbox_rows)]))
+    if with_record:
+        parts.append(_insert(I, [("r_", _RECORD_COLUMNS)]))
+    if dialect == "postgresql":
+        ctes = ", ".join(f"part{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
+        binds = [bind for _, part_binds in parts for bind in part_binds]
+        statement = f"WITH {ctes} SELECT id, balance FROM part0"  # noqa: S608  # nosec B608 (no values)
+        return [text(statement).bindparams(*binds)]
+    return [text(sql).bindparams(*binds) for sql, binds in parts]
 
 
 def get_idempotency_record(session: Session, *, user_id: int, endpoint: str, key: str) -> IdempotencyRecord | None:
@@ -295,7 +294,7 @@ def idempotency_record(
 
 
 def add_idempotency_record(session: Session, record: dict[str, Any]) -> None:
-    session.connection().execute(_ADD_IDEMPOTENCY_RECORD, record)
+    session.execute(insert(I), record)
 
 
 def user_wallet_ids(session: Session, user_id: int) -> list[int]:
