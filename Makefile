@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 SERVICE_TESTS := $(wildcard services/*/tests)
 
-.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose clean bench
+.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose check-alerts clean bench
 
 $(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ check-compose: $(STAMP)
 # Kubernetes manifests against the API schemas shipped in kubernetes-validate (offline).
 check-k8s: $(STAMP)
 	$(BIN)/kubernetes-validate --strict --quiet $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
+
+# Alert rules: syntax (promtool check) and behaviour (promtool test), with Debian's
+# prometheus package installed when promtool is missing.
+check-alerts:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	promtool check rules deploy/alerts/rules.yml
+	promtool test rules deploy/alerts/tests.yml
 
 test-auth: $(STAMP)
 	env -u TEST_DATABASE_URL $(PYTEST) services/auth/tests
@@ -69,7 +76,7 @@ fuzz: $(STAMP)
 test-chaos: $(STAMP)
 	$(PYTEST) tests/chaos
 
-test: lint check-compose check-k8s test-unit test-e2e test-chaos test-fuzz test-postgres
+test: lint check-compose check-k8s check-alerts test-unit test-e2e test-chaos test-fuzz test-postgres
 
 # Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres, and
 # wrk (installed from Debian's packages when missing).
