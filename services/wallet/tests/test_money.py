@@ -294,19 +294,25 @@ class TestReceiptsAreStaged:
 
 
 class TestHugeNumbers:
-    """Numbers past the 32-bit ids are validation errors, never a database overflow (500)."""
+    """Numbers past the ids (32-bit wallet ids, 64-bit transaction ids) are validation
+    errors, never a database overflow (500)."""
 
     @pytest.mark.parametrize(
         ("method", "path", "kwargs"),
         [
             ("get", "/transaction/history", {"params": {"offset": 10**30}}),
             ("get", f"/transaction/{10**20}/ledger", {}),
-            ("get", f"/transaction/{2**31}/ledger", {}),
+            ("get", f"/transaction/{2**63}/ledger", {}),
         ],
     )
     def test_reads(self, client: TestClient, jane: User, method: str, path: str, kwargs: dict[str, Any]) -> None:
         response = getattr(client, method)(path, headers=jane.headers, **kwargs)
         assert response.status_code == 422
+
+    @pytest.mark.parametrize("transaction_id", [2**31, 2**63 - 1])
+    def test_a_64_bit_transaction_id_is_looked_up(self, client: TestClient, jane: User, transaction_id: int) -> None:
+        response = client.get(f"/transaction/{transaction_id}/ledger", headers=jane.headers)
+        assert (response.status_code, response.json()["code"]) == (404, "transaction_not_found")
 
     def test_transfer_to_a_huge_wallet_id(self, client: TestClient, jane: User) -> None:
         response = move(client, jane, "transfer", amount=1, to_account_id=2**31)

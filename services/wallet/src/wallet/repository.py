@@ -279,8 +279,10 @@ def idempotency_record(
     response_body: str,
     transaction_id: int | None,
     now: datetime,
+    request_token: str | None = None,
 ) -> dict[str, Any]:
-    """The row that keeps a request's outcome under its key (see write_booking)."""
+    """The row that keeps a request's outcome under its key (see write_booking), marked
+    with the token of the request that wrote it."""
     return {
         "user_id": user_id,
         "endpoint": endpoint,
@@ -290,6 +292,7 @@ def idempotency_record(
         "response_body": response_body,
         "transaction_id": transaction_id,
         "created_at": now,
+        "request_token": request_token,
     }
 
 
