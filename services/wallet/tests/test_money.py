@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from wallet.audit import audit
+from wallet.config import Settings
 
 from .factories import AuthFake, Signer, User, key, move, new_user, open_wallet
 
@@ -196,6 +197,51 @@ class TestHistoryAndLedgerAccess:
     def test_someone_elses_ledger_is_404(self, client: TestClient, jane: User, john: User) -> None:
         txn = history(client, jane)[0]["id"]
         response = client.get(f"/transaction/{txn}/ledger", headers=john.headers)
+        assert (response.status_code, response.json()["code"]) == (404, "transaction_not_found")
+
+
+class TestLedgerCounterparty:
+    """WALLET_LEDGER_SHOW_COUNTERPARTY: both sides of a transaction (the default, as in the
+    contract), or the caller's own entries only (the other side's snapshot is its balance)."""
+
+    @pytest.fixture
+    def transfer(self, client: TestClient, jane: User, john: User) -> int:
+        assert move(client, jane, "transfer", amount=1, to_account_id=wallet_id(client, john)).status_code == 200
+        return int(history(client, jane)[0]["id"])
+
+    def test_by_default_both_sides_show(self, client: TestClient, jane: User, john: User, transfer: int) -> None:
+        assert client.app.state.settings.ledger_show_counterparty is True  # type: ignore[attr-defined]
+        for user in (jane, john):
+            entries = client.get(f"/transaction/{transfer}/ledger", headers=user.headers).json()
+            snapshots = {(e["wallet_id"], e["entry_type"], e["balance_snapshot"]) for e in entries}
+            assert snapshots == {(wallet_id(client, jane), "debit", 499), (wallet_id(client, john), "credit", 201)}
+
+    def test_switched_off_each_side_sees_only_its_own_entry(
+        self,
+        client: TestClient,
+        signer: Signer,
+        auth_fake: AuthFake,
+        settings: Settings,
+        jane: User,
+        john: User,
+        transfer: int,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setenv("WALLET_LEDGER_SHOW_COUNTERPARTY", "false")
+        private = Settings(**settings.model_dump(exclude={"ledger_show_counterparty"}))
+        assert private.ledger_show_counterparty is False
+        monkeypatch.setattr(client.app.state, "settings", private)  # type: ignore[attr-defined]
+        for user, side, snapshot in ((jane, "debit", 499), (john, "credit", 201)):
+            entries = client.get(f"/transaction/{transfer}/ledger", headers=user.headers).json()
+            assert [(e["wallet_id"], e["entry_type"], e["balance_snapshot"]) for e in entries] == [
+                (wallet_id(client, user), side, snapshot)
+            ]
+        deposit = history(client, jane)[-1]["id"]  # her opening balance: the system wallet's side is hidden too
+        entries = client.get(f"/transaction/{deposit}/ledger", headers=jane.headers).json()
+        assert [(e["entry_type"], e["balance_snapshot"]) for e in entries] == [("credit", 500)]
+        stranger = new_user(signer, auth_fake)
+        open_wallet(client, stranger, balance=5)
+        response = client.get(f"/transaction/{transfer}/ledger", headers=stranger.headers)
         assert (response.status_code, response.json()["code"]) == (404, "transaction_not_found")
 
 
