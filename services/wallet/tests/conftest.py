@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -48,8 +49,9 @@ def settings(database_url: str, redis_url: str) -> Settings:
     return Settings(database_url=database_url, redis_url=redis_url, service_token="test-service-token")
 
 
-@pytest.fixture
-def client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+@contextmanager
+def app_client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+    """A running wallet app on `settings`' database."""
     app = create_app(settings)
     with TestClient(app) as c:
         # Fakes only at the process edge: the auth service's JWKS and its user lookup.
@@ -57,4 +59,10 @@ def client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[
         app.state.auth_client = service_client(
             "http://auth", service_token="test-service-token", transport=httpx.MockTransport(auth_fake), backoff_s=0
         )
+        yield c
+
+
+@pytest.fixture
+def client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+    with app_client(settings, signer, auth_fake) as c:
         yield c

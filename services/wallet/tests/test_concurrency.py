@@ -6,18 +6,24 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlmodel import Session
 
 from wallet import service
 from wallet.audit import audit
 from wallet.repository import Booking
 
-from .factories import AuthFake, Signer, call, new_user, open_wallet, run_all
+from .factories import AuthFake, Signer, call, move, new_user, open_wallet, run_all
 
 
 def test_sixty_withdrawals_of_50_from_1000_exactly_twenty_succeed(
@@ -91,5 +97,71 @@ def test_a_movement_whose_connection_dies_is_run_again_once(
     status, body = call(client, user, "withdraw", uuid.uuid4().hex, {"amount": 30, "currency": "USD"}, dropped_once)
     assert (status, len(attempts)) == (200, 2)
     assert json.loads(body)["current_balance"] == 70
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
+    assert audit(engine).violations == []
+
+
+@contextmanager
+def first_record_commit_answer_lost(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Exception]]:
+    """The first COMMIT of a transaction that wrote an idempotency record reaches the
+    database, but its connection dies before the answer arrives: the driver raises, and
+    SQLAlchemy sees a disconnect (connection_invalidated), as when the server or the
+    network goes away at that moment."""
+    dialect = engine.dialect
+    real_commit = dialect.do_commit
+    wrote_record: list[bool] = []
+    lost: list[Exception] = []
+
+    def note_record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "INSERT INTO idempotency_records" in statement:
+            wrote_record.append(True)
+
+    def commit(dbapi_connection: Any) -> None:
+        real_commit(dbapi_connection)  # committed, for good
+        if wrote_record and not lost:
+            lost.append(dialect.loaded_dbapi.OperationalError("server closed the connection unexpectedly"))
+            raise lost[0]
+        wrote_record.clear()
+
+    def is_disconnect(context: ExceptionContext) -> None:
+        if lost and context.original_exception is lost[0]:
+            context.is_disconnect = True
+
+    monkeypatch.setattr(dialect, "do_commit", commit)
+    event.listen(engine, "before_cursor_execute", note_record)
+    event.listen(engine, "handle_error", is_disconnect)
+    try:
+        yield lost
+    finally:
+        event.remove(engine, "handle_error", is_disconnect)
+        event.remove(engine, "before_cursor_execute", note_record)
+        monkeypatch.setattr(dialect, "do_commit", real_commit)
+
+
+def _counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_movement_whose_commit_answer_is_lost_answers_once_as_a_first_answer(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-run finds the record the lost COMMIT wrote: it is this request's own, so the
+    client gets a first answer (no Idempotent-Replayed), counted as a movement; money
+    moved once; the next request with the key is the replay."""
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    k = uuid.uuid4().hex
+    ok = {"name": "wallet_movements_total", "type": "withdrawal", "outcome": "ok"}
+    movements, replays = _counted(**ok), _counted("wallet_idempotency_events_total", event="replay")
+    with first_record_commit_answer_lost(engine, monkeypatch) as lost:
+        first = move(client, user, "withdraw", idem=k, amount=30)
+    assert len(lost) == 1  # the commit's answer was lost once, after the commit
+    assert (first.status_code, first.json()["current_balance"]) == (200, 70)
+    assert "idempotent-replayed" not in first.headers
+    assert (_counted(**ok), _counted("wallet_idempotency_events_total", event="replay")) == (movements + 1, replays)
+    again = move(client, user, "withdraw", idem=k, amount=30)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
     assert audit(engine).violations == []

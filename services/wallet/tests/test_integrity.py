@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
@@ -36,6 +36,38 @@ class TestAppendOnly:
         try:
             with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
                 conn.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    @pytest.mark.parametrize("table", ["ledger_entries", "transactions"])
+    @pytest.mark.parametrize("verb", ["INSERT OR REPLACE", "REPLACE", "upsert"])
+    def test_an_insert_cannot_overwrite_a_row(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake, database_url: str, table: str, verb: str
+    ) -> None:
+        """REPLACE deletes the old row without firing DELETE triggers; an upsert updates it."""
+        open_wallet(client, new_user(signer, auth_fake), balance=10)  # at least one row each
+        engine = make_engine(database_url)
+        if verb != "upsert" and engine.dialect.name != "sqlite":
+            engine.dispose()
+            pytest.skip(f"{verb} is SQLite's; Postgres has no such statement")
+        columns = inspect(engine).get_columns(table)
+        names = ", ".join(c["name"] for c in columns)
+        changed = ", ".join("amount + 1" if c["name"] == "amount" else c["name"] for c in columns)
+        copy = f"SELECT {changed} FROM {table} WHERE id = :id"
+        statement = {
+            "INSERT OR REPLACE": f"INSERT OR REPLACE INTO {table} ({names}) {copy}",
+            "REPLACE": f"REPLACE INTO {table} ({names}) {copy}",
+            "upsert": f"INSERT INTO {table} ({names}) {copy} ON CONFLICT (id) DO UPDATE SET amount = excluded.amount",
+        }[verb]
+        read = text(f"SELECT * FROM {table} WHERE id = :id")
+        try:
+            with engine.connect() as conn:
+                newest = conn.execute(text(f"SELECT max(id) FROM {table}")).scalar_one()
+                before = conn.execute(read, {"id": newest}).one()
+            with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+                conn.execute(text(statement), {"id": newest})
+            with engine.connect() as conn:
+                assert conn.execute(read, {"id": newest}).one() == before
         finally:
             engine.dispose()
 

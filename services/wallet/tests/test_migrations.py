@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from svckit.testing import fresh_database, migration_roundtrip
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, text
+
+from svckit.testing import alembic, fresh_database, migration_roundtrip
+from wallet.audit import audit
+from wallet.config import Settings
 from wallet.models import Base
 
-from .conftest import INI
+from .conftest import INI, app_client
+from .factories import AuthFake, Signer, move, new_user, open_wallet
 
 
 def test_upgrade_downgrade_upgrade(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -16,3 +24,71 @@ def test_upgrade_downgrade_upgrade(tmp_path_factory: pytest.TempPathFactory) -> 
     assert up == set(Base.metadata.tables)  # the migrations build exactly the models' tables
     assert down == set()
     assert again == up
+
+
+def test_the_models_match_the_migrated_columns(database_url: str) -> None:
+    """Every column the models declare has the migrated database's type and nullability."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            diffs = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    # Each entry is a tuple for an index or table, a list of tuples for a column's changes.
+    column_diffs = [d for d in diffs if isinstance(d, list) or d[0] in {"add_column", "remove_column"}]
+    assert column_diffs == []
+
+
+LONG_IDS = [
+    ("transactions", "id"),
+    ("ledger_entries", "id"),
+    ("ledger_entries", "transaction_id"),
+    ("idempotency_records", "id"),
+    ("idempotency_records", "transaction_id"),
+]
+
+
+def test_ledger_ids_are_64_bit_on_postgres(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, signer: Signer, auth_fake: AuthFake
+) -> None:
+    if not os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("Postgres only (TEST_DATABASE_URL): SQLite's INTEGER keys are 64-bit already")
+    # A private database: the ids jump past 2^31 for everything booked after the setval.
+    with fresh_database("wallet_long_ids", tmp_path_factory.mktemp("ids")) as url:
+        alembic(INI, url, "upgrade", "head")
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                types = dict(
+                    conn.execute(
+                        text(
+                            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+                            " WHERE table_schema = current_schema()"
+                        )
+                    ).all()
+                )
+                assert {f"{t}.{c}": types[f"{t}.{c}"] for t, c in LONG_IDS} == {
+                    f"{t}.{c}": "bigint" for t, c in LONG_IDS
+                }
+                assert types["outbox.id"] == "character varying"  # a 32-character string id (svckit)
+                for table in ("transactions", "ledger_entries", "idempotency_records"):
+                    sequence = f"pg_get_serial_sequence('{table}', 'id')"
+                    top = conn.execute(
+                        text(f"SELECT seqmax FROM pg_sequence WHERE seqrelid = {sequence}::regclass")
+                    ).scalar_one()
+                    assert top == 2**63 - 1
+                    conn.execute(text(f"SELECT setval({sequence}, {2**31 + 10})"))
+        finally:
+            engine.dispose()
+        settings = Settings(database_url=url, redis_url=redis_url, service_token="test-service-token")
+        with app_client(settings, signer, auth_fake) as client:
+            user = new_user(signer, auth_fake)
+            wallet = open_wallet(client, user, balance=100)  # a deposit: one transaction, two entries
+            moved = move(client, user, "withdraw", amount=30)
+            assert (moved.status_code, moved.json()["current_balance"]) == (200, 70)
+            history = client.get("/transaction/history", headers=user.headers).json()["transactions"]
+            assert [t["id"] for t in history] == [2**31 + 12, 2**31 + 11]
+            ledger = client.get(f"/transaction/{history[0]['id']}/ledger", headers=user.headers).json()
+            assert [(e["id"] > 2**31, e["wallet_id"] == wallet["id"]) for e in ledger] == [(True, True), (True, False)]
+            assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from wallet.audit import audit
+from wallet.config import Settings
 
 from .factories import AuthFake, Signer, User, key, move, new_user, open_wallet
 
@@ -199,6 +200,51 @@ class TestHistoryAndLedgerAccess:
         assert (response.status_code, response.json()["code"]) == (404, "transaction_not_found")
 
 
+class TestLedgerCounterparty:
+    """WALLET_LEDGER_SHOW_COUNTERPARTY: both sides of a transaction (the default, as in the
+    contract), or the caller's own entries only (the other side's snapshot is its balance)."""
+
+    @pytest.fixture
+    def transfer(self, client: TestClient, jane: User, john: User) -> int:
+        assert move(client, jane, "transfer", amount=1, to_account_id=wallet_id(client, john)).status_code == 200
+        return int(history(client, jane)[0]["id"])
+
+    def test_by_default_both_sides_show(self, client: TestClient, jane: User, john: User, transfer: int) -> None:
+        assert client.app.state.settings.ledger_show_counterparty is True  # type: ignore[attr-defined]
+        for user in (jane, john):
+            entries = client.get(f"/transaction/{transfer}/ledger", headers=user.headers).json()
+            snapshots = {(e["wallet_id"], e["entry_type"], e["balance_snapshot"]) for e in entries}
+            assert snapshots == {(wallet_id(client, jane), "debit", 499), (wallet_id(client, john), "credit", 201)}
+
+    def test_switched_off_each_side_sees_only_its_own_entry(
+        self,
+        client: TestClient,
+        signer: Signer,
+        auth_fake: AuthFake,
+        settings: Settings,
+        jane: User,
+        john: User,
+        transfer: int,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setenv("WALLET_LEDGER_SHOW_COUNTERPARTY", "false")
+        private = Settings(**settings.model_dump(exclude={"ledger_show_counterparty"}))
+        assert private.ledger_show_counterparty is False
+        monkeypatch.setattr(client.app.state, "settings", private)  # type: ignore[attr-defined]
+        for user, side, snapshot in ((jane, "debit", 499), (john, "credit", 201)):
+            entries = client.get(f"/transaction/{transfer}/ledger", headers=user.headers).json()
+            assert [(e["wallet_id"], e["entry_type"], e["balance_snapshot"]) for e in entries] == [
+                (wallet_id(client, user), side, snapshot)
+            ]
+        deposit = history(client, jane)[-1]["id"]  # her opening balance: the system wallet's side is hidden too
+        entries = client.get(f"/transaction/{deposit}/ledger", headers=jane.headers).json()
+        assert [(e["entry_type"], e["balance_snapshot"]) for e in entries] == [("credit", 500)]
+        stranger = new_user(signer, auth_fake)
+        open_wallet(client, stranger, balance=5)
+        response = client.get(f"/transaction/{transfer}/ledger", headers=stranger.headers)
+        assert (response.status_code, response.json()["code"]) == (404, "transaction_not_found")
+
+
 class TestIdempotency:
     def test_missing_key_is_400_and_moves_nothing(self, client: TestClient, jane: User) -> None:
         response = client.patch("/transaction/deposit", json={"amount": 5, "currency": "USD"}, headers=jane.headers)
@@ -294,19 +340,25 @@ class TestReceiptsAreStaged:
 
 
 class TestHugeNumbers:
-    """Numbers past the 32-bit ids are validation errors, never a database overflow (500)."""
+    """Numbers past the ids (32-bit wallet ids, 64-bit transaction ids) are validation
+    errors, never a database overflow (500)."""
 
     @pytest.mark.parametrize(
         ("method", "path", "kwargs"),
         [
             ("get", "/transaction/history", {"params": {"offset": 10**30}}),
             ("get", f"/transaction/{10**20}/ledger", {}),
-            ("get", f"/transaction/{2**31}/ledger", {}),
+            ("get", f"/transaction/{2**63}/ledger", {}),
         ],
     )
     def test_reads(self, client: TestClient, jane: User, method: str, path: str, kwargs: dict[str, Any]) -> None:
         response = getattr(client, method)(path, headers=jane.headers, **kwargs)
         assert response.status_code == 422
+
+    @pytest.mark.parametrize("transaction_id", [2**31, 2**63 - 1])
+    def test_a_64_bit_transaction_id_is_looked_up(self, client: TestClient, jane: User, transaction_id: int) -> None:
+        response = client.get(f"/transaction/{transaction_id}/ledger", headers=jane.headers)
+        assert (response.status_code, response.json()["code"]) == (404, "transaction_not_found")
 
     def test_transfer_to_a_huge_wallet_id(self, client: TestClient, jane: User) -> None:
         response = move(client, jane, "transfer", amount=1, to_account_id=2**31)

@@ -25,6 +25,10 @@ class Settings(BaseServiceSettings):
     # (and hold row locks meanwhile). bench/: 8 threads served about a quarter more
     # transfers than Starlette's default of 40. Keep db_pool_size at least this large.
     worker_threads: int = 8
+    # GET /transaction/{id}/ledger shows both sides of a transfer, as the contract's example
+    # does; the other side's balance_snapshot is then the other wallet's balance. False
+    # shows the caller only their own entries.
+    ledger_show_counterparty: bool = True
 
     @property
     def currency_set(self) -> frozenset[str]:

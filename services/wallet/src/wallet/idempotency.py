@@ -170,7 +170,7 @@ def _problem_json(refusal: ProblemError) -> str:
 def _retryable(exc: OperationalError) -> bool:
     # A dead connection (the server restarted, or dropped us) is retried on a fresh one:
     # whatever the lost attempt did either never committed or committed its idempotency
-    # record, which the retry then finds.
+    # record, which the retry then finds (and knows for its own by the request token).
     if exc.connection_invalidated:
         return True
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
@@ -184,8 +184,11 @@ def _execute(
 
     Returns (outcome, replayed). A business refusal is recorded too (nothing moved). If the
     key's unique constraint fires, another request with this key won: its outcome is the
-    answer, and everything this attempt did is rolled back.
+    answer, and everything this attempt did is rolled back. Unless the record carries this
+    request's token: then an earlier attempt of this very request committed before its
+    connection died (at COMMIT, say), and the outcome is this request's first answer.
     """
+    request_token = secrets.token_hex(16)  # the same for every attempt of this request
     for attempt in range(retries + 1):
         try:
             with session.begin():
@@ -206,6 +209,7 @@ def _execute(
                     response_body=outcome.body,
                     transaction_id=booking.transaction_id if booking else None,
                     now=now,
+                    request_token=request_token,
                 )
                 if booking is None:
                     repository.add_idempotency_record(session, record)
@@ -217,7 +221,8 @@ def _execute(
                 record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
             if record is None:
                 raise  # not the key's constraint: a real bug, answered as a 500
-            return Outcome(record.status_code, record.response_body, record.fingerprint), True
+            outcome = Outcome(record.status_code, record.response_body, record.fingerprint)
+            return outcome, record.request_token != request_token
         except OperationalError as exc:
             if attempt == retries or not _retryable(exc):
                 raise

@@ -1,14 +1,26 @@
 """Tables of the wallet service (SQLModel table classes live here and nowhere else).
 
 Amounts and balances are BIGINT minor units. Transactions and ledger entries are
-append-only: database triggers (see the migrations) refuse UPDATE and DELETE on them.
+append-only: database triggers (see the migrations) refuse UPDATE and DELETE on them,
+and on SQLite an INSERT over an existing row (`INSERT OR REPLACE`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
@@ -27,6 +39,20 @@ CLOSED = "closed"
 
 def _money(nullable: bool = False) -> Column[int]:
     return Column(BigInteger, nullable=nullable)
+
+
+# Transactions, ledger entries and idempotency records outgrow 32 bits: BIGINT ids on
+# Postgres (migration 0005). On SQLite an INTEGER primary key is 64-bit already, and only
+# INTEGER (not BIGINT) makes it the rowid that numbers new rows.
+LONG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _long_id() -> Column[int]:
+    return Column(LONG_ID, primary_key=True)
+
+
+def _transaction_ref(*, nullable: bool, index: bool = False) -> Column[int]:
+    return Column(LONG_ID, ForeignKey("transactions.id"), nullable=nullable, index=index)
 
 
 def _time() -> Column[datetime]:
@@ -81,7 +107,7 @@ class Transaction(Base, table=True):
         CheckConstraint("from_wallet_id <> to_wallet_id", name="ck_transactions_distinct_wallets"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    id: int | None = Field(default=None, sa_column=_long_id())
     type: str = Field(sa_column=Column(String(20), nullable=False))
     amount: int = Field(sa_column=_money())
     currency: str = Field(sa_column=Column(String(3), nullable=False))
@@ -100,8 +126,8 @@ class LedgerEntry(Base, table=True):
         Index("ix_ledger_wallet_transaction", "wallet_id", "transaction_id"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
-    transaction_id: int = Field(foreign_key="transactions.id", index=True)
+    id: int | None = Field(default=None, sa_column=_long_id())
+    transaction_id: int = Field(sa_column=_transaction_ref(nullable=False, index=True))
     wallet_id: int = Field(foreign_key="wallets.id")
     entry_type: str = Field(sa_column=Column(String(6), nullable=False))
     amount: int = Field(sa_column=_money())
@@ -121,15 +147,18 @@ class IdempotencyRecord(Base, table=True):
     __tablename__ = "idempotency_records"
     __table_args__ = (UniqueConstraint("user_id", "endpoint", "key", name="uq_idempotency_user_endpoint_key"),)
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    id: int | None = Field(default=None, sa_column=_long_id())
     user_id: int
     endpoint: str = Field(sa_column=Column(String(40), nullable=False))
     key: str = Field(sa_column=Column(String(255), nullable=False))
     fingerprint: str = Field(sa_column=Column(String(64), nullable=False))
     status_code: int
     response_body: str = Field(sa_column=Column(Text, nullable=False))
-    transaction_id: int | None = Field(default=None, foreign_key="transactions.id")
+    transaction_id: int | None = Field(default=None, sa_column=_transaction_ref(nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    # The random token of the request that wrote the record: a request whose connection
+    # died at COMMIT, run again, finds its own record and answers as the first answer.
+    request_token: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
 
 
 class OutboxMessage(Base, table=True):

@@ -279,8 +279,10 @@ def idempotency_record(
     response_body: str,
     transaction_id: int | None,
     now: datetime,
+    request_token: str | None = None,
 ) -> dict[str, Any]:
-    """The row that keeps a request's outcome under its key (see write_booking)."""
+    """The row that keeps a request's outcome under its key (see write_booking), marked
+    with the token of the request that wrote it."""
     return {
         "user_id": user_id,
         "endpoint": endpoint,
@@ -290,6 +292,7 @@ def idempotency_record(
         "response_body": response_body,
         "transaction_id": transaction_id,
         "created_at": now,
+        "request_token": request_token,
     }
 
 
@@ -335,8 +338,11 @@ def history(session: Session, *, wallet_ids: Sequence[int], limit: int, offset: 
     return [tuple(row) for row in session.execute(query)]
 
 
-def ledger_entries(session: Session, *, transaction_id: int, visible_to: Sequence[int]) -> list[LedgerEntry]:
-    """The transaction's entries, if one of `visible_to`'s wallets is part of it."""
+def ledger_entries(
+    session: Session, *, transaction_id: int, visible_to: Sequence[int], own_only: bool = False
+) -> list[LedgerEntry]:
+    """The transaction's entries, if one of `visible_to`'s wallets is part of it: all of
+    them, or with `own_only` only those of `visible_to`'s wallets."""
     if not visible_to:
         return []
     part_of = session.execute(
@@ -346,11 +352,10 @@ def ledger_entries(session: Session, *, transaction_id: int, visible_to: Sequenc
     ).scalar_one()
     if not part_of:
         return []
-    return list(
-        session.execute(
-            select(LedgerEntry).where(col(LedgerEntry.transaction_id) == transaction_id).order_by(col(LedgerEntry.id))
-        ).scalars()
-    )
+    query = select(LedgerEntry).where(col(LedgerEntry.transaction_id) == transaction_id)
+    if own_only:
+        query = query.where(col(LedgerEntry.wallet_id).in_(visible_to))
+    return list(session.execute(query.order_by(col(LedgerEntry.id))).scalars())
 
 
 @dataclass(frozen=True)

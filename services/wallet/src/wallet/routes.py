@@ -41,6 +41,9 @@ from wallet.users import full_name
 
 router = APIRouter()
 
+# Transaction ids are BIGINT (migration 0005); wallet ids stay within svckit's MAX_ID.
+MAX_TRANSACTION_ID = 2**63 - 1
+
 _IDEMPOTENT = (IdempotencyKeyMissing, IdempotencyKeyReused, IdempotencyInProgress, Unauthorized, UnsupportedCurrency)
 _REPLAY_HEADERS: dict[str, Any] = {
     "Idempotent-Replayed": {
@@ -197,10 +200,18 @@ def history(
     responses=problem_responses(Unauthorized, TransactionNotFound),
 )
 def ledger(
-    transaction_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, caller: UserDep
+    transaction_id: Annotated[int, Path(ge=1, le=MAX_TRANSACTION_ID)],
+    session: SessionDep,
+    caller: UserDep,
+    request: Request,
 ) -> list[LedgerEntryRead]:
     """The double-entry ledger lines of one of your transactions."""
-    return service.ledger_of(session, user_id=caller.user_id, transaction_id=transaction_id)
+    return service.ledger_of(
+        session,
+        user_id=caller.user_id,
+        transaction_id=transaction_id,
+        show_counterparty=request.app.state.settings.ledger_show_counterparty,
+    )
 
 
 def require_idempotency_key_in_docs(app: FastAPI) -> None:

@@ -340,10 +340,17 @@ def history(session: Session, *, user_id: int, limit: int, offset: int) -> Histo
     return History(transactions=items, limit=limit, offset=offset)
 
 
-def ledger_of(session: Session, *, user_id: int, transaction_id: int) -> list[LedgerEntryRead]:
+def ledger_of(
+    session: Session, *, user_id: int, transaction_id: int, show_counterparty: bool = True
+) -> list[LedgerEntryRead]:
+    """A transaction's entries, for a user whose wallet is part of it: both sides, or with
+    `show_counterparty` off only the user's own (the other side's snapshot is the other
+    wallet's balance)."""
     with session.begin():
         wallet_ids = repository.user_wallet_ids(session, user_id)
-        entries = repository.ledger_entries(session, transaction_id=transaction_id, visible_to=wallet_ids)
+        entries = repository.ledger_entries(
+            session, transaction_id=transaction_id, visible_to=wallet_ids, own_only=not show_counterparty
+        )
     if not entries:
         raise TransactionNotFound()
     return [LedgerEntryRead.model_validate(e, from_attributes=True) for e in entries]
