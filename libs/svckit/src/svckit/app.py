@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from svckit.bodylimit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from svckit.db import READ_ONLY
 from svckit.logging import configure_logging
 from svckit.metrics import MetricsMiddleware
@@ -18,12 +19,22 @@ from svckit.requestid import RequestIdMiddleware
 HealthCheck = Callable[[], None]
 
 
-def base_app(service: str, *, log_level: str, version: str = "0.1.0", **kwargs: Any) -> FastAPI:
-    """A FastAPI app with our plumbing. Docs are served once, for all services, by the gateway."""
+def base_app(
+    service: str,
+    *,
+    log_level: str,
+    version: str = "0.1.0",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    **kwargs: Any,
+) -> FastAPI:
+    """A FastAPI app with our plumbing. Docs are served once, for all services, by the gateway.
+
+    Request bodies over `max_body_bytes` answer a 413 problem before they are read in full."""
     configure_logging(service, log_level)
     app = FastAPI(title=f"{service} service", version=version, docs_url=None, redoc_url=None, **kwargs)
     install_problem_handlers(app)
     document_problems(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # its 413 is counted, with an id
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)  # outermost: its 500 fallback is counted too
     return app

@@ -3,6 +3,12 @@
 Each service publishes its own OpenAPI document internally (public routes only); this small
 app fetches them (DOCS_SOURCES, comma-separated URLs), merges paths and components, and
 serves Swagger UI and ReDoc with assets from the `fastapi-offline` wheel (no CDN).
+
+It also answers the gateway's own refusals as problem documents (gateway/dynamic/routes.yml
+rewrites the path to these; none is routed from outside): `/__not-found` (any unknown path
+is a 404 problem), `/__unauthorized` (a money call whose Authorization is not a well-formed
+bearer token, refused before it reaches the wallet) and `/__payload-too-large` (the page of
+the gateway's 413).
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from svckit.app import base_app
+from svckit.bodylimit import DEFAULT_MAX_BODY_BYTES
+from svckit.problems import Unauthorized, problem_response
 
 ASSETS = "/docs-assets"
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 CACHE_S = 30.0
 log = logging.getLogger("svckit.docs")
 
@@ -51,7 +60,10 @@ def merge_openapi(documents: list[dict[str, Any]], *, title: str, version: str) 
 def create_app() -> FastAPI:
     sources = [s for s in os.environ.get("DOCS_SOURCES", "").split(",") if s]
     title = "Wallet platform API"
-    app = base_app("docs", log_level=os.environ.get("DOCS_LOG_LEVEL", "INFO"), openapi_url=None)
+    max_body_bytes = int(os.environ.get("DOCS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+    app = base_app(
+        "docs", log_level=os.environ.get("DOCS_LOG_LEVEL", "INFO"), max_body_bytes=max_body_bytes, openapi_url=None
+    )
     assets = files("fastapi_offline") / "static"
     app.mount(ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
     cache: dict[str, Any] = {"at": float("-inf"), "doc": None}
@@ -102,5 +114,14 @@ def create_app() -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.api_route("/__unauthorized", methods=ANY_METHOD, include_in_schema=False)
+    def unauthorized() -> None:
+        raise Unauthorized()
+
+    # The gateway's limit (GATEWAY_MAX_BODY_BYTES) is its own; the detail names no number.
+    @app.api_route("/__payload-too-large", methods=ANY_METHOD, include_in_schema=False)
+    def payload_too_large() -> JSONResponse:
+        return problem_response(413, "payload_too_large", "Payload too large", "The request body is too large.")
 
     return app

@@ -9,6 +9,7 @@ HTTP, cached, and refreshed when a token names a `kid` we do not know, at most o
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -149,13 +150,16 @@ class JWKSVerifier:
         return Claims(user_id=user_id, jti=str(claims["jti"]), expires_at=int(claims["exp"]), raw=claims)
 
 
+# Exactly what the gateway lets through to the rate-limited calls (gateway/dynamic/routes.yml,
+# `$bearer`): the scheme spelled `Bearer`, one space, a JWT of bounded size. The gateway keys
+# its per-token limit on the raw header, so another spelling of one token must not be a token.
+BEARER = re.compile(r"Bearer ([A-Za-z0-9_-]{1,1000}\.[A-Za-z0-9_-]{1,1000}\.[A-Za-z0-9_-]{1,1000})")
+
+
 def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, or None."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    """The token of an `Authorization: Bearer <token>` header in its canonical form, or None."""
+    match = BEARER.fullmatch(authorization) if authorization else None
+    return match.group(1) if match else None
 
 
 def remembered_bearer(verifier: JWKSVerifier, authorization: str | None) -> Claims | None:

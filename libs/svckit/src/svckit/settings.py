@@ -26,6 +26,7 @@ class BaseServiceSettings(BaseSettings):
     auth_url: str = "http://127.0.0.1:8101"
     http_timeout_s: float = 3.0
     http_retries: int = 2
+    max_body_bytes: int = Field(default=65536, gt=0)  # larger request bodies answer 413
     metrics_port: int = 0  # Prometheus metrics on this port (0: off); never routed by the gateway
     relay_metrics_port: int = 0  # the same, for this service's outbox relay process
     # An outbox message not confirmed delivered this long after publishing is published again.

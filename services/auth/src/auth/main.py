@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.redis.close()
         state.engine.dispose()
 
-    app = base_app("auth", log_level=settings.log_level, lifespan=lifespan)
+    app = base_app("auth", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
     app.include_router(internal)
     add_health_routes(app)

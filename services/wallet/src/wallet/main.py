@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.redis.close()
         state.engine.dispose()
 
-    app = base_app("wallet", log_level=settings.log_level, lifespan=lifespan)
+    app = base_app("wallet", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
     require_idempotency_key_in_docs(app)
     add_health_routes(app)
