@@ -72,7 +72,8 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-500} $(PYTEST) -s tests/fuzz
 
 # Faults under load: replicas, Redis, the notifier, the auth service and (with
-# TEST_DATABASE_URL) Postgres connections, each ending with exactly-once checks.
+# TEST_DATABASE_URL) Postgres connections, each ending with exactly-once checks. One stack
+# with two wallet replicas for all: on Postgres with TEST_DATABASE_URL, else SQLite.
 test-chaos: $(STAMP)
 	$(PYTEST) tests/chaos
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from e2e.conftest import BrevoStub, Stack, brevo, drop_databases, postgres_stack_env, start_stack
 
 __all__ = ["brevo"]
+
+log = logging.getLogger("chaos")
 
 CHAOS_ENV = {
     "NOTIFIER_BREVO_API_KEY": BrevoStub.API_KEY,
@@ -33,26 +37,39 @@ CHAOS_ENV = {
 }
 
 
+def _backend() -> str:
+    if os.environ.get("TEST_DATABASE_URL"):
+        return "Postgres (TEST_DATABASE_URL), two wallet replicas"
+    return "SQLite, two wallet replicas: TEST_DATABASE_URL is not set (the Postgres-only scenario skips)"
+
+
+def pytest_report_header() -> str:
+    return f"chaos stack: {_backend()}"
+
+
 @pytest.fixture(scope="module")
 def chaos_stack(tmp_path_factory: pytest.TempPathFactory, brevo: BrevoStub) -> Iterator[Stack]:
-    stack = start_stack(tmp_path_factory.mktemp("chaos") / "var", NOTIFIER_BREVO_BASE_URL=brevo.url, **CHAOS_ENV)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def chaos_pg_stack(tmp_path_factory: pytest.TempPathFactory, brevo: BrevoStub) -> Iterator[Stack]:
-    env = postgres_stack_env("chaos")
-    if env is None:
-        pytest.skip("TEST_DATABASE_URL is not set: dropping Postgres connections needs a Postgres server")
+    """One stack for every scenario: on Postgres when TEST_DATABASE_URL is set, else SQLite.
+    Metrics are kept in a multiprocess folder (as in the Kubernetes manifests), so the
+    notifier's counters add up across its processes and their restarts."""
+    log.warning("chaos stack: %s", _backend())
+    env = postgres_stack_env("chaos") or {}
+    root = tmp_path_factory.mktemp("chaos")
+    metrics_dir = root / "prometheus"
+    metrics_dir.mkdir()
     stack = start_stack(
-        tmp_path_factory.mktemp("chaos-pg") / "var", NOTIFIER_BREVO_BASE_URL=brevo.url, **CHAOS_ENV, **env
+        root / "var",
+        NOTIFIER_BREVO_BASE_URL=brevo.url,
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        **CHAOS_ENV,
+        **env,
     )
     try:
         yield stack
     finally:
         stack.stop()
-        drop_databases(env)
+        if env:
+            drop_databases(env)
 
 
 @pytest.fixture

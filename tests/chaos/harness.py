@@ -1,9 +1,11 @@
 """Load with careful clients, fault injection, and the exactly-once checks for the chaos tests.
 
 Clients retry each money movement with the same idempotency key until the answer is
-definitive (a 2xx or a business 4xx), as a careful payments client does. At the end:
+definitive (a 2xx or a business 4xx), as a careful payments client does; a 5xx is
+retried too, but only one met while a fault is on (`Load.fault`) is forgiven. At the end:
 each user's balance equals what its definitive answers say, nothing moved twice, every
-receipt arrived exactly once, and `wallet-audit` is clean.
+email (welcome and receipts) arrived exactly once at Brevo's stand-in and the notifier's
+own counters agree (sent once per email, no dead letters), and `wallet-audit` is clean.
 """
 
 from __future__ import annotations
@@ -15,27 +17,48 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from e2e.client import User, new_user, open_wallet
 from e2e.conftest import BrevoStub, Stack
+from prometheus_client.parser import text_string_to_metric_families
 
 OPENING = 100_000
 
 
-def definitive(api: httpx.Client, user: User, kind: str, body: dict[str, object], key: str) -> httpx.Response:
+@dataclass
+class ServerError:
+    """A 5xx a careful client got (and retried): allowed only while a fault is on."""
+
+    kind: str
+    key: str
+    status: int
+    body: str
+    sent: float  # monotonic time the request left
+    answered: float
+
+
+def definitive(
+    api: httpx.Client, user: User, kind: str, body: dict[str, object], key: str, errors: list[ServerError]
+) -> httpx.Response:
+    """Retry with the same key until the answer is definitive; every 5xx met is recorded."""
     headers = {**user.headers, "Idempotency-Key": key}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        sent = time.monotonic()
         try:
             response = api.patch(f"/transaction/{kind}", json=body, headers=headers)
         except httpx.TransportError:
             time.sleep(0.1)
             continue
         code = response.status_code
+        if code >= 500:
+            errors.append(ServerError(kind, key, code, response.text[:500], sent, time.monotonic()))
         retry = code == 429 or code >= 500 or (code == 409 and response.json().get("code") == "idempotency_in_progress")
         if not retry:
             return response
@@ -63,20 +86,93 @@ def wait_healthy(stack: Stack, timeout: float = 90) -> None:
             time.sleep(0.2)
 
 
+EMAIL_KINDS = ("welcome", "deposit", "withdrawal", "transfer_sent", "transfer_received")
+
+
+@dataclass(frozen=True)
+class NotifierCounts:
+    """The notifier's own view, from its metrics port (summed over its processes)."""
+
+    delivered: Counter[str]  # by kind, including emails Brevo already had
+    already: Counter[str]  # of those, the ones Brevo already had
+    accepted: float  # Brevo calls answered 201 (a new email)
+    duplicates_dropped: float
+    dead_letters: float | None
+
+    @classmethod
+    def scrape(cls, stack: Stack) -> NotifierCounts:
+        port = (stack.ports or {})["notifier_metrics"]
+        deadline = time.monotonic() + 30  # the notifier may be restarting
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the notifier's metrics port does not answer"
+                time.sleep(0.2)
+        delivered: Counter[str] = Counter()
+        already: Counter[str] = Counter()
+        accepted = dropped = 0.0
+        dead: float | None = None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "notifier_emails_delivered_total":
+                    delivered[sample.labels["kind"]] += int(sample.value)
+                elif sample.name == "notifier_emails_already_at_brevo_total":
+                    already[sample.labels["kind"]] += int(sample.value)
+                elif sample.name == "notifier_brevo_calls_total" and sample.labels["outcome"] == "201":
+                    accepted += sample.value
+                elif sample.name == "notifier_duplicates_dropped_total":
+                    dropped += sample.value
+                elif sample.name == "notifier_dead_letters":
+                    dead = (dead or 0.0) + sample.value
+        return cls(delivered, already, accepted, dropped, dead)
+
+    def since(self, before: NotifierCounts) -> NotifierCounts:
+        return NotifierCounts(
+            Counter({k: self.delivered[k] - before.delivered[k] for k in EMAIL_KINDS}),
+            Counter({k: self.already[k] - before.already[k] for k in EMAIL_KINDS}),
+            self.accepted - before.accepted,
+            self.duplicates_dropped - before.duplicates_dropped,
+            self.dead_letters,
+        )
+
+
 @dataclass
 class Load:
     api: httpx.Client
     users: list[User]
     wallets: dict[int, int]  # user id -> wallet id
+    stack: Stack
+    brevo: BrevoStub
+    before: NotifierCounts
     results: list[tuple[str, User, User | None, int, httpx.Response]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    server_errors: list[ServerError] = field(default_factory=list)
+    faults: list[tuple[float, float]] = field(default_factory=list)  # (struck, healed), monotonic
 
     @classmethod
-    def create(cls, api: httpx.Client, n_users: int, stack: Stack) -> Load:
+    def create(cls, api: httpx.Client, n_users: int, stack: Stack, brevo: BrevoStub) -> Load:
         wait_healthy(stack)  # the previous scenario's fault has healed
+        before = NotifierCounts.scrape(stack)
         users = [new_user(api) for _ in range(n_users)]
         wallets = {u.id: open_wallet(api, u, balance=OPENING)["id"] for u in users}
-        return cls(api, users, wallets)
+        return cls(api, users, wallets, stack, brevo, before)
+
+    @contextmanager
+    def fault(self) -> Iterator[None]:
+        """A fault window: from the strike until every service is ready again after the
+        block ends. A 5xx is retried as a careful client would, but outside these windows
+        it fails the scenario."""
+        struck = time.monotonic()
+        try:
+            yield
+        finally:
+            wait_healthy(self.stack)
+            self.faults.append((struck, time.monotonic()))
+
+    def unexplained_server_errors(self) -> list[ServerError]:
+        return [e for e in self.server_errors if not any(s <= e.answered and e.sent <= h for s, h in self.faults)]
 
     def client(self, user: User, moves: int, seed: int) -> None:
         rng = random.Random(seed)
@@ -87,7 +183,7 @@ class Load:
             body: dict[str, object] = {"amount": amount, "currency": "USD"}
             if other is not None:
                 body["to_account_id"] = self.wallets[other.id]
-            response = definitive(self.api, user, kind, body, uuid.uuid4().hex)
+            response = definitive(self.api, user, kind, body, uuid.uuid4().hex, self.server_errors)
             with self.lock:
                 self.results.append((kind, user, other, amount, response))
 
@@ -101,9 +197,10 @@ class Load:
             t.join(300)
 
     def expected(self) -> tuple[dict[int, int], Counter[tuple[str, str]]]:
-        """Balances and receipt counts per (email, kind) that the definitive answers imply."""
+        """Balances and email counts per (address, kind) that the definitive answers imply."""
         balances = {u.id: OPENING for u in self.users}
         receipts: Counter[tuple[str, str]] = Counter((u.email, "deposit") for u in self.users)  # opening
+        receipts.update((u.email, "welcome") for u in self.users)
         for kind, user, other, amount, response in self.results:
             if response.status_code != 200:
                 continue
@@ -121,41 +218,78 @@ class Load:
                 receipts[(other.email, "transfer_received")] += 1
         return balances, receipts
 
-    def verify(self, stack: Stack, brevo: BrevoStub) -> None:
+    def verify(self, *, redis_fault: bool = False, notifier_restarts: bool = False) -> None:
+        """Money moved exactly once, and every email was sent exactly once, as Brevo's
+        stand-in saw it and as the notifier counted it.
+
+        redis_fault: the notifier's sent markers may be lost (or unwritable after a send), so
+        it may send again and Brevo's idempotencyKey refuses the repeat.
+        notifier_restarts: the notifier was killed mid-send, so Brevo may hold an email whose
+        201 no notifier heard.
+        """
+        stack = self.stack
         assert self.results, "no load ran"
         wait_healthy(stack)
         assert {r.status_code for *_, r in self.results} <= {200, 422}, Counter(r.status_code for *_, r in self.results)
-        balances, receipts = self.expected()
+        unexplained = self.unexplained_server_errors()
+        assert not unexplained, f"5xx outside a fault window ({len(unexplained)}): {unexplained[:5]}"
+        balances, emails = self.expected()
         for user in self.users:
             got = self.api.get("/wallet", headers=user.headers).json()["balance"]
             assert got == balances[user.id], f"user {user.id}: balance {got}, expected {balances[user.id]}"
         audit = stack.command("wallet-audit", "--database-url", stack.wallet_database_url)
         assert audit.returncode == 0, audit.stdout
-        # Every receipt exactly once (the stub records accepted emails; keys are unique).
-        want = sum(receipts.values())
-        emails = {u.email for u in self.users}
+        want = sum(emails.values())
+        by_kind: Counter[str] = Counter()
+        for (_, kind), n in emails.items():
+            by_kind[kind] += n
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            got_receipts = [
-                e
-                for e in brevo.state()["emails"]
-                if e["to"][0]["email"] in emails  # type: ignore[index, union-attr]
-                and "receipt" in e["tags"]
-            ]  # type: ignore[index]
-            if len(got_receipts) >= want:
+            counts = NotifierCounts.scrape(stack).since(self.before)
+            arrived = self.arrived()
+            if sum(arrived.values()) >= want and all(counts.delivered[k] >= n for k, n in by_kind.items()):
                 break
             time.sleep(0.5)
-        time.sleep(1.5)
-        got_receipts = [
-            e
-            for e in brevo.state()["emails"]
-            if e["to"][0]["email"] in emails  # type: ignore[index, union-attr]
-            and "receipt" in e["tags"]
-        ]  # type: ignore[index]
-        counted = Counter((e["to"][0]["email"], e["tags"][1]) for e in got_receipts)  # type: ignore[index]
-        assert counted == receipts, (
-            f"receipts differ: {dict(counted - receipts)} extra, {dict(receipts - counted)} missing"
+        time.sleep(1.5)  # a repeat would show up by now
+        counts = NotifierCounts.scrape(stack).since(self.before)
+        arrived = self.arrived()
+        print(
+            f"\nemails: {want} expected; notifier delivered {dict(counts.delivered)}, "
+            f"Brevo already had {dict(+counts.already)}, 201s {counts.accepted:.0f}, "
+            f"redeliveries dropped {counts.duplicates_dropped:.0f}, dead letters {counts.dead_letters}; "
+            f"5xx retried in fault windows: {dict(Counter((e.status, e.body[:80]) for e in self.server_errors))}"
         )
+        # Brevo's stand-in: each email accepted once (it refuses repeated keys, so count them).
+        assert arrived == emails, f"emails differ: {dict(arrived - emails)} extra, {dict(emails - arrived)} missing"
+        # The notifier's own counts.
+        assert counts.dead_letters == 0, f"dead letters: {counts.dead_letters}"
+        for kind in EMAIL_KINDS:
+            delivered, already = counts.delivered[kind], counts.already[kind]
+            if redis_fault or notifier_restarts:
+                assert delivered >= by_kind[kind], f"{kind}: {delivered} delivered, {by_kind[kind]} expected"
+                assert delivered - already <= by_kind[kind], f"{kind}: {delivered - already} new at Brevo"
+            else:  # nothing lost the notifier's markers: it never had to be refused
+                assert (delivered, already) == (by_kind[kind], 0), f"{kind}: {delivered} delivered, {already} repeats"
+        if notifier_restarts:
+            assert counts.accepted <= want
+        else:
+            assert counts.accepted == want, f"Brevo accepted {counts.accepted:.0f} new emails, {want} expected"
+
+    def arrived(self) -> Counter[tuple[str, str]]:
+        """What Brevo's stand-in accepted for these users, per (address, kind)."""
+        addresses = {u.email for u in self.users}
+        got: Counter[tuple[str, str]] = Counter()
+        for e in brevo_emails(self.brevo):
+            address, tags = e["to"][0]["email"], e["tags"]
+            if address in addresses:
+                got[(address, tags[1] if tags[0] == "receipt" else tags[0])] += 1
+        return got
+
+
+def brevo_emails(brevo: BrevoStub) -> list[Any]:
+    emails = brevo.state()["emails"]
+    assert isinstance(emails, list)
+    return emails
 
 
 def pids(stack: Stack, comm: str, *, check_env: bool = True) -> list[int]:

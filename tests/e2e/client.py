@@ -51,9 +51,14 @@ def open_wallet(api: httpx.Client, user: User, *, balance: int = 0, currency: st
     return response.json()
 
 
+class ServerError(AssertionError):
+    """The service answered 5xx: never retried here, so the test that met it fails."""
+
+
 def move(api: httpx.Client, user: User, kind: str, *, key: str | None = None, **body: Any) -> httpx.Response:
-    """One money movement; on 429, 409 in progress, 5xx or a dropped connection, retry with
-    the same key until the answer is definitive (as a careful client would)."""
+    """One money movement, retried with the same key (as a careful client would) on 429,
+    409 idempotency_in_progress or a dropped connection, until the answer is definitive.
+    A 5xx is not retried: it raises ServerError with the answer's body."""
     body.setdefault("currency", "USD")
     headers = {**user.headers, "Idempotency-Key": key or uuid.uuid4().hex}
     deadline = time.monotonic() + 60
@@ -62,14 +67,15 @@ def move(api: httpx.Client, user: User, kind: str, *, key: str | None = None, **
             response = api.patch(f"/transaction/{kind}", json=body, headers=headers)
         except httpx.TransportError:
             response = None
-        definitive = response is not None and response.status_code not in (409, 429) and response.status_code < 500
-        if (
-            response is not None
-            and response.status_code == 409
-            and response.json().get("code") != "idempotency_in_progress"
-        ):
-            definitive = True
-        if definitive or time.monotonic() > deadline:
+        if response is not None and response.status_code >= 500:
+            request_id = response.headers.get("x-request-id", "")
+            raise ServerError(
+                f"{kind} answered {response.status_code} (request id {request_id!r}): {response.text[:1000]}"
+            )
+        retry = response is None or response.status_code == 429
+        if response is not None and response.status_code == 409:
+            retry = response.json().get("code") == "idempotency_in_progress"
+        if not retry or time.monotonic() > deadline:
             assert response is not None, "no answer before the deadline"
             return response
         time.sleep(0.05)

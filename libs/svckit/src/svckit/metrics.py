@@ -11,8 +11,9 @@ import logging
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("svckit.metrics")
@@ -53,14 +54,33 @@ class MetricsMiddleware:
             LATENCY.labels(self.service, method, route).observe(time.perf_counter() - t0)
 
 
+_SCRAPE_TIME: list[Collector] = []
+
+
+def register_collector(collector: Collector) -> None:
+    """A collector that reads its values when scraped (a queue's length, say). It is served
+    in multiprocess mode too, where the served registry holds only the workers' files."""
+    REGISTRY.register(collector)
+    _SCRAPE_TIME.append(collector)
+
+
+def served_registry() -> CollectorRegistry | None:
+    """What the metrics port serves: this process's registry (None), or with
+    PROMETHEUS_MULTIPROC_DIR every worker's samples plus the scrape-time collectors."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    registry = CollectorRegistry()
+    prom_multiprocess.MultiProcessCollector(registry)
+    for collector in _SCRAPE_TIME:
+        registry.register(collector)
+    return registry
+
+
 def serve_metrics(port: int) -> None:
     """Expose this process's metrics on 0.0.0.0:port (0 disables). Safe to call once per process."""
     if not port:
         return
-    registry = None
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        prom_multiprocess.MultiProcessCollector(registry)
+    registry = served_registry()
     # Containers listen on every interface (the scraper is elsewhere); `make run` sets
     # METRICS_BIND=127.0.0.1.
     addr = os.environ.get("METRICS_BIND", "0.0.0.0")  # noqa: S104  # nosec B104

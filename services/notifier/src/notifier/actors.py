@@ -25,7 +25,7 @@ from notifier import emails
 from notifier.brevo import BrevoTransport, Email, FolderTransport, PermanentError, TransientError, Transport
 from notifier.config import get_settings
 from notifier.dedupe import SentMarkers
-from notifier.metrics import DELIVERED, DUPLICATES
+from notifier.metrics import ALREADY_AT_BREVO, DELIVERED, DUPLICATES
 from svckit.http import service_client
 from svckit.messages import QUEUE, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
 from svckit.redis import redis_client
@@ -120,6 +120,8 @@ def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -
         raise
     ctx.markers.mark_sent(email_id, token)
     DELIVERED.labels(kind).inc()
+    if outcome == "duplicate":
+        ALREADY_AT_BREVO.labels(kind).inc()
     log.info("email %s delivered (%s)", email_id, outcome)
 
 

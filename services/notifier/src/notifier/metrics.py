@@ -1,4 +1,8 @@
-"""The notifier's metrics: Brevo calls by outcome, emails delivered, dead-letter queue size."""
+"""The notifier's metrics: Brevo calls by outcome, emails delivered, dead-letter queue size.
+
+Counters are per process; with PROMETHEUS_MULTIPROC_DIR they add up across the worker
+processes and their restarts, and the dead-letter gauge is served with them.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,21 @@ import contextlib
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from svckit.messages import QUEUE
+from svckit.metrics import register_collector
 
 BREVO_CALLS = Counter("notifier_brevo_calls_total", "Calls to Brevo's API by outcome", ["outcome"])
 DELIVERED = Counter("notifier_emails_delivered_total", "Emails handed to Brevo or the outbox folder", ["kind"])
 DUPLICATES = Counter("notifier_duplicates_dropped_total", "Redelivered emails that were already sent")
+# Of DELIVERED, the emails Brevo already had (its idempotencyKey refused the repeat): a send
+# the sent markers did not prevent. DELIVERED minus this is what Brevo accepted anew.
+ALREADY_AT_BREVO = Counter(
+    "notifier_emails_already_at_brevo_total", "Delivered emails Brevo already had (a repeat it refused)", ["kind"]
+)
 
 
 class DeadLetterCollector(Collector):
@@ -31,4 +41,4 @@ class DeadLetterCollector(Collector):
 
 
 def register_dead_letters(client: redis.Redis) -> None:
-    REGISTRY.register(DeadLetterCollector(client))
+    register_collector(DeadLetterCollector(client))

@@ -1,0 +1,107 @@
+"""The notifier's metrics as a scraper sees them, with several worker processes
+(PROMETHEUS_MULTIPROC_DIR, as in the Kubernetes manifests): counters add up across
+processes, also ones that died, and the dead-letter gauge is still served."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from notifier import actors
+from notifier.brevo import Email
+from notifier.dedupe import SentMarkers
+from svckit.redis import redis_client
+from svckit.testing import free_port
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+
+    import redis
+
+    from notifier.metrics import DELIVERED, register_dead_letters
+    from svckit.metrics import serve_metrics
+
+    DELIVERED.labels("welcome").inc()
+    if sys.argv[1] == "serve":
+        register_dead_letters(redis.Redis.from_url(sys.argv[2]))
+        serve_metrics(int(sys.argv[3]))
+        print("serving", flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid"))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_counters_add_up_across_worker_processes_and_the_dead_letter_gauge_is_served(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "METRICS_BIND": "127.0.0.1"}
+    # A worker that counted one email and died (killed, restarted by its supervisor).
+    subprocess.run([sys.executable, "-c", WORKER, "exit"], env=env, check=True, timeout=30)
+    port = free_port()
+    serving = subprocess.Popen(
+        [sys.executable, "-c", WORKER, "serve", redis_url, str(port)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert serving.stdout is not None
+        assert serving.stdout.readline() == b"serving\n"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        serving.kill()
+        serving.wait(10)
+    got = samples(text)
+    assert got[("notifier_emails_delivered_total", (("kind", "welcome"),))] == 2
+    assert got[("notifier_dead_letters", (("queue", "notifications"),))] == 0
+
+
+class AlreadyThere:
+    """A transport whose Brevo already has every email (an earlier attempt got through)."""
+
+    def send(self, email: Email) -> str:
+        return "duplicate"
+
+
+def test_an_email_brevo_already_had_is_counted_apart(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    ctx = actors.Context(transport=AlreadyThere(), markers=markers, auth=httpx.Client())
+    monkeypatch.setattr(actors, "context", lambda: ctx)
+
+    def counts() -> tuple[float, float]:
+        return tuple(  # type: ignore[return-value]
+            REGISTRY.get_sample_value(name, {"kind": "deposit"}) or 0.0
+            for name in ("notifier_emails_delivered_total", "notifier_emails_already_at_brevo_total")
+        )
+
+    before = counts()
+    email_id = uuid.uuid4().hex
+    email = Email(email_id=email_id, to_email="j@example.com", to_name="J", subject="s", html="h", text="t")
+    actors.deliver(email_id, lambda: email, kind="deposit")
+    assert counts() == (before[0] + 1, before[1] + 1)
