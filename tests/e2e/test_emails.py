@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+from sqlalchemy import create_engine, text
 
 from .client import move, new_user, open_wallet, signup, unique_email
 from .conftest import BrevoStub, Stack
@@ -40,6 +42,33 @@ def processes(stack: Stack, comm: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def dead_letters_on_record(stack: Stack, needle: str, *, present: bool = True, timeout: float = 30) -> str:
+    """`auth-relay dead-letters` (the database's record) once `needle` is (or is no longer) in it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = stack.command("auth-relay", "dead-letters")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        if (needle in listed.stdout) == present or time.monotonic() > deadline:
+            return listed.stdout
+        time.sleep(0.5)
+
+
+def outcome_on_record(stack: Stack, email_id: str, wanted: str, timeout: float = 30) -> str | None:
+    """The auth outbox row's recorded outcome, once it is `wanted` (or the timeout)."""
+    assert stack.env is not None
+    engine = create_engine(stack.env["AUTH_DATABASE_URL"])
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with engine.connect() as conn:
+                found = conn.execute(text("SELECT outcome FROM outbox WHERE id = :id"), {"id": email_id}).scalar()
+            if found == wanted or time.monotonic() > deadline:
+                return str(found) if found is not None else None
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
 
 
 class TestWhatIsSent:
@@ -158,7 +187,40 @@ class TestFailures:
         assert "notifier.send_welcome" in listed
         assert brevo.emails_to(email) == []  # a 4xx is not retried
         email_id = listed.splitlines()[0].split("\t")[0]
+        assert email_id in dead_letters_on_record(stack, email_id)  # auth's database has it too
         replayed = stack.command("notifier-dlq", "replay", email_id)
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert len(brevo.wait_for(email, 1)) == 1
         assert "0 dead-lettered" in stack.command("notifier-dlq", "list").stdout
+        # Sent after all: the database's record turns from dead-lettered to sent.
+        assert outcome_on_record(stack, email_id, "sent") == "sent"
+        assert email_id not in dead_letters_on_record(stack, email_id, present=False)
+
+    def test_a_dead_letter_outlives_a_redis_flush_and_is_replayed_once_from_the_database(
+        self, api: httpx.Client, brevo: BrevoStub, stack: Stack
+    ) -> None:
+        if stack.env is None:
+            pytest.skip("needs the stack this suite starts (flushes its Redis, runs its relay command)")
+        quiet(brevo)
+        brevo.fail("400", count=1)
+        email = unique_email("flushed")
+        user = signup(api, email=email)
+        needle = f"\tuser={user['id']}\t"
+        listed = dead_letters_on_record(stack, needle)
+        [line] = [row for row in listed.splitlines() if needle in row]
+        email_id = line.split("\t")[0]
+        redis.Redis.from_url(stack.redis_url).flushall()  # the queue, the dead letters, the markers: gone
+        assert "0 dead-lettered" in stack.command("notifier-dlq", "list").stdout
+        assert email_id in dead_letters_on_record(stack, needle)  # the database still has it
+        assert brevo.emails_to(email) == []
+        duplicates = brevo.state()["duplicates"]
+        replayed = stack.command("auth-relay", "dead-letters", "--replay", email_id)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        assert "replayed 1 message(s)" in replayed.stdout
+        assert outcome_on_record(stack, email_id, "sent") == "sent"
+        assert email_id not in dead_letters_on_record(stack, email_id, present=False)
+        # Once: the replay was published once, and nothing asks the notifier again.
+        again = stack.command("auth-relay", "dead-letters", "--replay", email_id)
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert len(brevo.wait_for(email, 1)) == 1
+        assert brevo.state()["duplicates"] == duplicates

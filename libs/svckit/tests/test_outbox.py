@@ -12,9 +12,11 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+import redis
 from sqlalchemy import Column, Engine, MetaData, String, Table, Text, select
 
 from svckit.db import UTCDateTime, make_engine
+from svckit.deadletters import list_dead_letters, replay_dead_letters
 from svckit.messages import DEAD_MARKER, SENT_MARKER, Receipt, WelcomeEmail, new_email_id
 from svckit.outbox import Relay, outbox_row
 from svckit.redis import redis_client
@@ -30,6 +32,7 @@ OUTBOX = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("published_at", UTCDateTime(), nullable=True),
     Column("confirmed_at", UTCDateTime(), nullable=True),
+    Column("outcome", String(16), nullable=True),
 )
 
 
@@ -177,10 +180,199 @@ class TestReconcile:
         time.sleep(0.3)
         assert relay.reconcile() == 1
         assert published[3:] == [lost]
-        with engine.connect() as conn:
-            confirmed = {r.id for r in conn.execute(select(OUTBOX.c.id).where(OUTBOX.c.confirmed_at.is_not(None)))}
-        assert confirmed == {sent, dead}
+        assert outcomes(engine) == {sent: "sent", dead: "dead_lettered", lost: None}
         markers.set(SENT_MARKER.format(lost), 1)  # the second attempt got through
         time.sleep(0.3)
         assert relay.reconcile() == 0
         assert published[4:] == []
+        assert outcomes(engine)[lost] == "sent"
+
+    def test_a_dead_letter_is_on_record_at_the_first_check(self, engine: Engine, redis_url: str) -> None:
+        [dead] = stage(engine, 1)
+        relay = self.relay(engine, redis_url, [])
+        relay.republish_after_s = 3600  # long before the row would be overdue
+        relay.run_once()
+        redis_client(redis_url).set(DEAD_MARKER.format(dead), 1)
+        relay.reconcile()
+        assert outcomes(engine) == {dead: "dead_lettered"}
+
+    def test_sent_wins_over_dead_lettered(self, engine: Engine, redis_url: str) -> None:
+        [email] = stage(engine, 1)
+        relay = self.relay(engine, redis_url, [])
+        relay.run_once()
+        markers = redis_client(redis_url)
+        markers.set(DEAD_MARKER.format(email), 1)  # one copy gave up, another got through
+        markers.set(SENT_MARKER.format(email), 1)
+        relay.reconcile()
+        assert outcomes(engine) == {email: "sent"}
+
+    def test_a_dead_letter_sent_later_from_the_notifiers_queue_becomes_sent(
+        self, engine: Engine, redis_url: str
+    ) -> None:
+        dead, other = stage(engine, 2)
+        relay = self.relay(engine, redis_url, [])
+        relay.run_once()
+        markers = redis_client(redis_url)
+        markers.set(DEAD_MARKER.format(dead), 1)
+        markers.set(DEAD_MARKER.format(other), 1)
+        relay.reconcile()
+        assert outcomes(engine) == {dead: "dead_lettered", other: "dead_lettered"}
+        markers.set(SENT_MARKER.format(dead), 1)  # `notifier-dlq replay` delivered it
+        relay.reconcile()
+        assert outcomes(engine) == {dead: "sent", other: "dead_lettered"}
+
+    def test_the_dead_letter_gauge_counts_dead_lettered_rows(self, engine: Engine, redis_url: str) -> None:
+        from prometheus_client import REGISTRY
+
+        ids = stage(engine, 3)
+        relay = self.relay(engine, redis_url, [])
+        relay.run_once()
+        markers = redis_client(redis_url)
+        for email_id in ids[:2]:
+            markers.set(DEAD_MARKER.format(email_id), 1)
+        relay.reconcile()
+        relay.measure()
+        assert REGISTRY.get_sample_value("outbox_dead_lettered", {"service": relay.name}) == 2
+
+
+def outcomes(engine: Engine) -> dict[str, str | None]:
+    with engine.connect() as conn:
+        return {r.id: r.outcome for r in conn.execute(select(OUTBOX.c.id, OUTBOX.c.outcome))}
+
+
+class Notifier:
+    """What the relay sees of the notifier: its markers, and its dead-letter queue in Redis
+    (the layout Dramatiq's RedisBroker gives it; see notifier.dlq)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self.sent: list[str] = []
+
+    def dead_letter(self, payload: str) -> None:
+        message_id = json.loads(payload)["message_id"]
+        redis_id = str(uuid4())
+        self.redis.zadd("dramatiq:notifications.XQ", {redis_id: time.time() * 1000})
+        self.redis.hset("dramatiq:notifications.XQ.msgs", redis_id, payload)
+        self.redis.set(DEAD_MARKER.format(message_id), 1)
+
+    def deliver(self, payload: str) -> None:
+        """The notifier's dedupe rule: an email whose sent marker exists is dropped."""
+        message_id = json.loads(payload)["message_id"]
+        if not self.redis.exists(SENT_MARKER.format(message_id)):
+            self.sent.append(message_id)
+            self.redis.set(SENT_MARKER.format(message_id), 1)
+
+    def queued_dead_letters(self) -> int:
+        return int(self.redis.zcard("dramatiq:notifications.XQ"))  # type: ignore[arg-type]
+
+
+class TestDeadLetters:
+    """A dead letter is kept in the database: listed after Redis lost everything, and
+    replayed from there, sent once."""
+
+    @pytest.fixture
+    def own_redis(self) -> Iterator[redis.Redis]:
+        with redis_server() as url:  # its own server: the test flushes it
+            client = redis_client(url)
+            yield client
+            client.close()
+
+    def dead_letters(self, engine: Engine, client: redis.Redis, n: int) -> tuple[list[str], Relay, list[str]]:
+        """`n` emails the notifier gave up on, recorded by the relay; returns (ids, relay, published)."""
+        ids = stage(engine, n)
+        published: list[str] = []
+        relay = Relay(
+            engine,
+            OUTBOX,
+            published.append,
+            lease=client,
+            name=f"d-{uuid4()}",
+            markers=client,
+            republish_after_s=0.2,
+            check_every_s=0,
+        )
+        assert relay.run_once() == n
+        notifier = Notifier(client)
+        for payload in published:
+            notifier.dead_letter(payload)
+        relay.reconcile()
+        return ids, relay, published
+
+    def test_a_redis_flush_loses_no_dead_letter(self, engine: Engine, own_redis: redis.Redis) -> None:
+        ids, relay, published = self.dead_letters(engine, own_redis, 2)
+        own_redis.flushall()
+        assert sorted(d.id for d in list_dead_letters(engine, OUTBOX)) == sorted(ids)
+        time.sleep(0.3)
+        assert relay.reconcile() == 0  # a dead letter is confirmed: not republished behind your back
+        assert len(published) == 2
+        assert {d.user_id for d in list_dead_letters(engine, OUTBOX)} == {0, 1}
+
+    def test_replay_after_a_flush_publishes_once_and_is_delivered_once(
+        self, engine: Engine, own_redis: redis.Redis
+    ) -> None:
+        (email, kept), relay, published = self.dead_letters(engine, own_redis, 2)
+        own_redis.flushall()
+        result = replay_dead_letters(engine, OUTBOX, own_redis, {email})
+        assert (result.replayed, result.delivered, result.unknown) == ([email], [], [])
+        assert [d.id for d in list_dead_letters(engine, OUTBOX)] == [kept]
+        assert relay.run_once() == 1
+        assert relay.run_once() == 0
+        again = [p for p in published[2:] if json.loads(p)["message_id"] == email]
+        assert len(again) == 1
+        notifier = Notifier(own_redis)
+        notifier.deliver(again[0])
+        time.sleep(0.3)
+        assert relay.reconcile() == 0
+        assert outcomes(engine) == {email: "sent", kept: "dead_lettered"}
+        # Replaying it once more finds no dead letter; nothing goes out, nothing is sent.
+        assert replay_dead_letters(engine, OUTBOX, own_redis, {email}).unknown == [email]
+        assert relay.run_once() == 0
+        for payload in published[2:]:
+            notifier.deliver(payload)
+        assert notifier.sent == [email]
+
+    def test_replay_clears_the_dead_marker_and_the_notifiers_copy(self, engine: Engine, own_redis: redis.Redis) -> None:
+        (email,), relay, _ = self.dead_letters(engine, own_redis, 1)
+        assert Notifier(own_redis).queued_dead_letters() == 1
+        assert replay_dead_letters(engine, OUTBOX, own_redis).replayed == [email]
+        assert not own_redis.exists(DEAD_MARKER.format(email))
+        assert Notifier(own_redis).queued_dead_letters() == 0
+        relay.run_once()
+        relay.reconcile()  # the new attempt has no outcome yet: the old one is not read again
+        assert outcomes(engine) == {email: None}
+
+    def test_replay_of_an_email_delivered_meanwhile_sends_nothing(self, engine: Engine, own_redis: redis.Redis) -> None:
+        (email,), relay, _ = self.dead_letters(engine, own_redis, 1)
+        own_redis.set(SENT_MARKER.format(email), 1)  # `notifier-dlq replay` got it through
+        result = replay_dead_letters(engine, OUTBOX, own_redis, None)
+        assert (result.replayed, result.delivered) == ([], [email])
+        assert relay.run_once() == 0
+        assert outcomes(engine) == {email: "sent"}
+
+    def test_the_command_lists_and_replays(
+        self, engine: Engine, own_redis: redis.Redis, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from types import SimpleNamespace
+
+        from svckit.outbox import relay_main
+
+        (email,), _, _ = self.dead_letters(engine, own_redis, 1)
+        kwargs = own_redis.connection_pool.connection_kwargs
+        settings = SimpleNamespace(
+            database_url=engine.url.render_as_string(hide_password=False),
+            redis_url=f"redis://{kwargs['host']}:{kwargs['port']}/0",
+        )
+        with pytest.raises(SystemExit) as listed:
+            relay_main("test", settings, OUTBOX, ["dead-letters"])
+        out = capsys.readouterr().out
+        assert listed.value.code == 0
+        assert out.splitlines()[0].startswith(f"{email}\tnotifier.send_welcome\tuser=0\t")
+        assert out.splitlines()[-1] == "1 dead-lettered message(s)"
+        with pytest.raises(SystemExit) as unknown:
+            relay_main("test", settings, OUTBOX, ["dead-letters", "--replay", "nope"])
+        assert unknown.value.code == 1
+        with pytest.raises(SystemExit) as replayed:
+            relay_main("test", settings, OUTBOX, ["dead-letters", "--all"])
+        assert replayed.value.code == 0
+        assert "replayed 1 message(s)" in capsys.readouterr().out
+        assert outcomes(engine) == {email: None}

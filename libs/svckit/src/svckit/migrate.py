@@ -85,3 +85,33 @@ def drop_outbox_confirmation() -> None:
     op.drop_index("ix_outbox_unconfirmed", table_name="outbox")
     with op.batch_alter_table("outbox") as batch:
         batch.drop_column("confirmed_at")
+
+
+def add_outbox_outcome() -> None:
+    """`outcome`: 'sent' or 'dead_lettered', recorded with `confirmed_at` from the notifier's
+    markers (see Relay.reconcile), so a dead letter is kept in the database, not only in
+    Redis. Rows confirmed before this migration keep a null outcome (the markers that told
+    sent from dead-lettered were not recorded then)."""
+    import sqlalchemy as sa
+    from alembic import op
+
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("outcome", sa.String(16), nullable=True))
+        batch.create_check_constraint("ck_outbox_outcome", "outcome IN ('sent', 'dead_lettered')")
+    # `<service>-relay dead-letters` and the relay's recheck only ever scan dead letters.
+    op.create_index(
+        "ix_outbox_dead_lettered",
+        "outbox",
+        ["id"],
+        sqlite_where=sa.text("outcome = 'dead_lettered'"),
+        postgresql_where=sa.text("outcome = 'dead_lettered'"),
+    )
+
+
+def drop_outbox_outcome() -> None:
+    from alembic import op
+
+    op.drop_index("ix_outbox_dead_lettered", table_name="outbox")
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_constraint("ck_outbox_outcome", type_="check")
+        batch.drop_column("outcome")

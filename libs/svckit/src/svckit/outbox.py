@@ -8,17 +8,23 @@ and the notifier drops duplicates by message id.
 
 Several replicas may run: on Postgres each claims its rows with FOR UPDATE SKIP LOCKED;
 on SQLite (one writer anyway) a Redis lease lets only one relay work at a time.
+
+Each row records its outcome (`sent` or `dead_lettered`) from the notifier's markers, so
+the database is the durable record of what was given up on: `<service>-relay
+dead-letters` lists those rows and replays them (svckit.deadletters).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -26,15 +32,24 @@ from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, Table, func, select, update
 
-from svckit.db import utcnow
+from svckit.db import READ_ONLY, utcnow
 from svckit.messages import DEAD_MARKER, QUEUE, SENT_MARKER, NotifierMessage, dramatiq_payload
 from svckit.requestid import current_request_id
 
 log = logging.getLogger("svckit.outbox")
 
+# The outcome column: the notifier's marker for the row's email (see Relay.reconcile).
+SENT = "sent"
+DEAD_LETTERED = "dead_lettered"
+# A dead-lettered email can still be sent from the notifier's own dead-letter queue
+# (`notifier-dlq replay`), which keeps messages 30 days (NOTIFIER_DEAD_MESSAGE_TTL_MS):
+# for that long the relay looks for a "sent" marker that turns the outcome into `sent`.
+DEAD_RECHECK_S = 31 * 24 * 3600.0
+
 BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet published", ["service"])
 OLDEST_AGE = Gauge("outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", ["service"])
 PUBLISHED = Counter("outbox_published_total", "Outbox rows published to the queue", ["service"])
+DEAD = Gauge("outbox_dead_lettered", "Outbox messages the notifier gave up on (dead letters)", ["service"])
 REPUBLISHED = Counter(
     "outbox_republished_total", "Rows published again because their delivery was never confirmed", ["service"]
 )
@@ -49,6 +64,7 @@ def outbox_row(message: NotifierMessage) -> dict[str, Any]:
         "created_at": utcnow(),
         "published_at": None,
         "confirmed_at": None,
+        "outcome": None,
     }
 
 
@@ -58,8 +74,23 @@ def stage(session: Any, table: Table, *messages: NotifierMessage) -> None:
         session.execute(table.insert(), [outbox_row(m) for m in messages])
 
 
-def relay_main(service: str, settings: Any, table: Table) -> None:
-    """The body of `<service>-relay`, from the service's settings."""
+def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None = None) -> None:
+    """The body of `<service>-relay`, from the service's settings: without arguments it
+    relays; `dead-letters` lists (and with --replay ID... or --all replays) dead letters."""
+    parser = argparse.ArgumentParser(
+        prog=f"{service}-relay",
+        description="Publish the outbox to the notifier's queue; `dead-letters` lists or replays what it gave up on.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    dead = sub.add_parser("dead-letters", help="list the outbox messages the notifier gave up on, or replay them")
+    which = dead.add_mutually_exclusive_group()
+    which.add_argument("--replay", nargs="+", metavar="ID", help="publish these dead letters again")
+    which.add_argument("--all", action="store_true", help="publish every dead letter again")
+    args = parser.parse_args(argv)
+    if args.command == "dead-letters":
+        from svckit.deadletters import main as dead_letters_main
+
+        sys.exit(dead_letters_main(settings, table, replay=args.replay, replay_all=args.all))
     serve(
         service=service,
         database_url=settings.database_url,
@@ -114,6 +145,7 @@ class Relay:
         self.republish_after_s = republish_after_s
         self.check_every_s = check_every_s
         self._reconciled = float("-inf")
+        self._dead_cursor = ""  # where the next dead-letter recheck starts (ids are hex)
 
     def _has_lease(self) -> bool:
         if self.engine.dialect.name == "postgresql" or self.lease is None:
@@ -152,14 +184,15 @@ class Relay:
         return len(rows)
 
     def reconcile(self) -> int:
-        """Confirm or republish rows whose delivery was never confirmed.
+        """Record the outcome of published rows, and republish those never confirmed.
 
         The queue lives in Redis: a flush, a failover, or a crash between append-only syncs
         can lose messages the relay already published. So a published row stays
-        unconfirmed until the notifier's "sent" (or "dead-lettered") marker for its id
-        shows up; rows still unconfirmed `republish_after_s` after publishing go out again.
-        A republished email that had in fact been sent is dropped by the notifier (marker)
-        or by Brevo (same idempotencyKey). Returns how many rows went out again.
+        unconfirmed until the notifier's "sent" or "dead-lettered" marker for its id shows
+        up, and then records which (`outcome`; "sent" wins if both exist); rows still
+        unconfirmed `republish_after_s` after publishing go out again. A republished email
+        that had in fact been sent is dropped by the notifier (marker) or by Brevo (same
+        idempotencyKey). Returns how many rows went out again.
         """
         if self.markers is None or time.monotonic() - self._reconciled < self.check_every_s:
             return 0
@@ -167,36 +200,84 @@ class Relay:
         if not self._has_lease():
             return 0
         t = self.table
-        cutoff = utcnow() - timedelta(seconds=self.republish_after_s)
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.republish_after_s)
         with self.engine.begin() as conn:
+            # Every unconfirmed row, not only overdue ones: a dead letter is on record
+            # within one check, not `republish_after_s` later.
             query = (
-                select(t.c.id, t.c.payload)
-                .where(t.c.published_at.is_not(None), t.c.confirmed_at.is_(None), t.c.published_at < cutoff)
+                select(t.c.id, t.c.payload, t.c.published_at)
+                .where(t.c.published_at.is_not(None), t.c.confirmed_at.is_(None))
                 .order_by(t.c.published_at)
                 .limit(self.batch * 5)
             )
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             rows = conn.execute(query).all()
-            if not rows:
-                return 0
             pipe = self.markers.pipeline()
             for row in rows:
-                pipe.exists(SENT_MARKER.format(row.id), DEAD_MARKER.format(row.id))
-            done = pipe.execute()
-            confirmed = [row.id for row, found in zip(rows, done, strict=True) if found]
-            again = [row for row, found in zip(rows, done, strict=True) if not found]
+                pipe.exists(SENT_MARKER.format(row.id))
+                pipe.exists(DEAD_MARKER.format(row.id))
+            found = pipe.execute() if rows else []
+            outcomes: dict[str, list[str]] = {SENT: [], DEAD_LETTERED: []}
+            again = []
+            for row, sent, dead in zip(rows, found[::2], found[1::2], strict=True):
+                if sent or dead:
+                    outcomes[SENT if sent else DEAD_LETTERED].append(row.id)
+                elif row.published_at < cutoff:
+                    again.append(row)
             for row in again:
                 self.publish(row.payload)
-            now = utcnow()
-            if confirmed:
-                conn.execute(update(t).where(t.c.id.in_(confirmed)).values(confirmed_at=now))
+            for outcome, ids in outcomes.items():
+                if ids:
+                    conn.execute(update(t).where(t.c.id.in_(ids)).values(confirmed_at=now, outcome=outcome))
             if again:
                 conn.execute(update(t).where(t.c.id.in_([r.id for r in again])).values(published_at=now))
+        if outcomes[DEAD_LETTERED]:
+            log.warning(
+                "%d outbox messages were dead-lettered (see %s-relay dead-letters)",
+                len(outcomes[DEAD_LETTERED]),
+                self.name,
+            )
         if again:
             REPUBLISHED.labels(self.name).inc(len(again))
             log.warning("republished %d outbox messages whose delivery was never confirmed", len(again))
+        self._recheck_dead_letters(self.markers, now)
         return len(again)
+
+    def _recheck_dead_letters(self, markers: redis.Redis, now: datetime) -> None:
+        """Turn dead letters that were sent after all (`notifier-dlq replay`, or another copy
+        of the message) into `sent`, a batch per call, round the recent ones."""
+        t = self.table
+        limit = self.batch * 5
+        with self.engine.execution_options(**READ_ONLY).connect() as conn:
+            ids = list(
+                conn.execute(
+                    select(t.c.id)
+                    .where(
+                        t.c.outcome == DEAD_LETTERED,
+                        t.c.confirmed_at >= now - timedelta(seconds=DEAD_RECHECK_S),
+                        t.c.id > self._dead_cursor,
+                    )
+                    .order_by(t.c.id)
+                    .limit(limit)
+                ).scalars()
+            )
+        self._dead_cursor = ids[-1] if len(ids) == limit else ""
+        if not ids:
+            return
+        pipe = markers.pipeline()
+        for email_id in ids:
+            pipe.exists(SENT_MARKER.format(email_id))
+        sent = [email_id for email_id, found in zip(ids, pipe.execute(), strict=True) if found]
+        if sent:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(t)
+                    .where(t.c.id.in_(sent), t.c.outcome == DEAD_LETTERED)
+                    .values(outcome=SENT, confirmed_at=now)
+                )
+            log.info("%d dead-lettered outbox messages were sent after all", len(sent))
 
     def measure(self) -> None:
         """Refresh the backlog gauges (at most once a second)."""
@@ -208,7 +289,9 @@ class Relay:
             count, oldest = conn.execute(
                 select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None))
             ).one()
+            dead = conn.execute(select(func.count()).where(t.c.outcome == DEAD_LETTERED)).scalar_one()
         BACKLOG.labels(self.name).set(count)
+        DEAD.labels(self.name).set(dead)
         age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         OLDEST_AGE.labels(self.name).set(max(age, 0.0))
 

@@ -42,3 +42,5 @@ class OutboxMessage(Base, table=True):
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     published_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     confirmed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    # 'sent' or 'dead_lettered' once confirmed (svckit.outbox); null before.
+    outcome: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))

@@ -6,6 +6,11 @@
 
 A replayed message starts with a fresh retry budget. Replaying an email that was in fact
 delivered sends nothing: its id is marked sent (and is Brevo's idempotencyKey).
+
+This queue lives in Redis and goes with it (a flush, a failover). The durable record is the
+producing service's outbox: `auth-relay dead-letters` / `wallet-relay dead-letters` list
+and replay from the database (svckit.deadletters); an email replayed here and delivered
+turns its outbox row from dead-lettered to sent.
 """
 
 from __future__ import annotations
