@@ -7,8 +7,11 @@ serves Swagger UI and ReDoc with assets from the `fastapi-offline` wheel (no CDN
 It also answers the gateway's own refusals as problem documents (gateway/dynamic/routes.yml
 rewrites the path to these; none is routed from outside): `/__not-found` (any unknown path
 is a 404 problem), `/__unauthorized` (a money call whose Authorization is not a well-formed
-bearer token, refused before it reaches the wallet) and `/__payload-too-large` (the page of
-the gateway's 413).
+bearer token, refused before it reaches the wallet), `/__payload-too-large` (the page of
+the gateway's 413) and `/__gateway/{status}` (the pages of the gateway's own 429, 500, 502,
+503 and 504: its rate limiter, its limiter's Redis down, a backend down or too slow). Every
+one carries an `X-Request-ID` (the client's, else a new one) and is logged here with it, so
+the gateway's access log (which records the response's id) joins this log.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ from svckit.bodylimit import DEFAULT_MAX_BODY_BYTES
 from svckit.problems import Unauthorized, problem_response
 
 ASSETS = "/docs-assets"
+# The gateway's own answers (gateway/dynamic/routes.yml, the errors middlewares): a stable
+# code each; every one but the 500 says when to try again. Traefik drops the limiter's own
+# Retry-After when it swaps the page in; its period is 1 s, so the wait is at most 1 s.
+RETRY_AFTER_S = "1"
+GATEWAY_PROBLEMS: dict[int, tuple[str, str, str, bool]] = {
+    429: ("rate_limited", "Too many requests", "Too many requests; slow down and retry later.", True),
+    500: ("gateway_error", "Gateway error", "The gateway could not handle the request.", False),
+    502: ("upstream_unavailable", "Bad gateway", "The service is unavailable; retry later.", True),
+    503: ("service_unavailable", "Service unavailable", "The service is unavailable; retry later.", True),
+    504: ("upstream_unavailable", "Gateway timeout", "The service did not answer in time; retry later.", True),
+}
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 CACHE_S = 30.0
 log = logging.getLogger("svckit.docs")
@@ -123,5 +137,12 @@ def create_app() -> FastAPI:
     @app.api_route("/__payload-too-large", methods=ANY_METHOD, include_in_schema=False)
     def payload_too_large() -> JSONResponse:
         return problem_response(413, "payload_too_large", "Payload too large", "The request body is too large.")
+
+    @app.api_route("/__gateway/{status}", methods=ANY_METHOD, include_in_schema=False)
+    def gateway_problem(status: int) -> JSONResponse:
+        code, title, detail, retry = GATEWAY_PROBLEMS.get(status, GATEWAY_PROBLEMS[500])
+        status = status if status in GATEWAY_PROBLEMS else 500
+        headers = {"Retry-After": RETRY_AFTER_S} if retry else None
+        return problem_response(status, code, title, detail, headers=headers)
 
     return app
