@@ -6,6 +6,9 @@ import bcrypt
 import jwt
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from auth.config import Settings
 
 from .factories import bearer, login, signup, token_for
 
@@ -22,6 +25,7 @@ class TestLogin:
         assert response.headers["cache-control"] == "no-store"
         header = jwt.get_unverified_header(body["access_token"])
         assert header["alg"] == "EdDSA"
+        assert header["typ"] == "at+jwt"  # RFC 9068: what every verifier requires
         jwks = client.get("/.well-known/jwks.json").json()
         assert header["kid"] in {k["kid"] for k in jwks["keys"]}
         key = jwt.PyJWKSet.from_dict(jwks)[header["kid"]].key
@@ -39,6 +43,13 @@ class TestLogin:
         response = client.post("/token", data={"username": "jane@example.com"})
         assert response.status_code == 422
         assert [e["field"] for e in response.json()["errors"]] == ["password"]
+
+
+class TestTokenLifetimeSetting:
+    def test_auth_refuses_a_token_lifetime_its_verifiers_would_refuse(self, settings: Settings) -> None:
+        with pytest.raises(ValidationError, match="AUTH_ACCESS_TOKEN_TTL_S"):
+            Settings(**{**settings.model_dump(), "access_token_ttl_s": 7200, "jwt_max_lifetime_s": 3600})
+        assert Settings(**{**settings.model_dump(), "access_token_ttl_s": 3600}).access_token_ttl_s == 3600
 
 
 class TestNoUserEnumeration:

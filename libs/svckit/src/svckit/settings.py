@@ -23,6 +23,9 @@ class BaseServiceSettings(BaseSettings):
     service_token: SecretStr = Field(default=SecretStr("local-dev-service-token"))
     jwt_issuer: str = "wallet-platform-auth"
     jwt_audience: str = "wallet-platform"
+    # Verifiers refuse an access token whose lifetime (exp - iat) is longer than this, so a
+    # stolen signing key or a misconfigured issuer cannot mint long-lived tokens.
+    jwt_max_lifetime_s: int = Field(default=3600, ge=60)
     auth_url: str = "http://127.0.0.1:8101"
     http_timeout_s: float = 3.0
     http_retries: int = 2

@@ -39,7 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Auth verifies its own tokens with the same code as everyone, reading keys locally.
         state.verifier = JWKSVerifier(
-            state.keys.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl_s=5, min_refresh_s=0
+            state.keys.jwks,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl_s=5,
+            min_refresh_s=0,
+            max_lifetime_s=settings.jwt_max_lifetime_s,
         )
         state.lockout = Lockout(state.redis, threshold=settings.lockout_threshold, seconds=settings.lockout_seconds)
         serve_metrics(settings.metrics_port)
