@@ -21,6 +21,7 @@ from svckit.redis import redis_client
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    settings.require_service_token()  # auth checks the credential: never a guessable one
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
