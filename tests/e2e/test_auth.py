@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 
 from .client import PASSWORD, login, new_user, signup, unique_email
@@ -45,6 +49,23 @@ class TestSignupLoginProfile:
         assert locked.status_code == 429
         assert locked.json()["code"] == "account_locked"
         assert int(locked.headers["retry-after"]) > 0
+
+    def test_thirty_parallel_guesses_get_at_most_ten_checks(self, api: httpx.Client, gateway_url: str) -> None:
+        user = new_user(api)
+        # From a loopback address of its own: a fresh per-IP bucket (burst 40) lets all 30 in,
+        # so every refusal below is the lockout's, not the gateway's.
+        source = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+        transport = httpx.HTTPTransport(local_address=source)
+        with (
+            httpx.Client(base_url=gateway_url, timeout=30, transport=transport) as burst,
+            ThreadPoolExecutor(30) as pool,
+        ):
+            responses = list(pool.map(lambda _: login(burst, user.email, "wrong-password"), range(30)))
+        assert Counter(r.status_code for r in responses) == {401: 10, 429: 20}
+        assert {r.json()["code"] for r in responses if r.status_code == 429} == {"account_locked"}
+        locked = login(api, user.email)
+        assert locked.status_code == 429
+        assert int(locked.headers["retry-after"]) > 60
 
     def test_unknown_email_and_wrong_password_look_the_same(self, api: httpx.Client) -> None:
         user = new_user(api)

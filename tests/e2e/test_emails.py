@@ -96,10 +96,11 @@ class TestWhatIsSent:
                 "You received a deposit of 100.00 USD",
                 "You received a deposit of 2.50 USD",
                 "You withdrew 1.99 USD",
-                "You sent 12.34 USD to John Smith",
+                "You sent 12.34 USD",
             ]
         )
-        assert [r["subject"] for r in john_receipts] == ["Jane Doe sent you 12.34 USD"]
+        assert [r["subject"] for r in john_receipts] == ["You received 12.34 USD"]
+        assert "Jane Doe sent you 12.34 USD." in str(john_receipts[0]["textContent"])
         assert "Balance after: 12.34 USD" in str(john_receipts[0]["textContent"])
         ids = [r["headers"]["idempotencyKey"] for r in jane_receipts + john_receipts]  # type: ignore[index]
         assert len(set(ids)) == len(ids)

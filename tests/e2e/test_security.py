@@ -65,34 +65,45 @@ class TestTokenMatrix:
         hs = base64.urlsafe_b64encode(hmac.new(jwk["x"].encode(), signing_input, hashlib.sha256).digest())
         head, _, sig = user.token.split(".")
 
-        def signed(**changes: Any) -> str:
-            return jwt.encode(claims(user.id, **changes), key, algorithm="EdDSA", headers={"kid": kid})
+        def signed(typ: str = "at+jwt", **changes: Any) -> str:
+            return jwt.encode(claims(user.id, **changes), key, algorithm="EdDSA", headers={"kid": kid, "typ": typ})
 
+        now = int(time.time())
         return {
-            "alg none": jwt.encode(claims(user.id), None, algorithm="none", headers={"kid": kid}),
+            "alg none": jwt.encode(claims(user.id), None, algorithm="none", headers={"kid": kid, "typ": "at+jwt"}),
             "hmac with the public key": f"{signing_input.decode()}.{hs.rstrip(b'=').decode()}",
-            "wrong kid": jwt.encode(claims(user.id), key, algorithm="EdDSA", headers={"kid": "no-such-kid"}),
+            "wrong kid": jwt.encode(
+                claims(user.id), key, algorithm="EdDSA", headers={"kid": "no-such-kid", "typ": "at+jwt"}
+            ),
             "kid pointing elsewhere": jwt.encode(
-                claims(user.id), key, algorithm="EdDSA", headers={"kid": "http://127.0.0.1:9/jwks.json"}
+                claims(user.id),
+                key,
+                algorithm="EdDSA",
+                headers={"kid": "http://127.0.0.1:9/jwks.json", "typ": "at+jwt"},
             ),
             # An attacker's key, announced in `jku`: we never fetch keys from a token.
             "jku pointing elsewhere": jwt.encode(
                 claims(user.id),
                 load_pem_private_key(_other_key_pem(), password=None),
                 algorithm="EdDSA",
-                headers={"kid": kid, "jku": "http://127.0.0.1:9/jwks.json"},
+                headers={"kid": kid, "typ": "at+jwt", "jku": "http://127.0.0.1:9/jwks.json"},
             ),
             "expired": signed(exp=int(time.time()) - 60, iat=int(time.time()) - 700),
             "not yet valid": signed(nbf=int(time.time()) + 600),
             "wrong issuer": signed(iss="someone-else"),
             "wrong audience": signed(aud="another-platform"),
+            "not typed as an access token": signed(typ="JWT"),
+            "lives a year": signed(iat=now, exp=now + 365 * 86400),
+            "issued in the future": signed(iat=now + 600, nbf=now, exp=now + 900),
+            "sub with spaces": signed(sub=f" {user.id} "),
+            "sub with a leading zero": signed(sub=f"0{user.id}"),
             "tampered payload": f"{head}.{b64(claims(user.id + 1))}.{sig}",
             "truncated": user.token[:-8],
             "signed by another key": jwt.encode(
                 claims(user.id),
                 load_pem_private_key(_other_key_pem(), password=None),
                 algorithm="EdDSA",
-                headers={"kid": kid},
+                headers={"kid": kid, "typ": "at+jwt"},
             ),
         }
 
@@ -100,7 +111,7 @@ class TestTokenMatrix:
         self, api: httpx.Client, victim: User, signing_key: tuple[str, Any]
     ) -> None:
         kid, key = signing_key
-        valid = jwt.encode(claims(victim.id), key, algorithm="EdDSA", headers={"kid": kid})
+        valid = jwt.encode(claims(victim.id), key, algorithm="EdDSA", headers={"kid": kid, "typ": "at+jwt"})
         assert api.get("/wallet", headers={"Authorization": f"Bearer {valid}"}).status_code == 200  # control
         for name, token in self.forged_tokens(api, victim, kid, key).items():
             headers = {"Authorization": f"Bearer {token}"}

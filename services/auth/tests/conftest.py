@@ -12,6 +12,8 @@ from auth.config import Settings
 from auth.main import create_app
 from svckit.testing import alembic, fresh_database, redis_server
 
+from .factories import SERVICE_TOKEN
+
 INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
 
@@ -35,7 +37,7 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
         redis_url=redis_url,
         keys_dir=str(tmp_path / "keys"),
         bcrypt_rounds=4,  # the real cost is 12; tests only need real bcrypt, not slow bcrypt
-        service_token="test-service-token",
+        service_token=SERVICE_TOKEN,
     )
 
 

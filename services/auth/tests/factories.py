@@ -5,6 +5,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 PASSWORD = "securepass123"
+SERVICE_TOKEN = "auth-tests-service-token-0123456789abcdef"  # as long as the production rule asks
 
 
 def signup(client: TestClient, *, email: str = "jane@example.com", password: str = PASSWORD, **extra: Any) -> Any:

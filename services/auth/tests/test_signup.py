@@ -89,6 +89,39 @@ class TestSignupValidation:
         assert {e["field"] for e in problem["errors"]} == set(changes)
         assert stored_users(client) == []
 
+    @pytest.mark.parametrize("field", ["first_name", "last_name"])
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "Ja\u202ene",  # right-to-left override (Cf)
+            "\u202eJane",
+            "Ja\x00ne",  # NUL (Cc)
+            "Ja\r\nne",  # CR/LF (Cc)
+            "Ja\tne",
+            "Ja\u200bne",  # zero width space (Cf)
+            "Ja\u2028ne",  # line separator (Zl)
+            "Ja\u2029ne",  # paragraph separator (Zp)
+            "Ja\x85ne",  # next line (Cc)
+        ],
+    )
+    def test_control_and_format_characters_in_names_are_refused(
+        self, client: TestClient, field: str, name: str
+    ) -> None:
+        body = {"first_name": "Jane", "last_name": "Doe", "email": "jane@example.com", "password": PASSWORD}
+        response = client.post("/signup", json={**body, field: name})
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert problem["code"] == "validation_error"
+        assert [e["field"] for e in problem["errors"]] == [field]
+        assert stored_users(client) == []
+
+    @pytest.mark.parametrize("name", ["Zoë", "José María", "O'Brien", "Jean-Luc", "李小龍", "Ngũgĩ", "محمد"])
+    def test_ordinary_names_in_any_script_are_accepted(self, client: TestClient, name: str) -> None:
+        body = {"first_name": name, "last_name": name, "email": "jane@example.com", "password": PASSWORD}
+        response = client.post("/signup", json=body)
+        assert response.status_code == 201, response.text
+        assert (response.json()["first_name"], response.json()["last_name"]) == (name, name)
+
     def test_malformed_json_is_a_422_problem(self, client: TestClient) -> None:
         response = client.post("/signup", content=b"{not json", headers={"content-type": "application/json"})
         assert response.status_code == 422

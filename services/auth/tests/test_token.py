@@ -6,8 +6,13 @@ import bcrypt
 import jwt
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr, ValidationError
 
-from .factories import bearer, login, signup, token_for
+from auth.config import Settings
+from auth.main import create_app
+from svckit.settings import DEV_SERVICE_TOKEN, InsecureServiceToken
+
+from .factories import SERVICE_TOKEN, bearer, login, signup, token_for
 
 
 class TestLogin:
@@ -22,6 +27,7 @@ class TestLogin:
         assert response.headers["cache-control"] == "no-store"
         header = jwt.get_unverified_header(body["access_token"])
         assert header["alg"] == "EdDSA"
+        assert header["typ"] == "at+jwt"  # RFC 9068: what every verifier requires
         jwks = client.get("/.well-known/jwks.json").json()
         assert header["kid"] in {k["kid"] for k in jwks["keys"]}
         key = jwt.PyJWKSet.from_dict(jwks)[header["kid"]].key
@@ -39,6 +45,27 @@ class TestLogin:
         response = client.post("/token", data={"username": "jane@example.com"})
         assert response.status_code == 422
         assert [e["field"] for e in response.json()["errors"]] == ["password"]
+
+
+class TestServiceTokenSetting:
+    def test_auth_refuses_to_start_with_the_default_token(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        values = {**settings.model_dump(), "service_token": DEV_SERVICE_TOKEN}
+        with pytest.raises(InsecureServiceToken, match="SERVICE_TOKEN"):
+            create_app(Settings(**values))
+        monkeypatch.setenv("AUTH_ALLOW_DEV_SERVICE_TOKEN", "true")  # a service run by hand, locally
+        values.pop("allow_dev_service_token")
+        assert create_app(Settings(**values)) is not None
+
+
+class TestTokenLifetimeSetting:
+    def test_auth_refuses_a_token_lifetime_its_verifiers_would_refuse(self, settings: Settings) -> None:
+        raw = {**settings.model_dump(), "service_token": SERVICE_TOKEN}  # a plain string, as read from env
+        with pytest.raises(ValidationError, match="AUTH_ACCESS_TOKEN_TTL_S") as caught:
+            Settings(**{**raw, "access_token_ttl_s": 7200, "jwt_max_lifetime_s": 3600})
+        assert "input_value" not in str(caught.value)  # a refusal never prints the values read (secrets)
+        assert Settings(**{**settings.model_dump(), "access_token_ttl_s": 3600}).access_token_ttl_s == 3600
 
 
 class TestNoUserEnumeration:
@@ -155,13 +182,27 @@ class TestInternalLookup:
         wrong = client.get("/internal/users", params={"ids": user["id"]}, headers={"X-Service-Token": "nope"})
         assert wrong.status_code == 403
 
+    @pytest.mark.parametrize("presented", ["", " ", SERVICE_TOKEN[:-1], SERVICE_TOKEN + "x"])
+    def test_an_empty_or_near_miss_credential_is_refused(self, client: TestClient, presented: str) -> None:
+        user = signup(client)
+        response = client.get("/internal/users", params={"ids": user["id"]}, headers={"X-Service-Token": presented})
+        assert response.status_code == 403
+
+    def test_an_empty_configured_token_accepts_nothing(self, client: TestClient) -> None:
+        # Start-up refuses an empty token; if one slipped through, an empty header still fails.
+        user = signup(client)
+        state = client.app.state  # type: ignore[attr-defined]
+        state.settings = state.settings.model_copy(update={"service_token": SecretStr("")})
+        response = client.get("/internal/users", params={"ids": user["id"]}, headers={"X-Service-Token": ""})
+        assert response.status_code == 403
+
     def test_looks_up_several_users_at_once(self, client: TestClient) -> None:
         jane = signup(client, email="jane@example.com")
         john = signup(client, email="john@example.com")
         response = client.get(
             "/internal/users",
             params=[("ids", jane["id"]), ("ids", john["id"]), ("ids", 99999)],
-            headers={"X-Service-Token": "test-service-token"},
+            headers={"X-Service-Token": SERVICE_TOKEN},
         )
         assert response.status_code == 200
         assert response.json() == {"users": [jane, john]}

@@ -46,8 +46,8 @@ class TestReceipts:
         [
             ("deposit", "You received a deposit of 1,234.56 USD"),
             ("withdrawal", "You withdrew 1,234.56 USD"),
-            ("transfer_sent", "You sent 1,234.56 USD to John Smith"),
-            ("transfer_received", "John Smith sent you 1,234.56 USD"),
+            ("transfer_sent", "You sent 1,234.56 USD"),
+            ("transfer_received", "You received 1,234.56 USD"),
         ],
     )
     def test_subject_per_kind(self, kind: str, subject: str) -> None:
@@ -55,6 +55,20 @@ class TestReceipts:
         assert email.subject == subject
         assert "Balance after: 0.50 USD" in email.text
         assert email.email_id == "r1"
+
+    @pytest.mark.parametrize("kind", ["transfer_sent", "transfer_received"])
+    def test_the_counterparty_is_named_in_the_body_never_the_subject(self, kind: str) -> None:
+        name = "Eve\u202e\r\nBcc: x@evil.example <b>"
+        email = emails.receipt(
+            receipt(kind=kind, counterparty=name), to_email="j@example.com", first_name="Jane", last_name="Doe"
+        )
+        assert email.subject == ("You sent 1,234.56 USD" if kind == "transfer_sent" else "You received 1,234.56 USD")
+        assert name in email.text
+        assert "Eve\u202e\r\nBcc: x@evil.example &lt;b&gt;" in email.html
+
+    def test_the_welcome_subject_names_no_one(self) -> None:
+        email = emails.welcome(email_id="w1", to_email="j@example.com", first_name="Eve\u202e", last_name="\r\nX")
+        assert email.subject == "Welcome to Wallet"
 
     def test_names_are_escaped_in_html(self) -> None:
         email = emails.receipt(

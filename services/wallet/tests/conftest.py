@@ -46,7 +46,9 @@ def auth_fake() -> AuthFake:
 
 @pytest.fixture
 def settings(database_url: str, redis_url: str) -> Settings:
-    return Settings(database_url=database_url, redis_url=redis_url, service_token="test-service-token")
+    return Settings(
+        database_url=database_url, redis_url=redis_url, service_token="test-service-token", allow_dev_service_token=True
+    )
 
 
 @contextmanager

@@ -42,7 +42,7 @@ class Signer:
             "exp": now + 900,
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"kid": "test"})
+        return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"kid": "test", "typ": "at+jwt"})
 
 
 class AuthFake:

@@ -1,9 +1,15 @@
 """Verify access tokens locally with the auth service's published keys (JWKS).
 
-Pinned: algorithm EdDSA only (so `none` and HMAC-with-the-public-key are refused), our
-issuer and audience, and the claims every token must carry. The key set is fetched over
-HTTP, cached, and refreshed when a token names a `kid` we do not know, at most once per
-`min_refresh_s` so that forged kids cannot make us hammer the auth service.
+Pinned: algorithm EdDSA only (so `none` and HMAC-with-the-public-key are refused), the
+RFC 9068 type `at+jwt` (so no other JWT of ours passes as an access token), our issuer and
+audience, the claims every token must carry, a bounded lifetime and a canonical `sub`.
+
+The key set is fetched over HTTP and cached. No verification ever waits behind another's
+fetch: a token whose kid we know is checked with the keys we hold (a stale set is renewed
+in the background), and an unknown kid triggers at most one fetch at a time and at most
+one per `min_refresh_s`; while one runs, or too soon after the last, an unknown kid is
+refused at once. So forged kids, even with the auth service slow, cost one fetch per
+`min_refresh_s` and delay nobody else.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ import httpx
 import jwt
 
 ALGORITHM = "EdDSA"
+TOKEN_TYPE = "at+jwt"  # nosec B105 - a media type (RFC 9068 section 2.1), not a secret
+_TOKEN_TYPES = {TOKEN_TYPE, f"application/{TOKEN_TYPE}"}
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "iat", "exp", "jti"]
+# A user id as the auth service writes it: no sign, spaces, underscores, leading zeros or
+# non-ASCII digits, so one user has exactly one `sub`.
+_SUB = re.compile(r"[1-9][0-9]{0,18}")
+DEFAULT_MAX_LIFETIME_S = 3600
 
 log = logging.getLogger("svckit.jwt")
 
@@ -62,6 +74,8 @@ class JWKSVerifier:
         ttl_s: float = 300.0,
         min_refresh_s: float = 5.0,
         leeway_s: int = 5,
+        max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
+        first_load_wait_s: float = 10.0,
     ) -> None:
         self.source = source
         self.issuer = issuer
@@ -69,38 +83,64 @@ class JWKSVerifier:
         self.ttl_s = ttl_s
         self.min_refresh_s = min_refresh_s
         self.leeway_s = leeway_s
+        self.max_lifetime_s = max_lifetime_s
+        self.first_load_wait_s = first_load_wait_s
+        # Replaced whole by a fetch, never mutated: readers see the old set or the new one.
         self._keys: dict[str, Any] = {}
-        self._fetched_at = float("-inf")
-        self._lock = threading.Lock()
+        self._loaded = False
+        self._fetched_at = float("-inf")  # last successful fetch
+        self._attempted_at = float("-inf")  # last fetch, successful or not
+        # Held by the one thread fetching, across the HTTP call. Verifications only try it
+        # (non-blocking); the sole exception is before any key set was ever loaded, when
+        # no token can be checked anyway and waiting for the first fetch is all there is.
+        self._fetching = threading.Lock()
         # token -> (good until, claims): a client sends the same token on every request, and
         # an Ed25519 check costs more than the rest of a cheap request. Entries live at most
         # REMEMBER_S (like the key cache, a key pulled from the JWKS stops working within
         # minutes) and never past the token's own expiry.
         self._verified: dict[str, tuple[float, Claims]] = {}
 
-    def _refresh(self, *, force: bool) -> None:
-        with self._lock:
-            age = time.monotonic() - self._fetched_at
-            if age < self.min_refresh_s or (not force and age < self.ttl_s):
-                return
+    def _fetch_now(self) -> bool:
+        """Fetch the key set unless a fetch is running or the last was under min_refresh_s ago.
+
+        Never waits; returns whether this call ran a fetch (successful or not)."""
+        if not self._fetching.acquire(blocking=False):
+            return False
+        try:
+            now = time.monotonic()
+            if now - self._attempted_at < self.min_refresh_s:
+                return False
+            self._attempted_at = now
             try:
                 keys = jwt.PyJWKSet.from_dict(self.source()).keys
             except (OSError, httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
                 # Keep serving with the keys we have; a token we cannot check is refused.
                 log.warning("JWKS refresh failed: %s", type(exc).__name__)
-                self._fetched_at = time.monotonic() - self.ttl_s + self.min_refresh_s
-                return
+                return True
             self._keys = {
                 k.key_id: k.key for k in keys if k.key_id and k.algorithm_name == ALGORITHM and k.key_type == "OKP"
             }
             self._fetched_at = time.monotonic()
+            self._loaded = True
+            return True
+        finally:
+            self._fetching.release()
+
+    def _renew_in_background(self) -> None:
+        if self._fetching.locked() or time.monotonic() - self._attempted_at < self.min_refresh_s:
+            return
+        threading.Thread(target=self._fetch_now, name="jwks-refresh", daemon=True).start()
 
     def _key_for(self, kid: str) -> Any:
-        self._refresh(force=False)
         key = self._keys.get(kid)
-        if key is None:
-            self._refresh(force=True)
-            key = self._keys.get(kid)
+        if key is not None:
+            if time.monotonic() - self._fetched_at >= self.ttl_s:
+                self._renew_in_background()  # this token goes on with the key we hold
+            return key
+        # No key set yet (start-up) and another thread is fetching the first: wait for it.
+        if not self._fetch_now() and not self._loaded and self._fetching.acquire(timeout=self.first_load_wait_s):
+            self._fetching.release()
+        key = self._keys.get(kid)
         if key is None:
             raise InvalidToken(f"unknown kid {kid!r}")
         return key
@@ -131,6 +171,9 @@ class JWKSVerifier:
             raise InvalidToken(f"malformed token: {exc}") from exc
         if header.get("alg") != ALGORITHM:
             raise InvalidToken(f"algorithm {header.get('alg')!r} not allowed")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _TOKEN_TYPES:
+            raise InvalidToken(f"type {typ!r} is not an access token")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("no kid")
@@ -144,10 +187,25 @@ class JWKSVerifier:
                 leeway=self.leeway_s,
                 options={"require": REQUIRED_CLAIMS},
             )
-            user_id = int(claims["sub"])
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from exc
-        return Claims(user_id=user_id, jti=str(claims["jti"]), expires_at=int(claims["exp"]), raw=claims)
+        return self._checked(claims)
+
+    def _checked(self, claims: dict[str, Any]) -> Claims:
+        """The rules PyJWT leaves to us: lifetime, issue time, and the exact form of sub and jti."""
+        iat, exp, sub, jti = claims["iat"], claims["exp"], claims["sub"], claims["jti"]
+        for name, value in (("iat", iat), ("exp", exp)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidToken(f"{name} is not a NumericDate")
+        if iat > time.time() + self.leeway_s:
+            raise InvalidToken("issued in the future")
+        if exp - iat > self.max_lifetime_s:
+            raise InvalidToken(f"lifetime {exp - iat}s is over {self.max_lifetime_s}s")
+        if not isinstance(sub, str) or not _SUB.fullmatch(sub):
+            raise InvalidToken("sub is not a canonical user id")
+        if not isinstance(jti, str) or not jti:
+            raise InvalidToken("no jti")
+        return Claims(user_id=int(sub), jti=jti, expires_at=int(exp), raw=claims)
 
 
 # Exactly what the gateway lets through to the rate-limited calls (gateway/dynamic/routes.yml,

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SERVICE_TOKEN = "local-dev-service-token"  # nosec B105 - the published dev default, refused outside dev
+MIN_SERVICE_TOKEN_LENGTH = 32
+
+
+class InsecureServiceToken(RuntimeError):
+    """The configured service credential is empty, short or a published placeholder."""
 
 
 class BaseServiceSettings(BaseSettings):
@@ -13,16 +22,24 @@ class BaseServiceSettings(BaseSettings):
     the launcher and compose set them, so each service can point elsewhere if ops want.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a refused setting never prints the values read (secrets among them).
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, hide_input_in_errors=True)
 
     log_level: str = "INFO"
     database_url: str = "sqlite:///var/data/service.db"
     db_pool_size: int = 10
     db_max_overflow: int = 10
     redis_url: str = Field(default="redis://127.0.0.1:8190/0")
-    service_token: SecretStr = Field(default=SecretStr("local-dev-service-token"))
+    # The credential of internal calls. Outside dev it must be at least 32 characters and no
+    # placeholder; *_ALLOW_DEV_SERVICE_TOKEN=true (a service run by hand) accepts any
+    # non-empty one, the published default included. `make run` generates a random one.
+    service_token: SecretStr = Field(default=SecretStr(DEV_SERVICE_TOKEN))
+    allow_dev_service_token: bool = False
     jwt_issuer: str = "wallet-platform-auth"
     jwt_audience: str = "wallet-platform"
+    # Verifiers refuse an access token whose lifetime (exp - iat) is longer than this, so a
+    # stolen signing key or a misconfigured issuer cannot mint long-lived tokens.
+    jwt_max_lifetime_s: int = Field(default=3600, ge=60)
     auth_url: str = "http://127.0.0.1:8101"
     http_timeout_s: float = 3.0
     http_retries: int = 2
@@ -31,3 +48,26 @@ class BaseServiceSettings(BaseSettings):
     relay_metrics_port: int = 0  # the same, for this service's outbox relay process
     # An outbox message not confirmed delivered this long after publishing is published again.
     outbox_republish_after_s: float = 60.0
+
+    def require_service_token(self) -> None:
+        """Refuse to start with a guessable service credential (called by every service's start-up).
+
+        Not a validator: migrations and relays read these settings too and need no token."""
+        token = self.service_token.get_secret_value()
+        if not token:
+            raise InsecureServiceToken("SERVICE_TOKEN is empty")
+        if self.allow_dev_service_token:
+            return
+        placeholder = token == DEV_SERVICE_TOKEN or "change-me" in token.lower() or "changeme" in token.lower()
+        if placeholder or len(token) < MIN_SERVICE_TOKEN_LENGTH:
+            raise InsecureServiceToken(
+                f"SERVICE_TOKEN must be a random secret of at least {MIN_SERVICE_TOKEN_LENGTH} characters, "
+                "not the default or a placeholder (ALLOW_DEV_SERVICE_TOKEN=true accepts it for local runs)"
+            )
+
+    def accepts_service_token(self, presented: str | None) -> bool:
+        """Whether a presented service credential is ours: constant-time, never for empty ones."""
+        expected = self.service_token.get_secret_value()
+        if not presented or not expected:
+            return False
+        return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import model_validator
 from pydantic_settings import SettingsConfigDict
 
 from svckit.settings import BaseServiceSettings
@@ -18,6 +19,14 @@ class Settings(BaseServiceSettings):
     # inside OWASP ASVS 2.2.1's "no more than 100 failed attempts per hour".
     lockout_threshold: int = 10
     lockout_seconds: int = 900
+
+    @model_validator(mode="after")
+    def _tokens_outlive_no_verifier(self) -> Settings:
+        # Every verifier refuses a lifetime over jwt_max_lifetime_s: issuing longer tokens
+        # would log everybody out at once, so refuse to start instead.
+        if self.access_token_ttl_s > self.jwt_max_lifetime_s:
+            raise ValueError("AUTH_ACCESS_TOKEN_TTL_S must not exceed AUTH_JWT_MAX_LIFETIME_S")
+        return self
 
 
 @lru_cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Header, Request
@@ -18,6 +17,5 @@ def service_caller(
     request: Request,
     token: Annotated[str | None, Header(alias=SERVICE_TOKEN_HEADER, include_in_schema=False)] = None,
 ) -> None:
-    expected = request.app.state.settings.service_token.get_secret_value()
-    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+    if not request.app.state.settings.accepts_service_token(token):
         raise Forbidden()

@@ -23,7 +23,7 @@ class AccountLocked(ProblemError):
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(
-            f"Too many failed logins; try again in {retry_after_s} seconds.",
+            f"Too many failed logins; try again in {retry_after_s} second{'' if retry_after_s == 1 else 's'}.",
             headers={"Retry-After": str(retry_after_s)},
         )
 

@@ -21,6 +21,7 @@ from svckit.redis import redis_client
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    settings.require_service_token()  # auth checks the credential: never a guessable one
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +40,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Auth verifies its own tokens with the same code as everyone, reading keys locally.
         state.verifier = JWKSVerifier(
-            state.keys.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl_s=5, min_refresh_s=0
+            state.keys.jwks,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl_s=5,
+            min_refresh_s=0,
+            max_lifetime_s=settings.jwt_max_lifetime_s,
         )
         state.lockout = Lockout(state.redis, threshold=settings.lockout_threshold, seconds=settings.lockout_seconds)
         serve_metrics(settings.metrics_port)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, EmailStr, Field, StringConstraints
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# Control (Cc: NUL, CR/LF), format (Cf: U+202E bidi override, U+200B zero width) and line or
+# paragraph separators (Zl, Zp) are refused: names are shown to other users, in history and
+# receipts, where such characters reorder, hide or break the text around them.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _printable_name(value: str) -> str:
+    for char in value:
+        if unicodedata.category(char) in _REFUSED_CATEGORIES:
+            raise ValueError(f"must not contain control or format characters (U+{ord(char):04X})")
+    return value
+
+
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(_printable_name)
+]
 
 
 def _password_rules(value: str) -> str:

@@ -9,6 +9,7 @@ import bcrypt
 import jwt
 
 from auth.keys import KeyRing
+from svckit.jwt import TOKEN_TYPE
 
 
 class PasswordHasher:
@@ -48,4 +49,5 @@ class TokenIssuer:
             "exp": now + self.ttl_s,
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, key.private, algorithm="EdDSA", headers={"kid": key.kid})
+        # typ at+jwt (RFC 9068): verifiers refuse any other JWT as an access token.
+        return jwt.encode(claims, key.private, algorithm="EdDSA", headers={"kid": key.kid, "typ": TOKEN_TYPE})

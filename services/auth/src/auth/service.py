@@ -49,16 +49,24 @@ def login(
     password: str,
 ) -> str:
     email = email.strip().lower()
-    retry_after = lockout.locked_for(email)
-    if retry_after:
-        raise AccountLocked(retry_after)
-    with session.begin():
-        user = repository.get_user_by_email(session, email)
-    # One bcrypt check whether or not the email exists: same answer, same timing.
-    if not hasher.verify(password, user.password_hash if user else None) or user is None or user.id is None:
-        lockout.failed(email)
+    # The attempt is counted before bcrypt runs, so parallel guesses cannot outrun the lock.
+    attempt = lockout.reserve(email)
+    if attempt.retry_after:
+        raise AccountLocked(attempt.retry_after)
+    try:
+        with session.begin():
+            user = repository.get_user_by_email(session, email)
+        # One bcrypt check whether or not the email exists: same answer, same timing.
+        ok = hasher.verify(password, user.password_hash if user else None)
+    except BaseException:
+        lockout.release(attempt)  # no verdict: the slot is given back, nothing counted
+        raise
+    if not ok or user is None or user.id is None:
+        lockout.failed(attempt)
         raise InvalidCredentials()
-    lockout.succeeded(email)
+    retry_after = lockout.succeeded(attempt)
+    if retry_after:  # locked while this check ran: the lock wins
+        raise AccountLocked(retry_after)
     return issuer.issue(user.id)
 
 

@@ -8,7 +8,16 @@ from notifier.brevo import Email
 from svckit.messages import Receipt
 from svckit.money import format_amount
 
+# Subjects carry no user-chosen text (a counterparty's name could hold bidi overrides or
+# line breaks, and a subject is a header every mail client shows unescaped); the body names
+# the counterparty, escaped in the HTML part.
 _RECEIPT_SUBJECTS = {
+    "deposit": "You received a deposit of {amount}",
+    "withdrawal": "You withdrew {amount}",
+    "transfer_sent": "You sent {amount}",
+    "transfer_received": "You received {amount}",
+}
+_RECEIPT_SENTENCES = {
     "deposit": "You received a deposit of {amount}",
     "withdrawal": "You withdrew {amount}",
     "transfer_sent": "You sent {amount} to {counterparty}",
@@ -33,18 +42,19 @@ def welcome(*, email_id: str, to_email: str, first_name: str, last_name: str) ->
 def receipt(message: Receipt, *, to_email: str, first_name: str, last_name: str) -> Email:
     amount = format_amount(message.amount, message.currency)
     balance = format_amount(message.balance_after, message.currency)
-    subject = _RECEIPT_SUBJECTS[message.kind].format(amount=amount, counterparty=message.counterparty)
+    subject = _RECEIPT_SUBJECTS[message.kind].format(amount=amount)
+    sentence = _RECEIPT_SENTENCES[message.kind].format(amount=amount, counterparty=message.counterparty)
     when = message.occurred_at.strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Hi {first_name},",
         "",
-        f"{subject}.",
+        f"{sentence}.",
         f"Transaction: {message.transaction_id}",
         f"Date: {when}",
         f"Balance after: {balance}",
     ]
     html = (
-        f"<p>Hi {escape(first_name)},</p><p>{escape(subject)}.</p>"
+        f"<p>Hi {escape(first_name)},</p><p>{escape(sentence)}.</p>"
         f"<table><tr><td>Transaction</td><td>{message.transaction_id}</td></tr>"
         f"<tr><td>Date</td><td>{escape(when)}</td></tr>"
         f"<tr><td>Balance after</td><td>{escape(balance)}</td></tr></table>"

@@ -23,6 +23,7 @@ from wallet.routes import require_idempotency_key_in_docs, router
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    settings.require_service_token()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             http_jwks_source("/.well-known/jwks.json", state.auth_client),
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
+            max_lifetime_s=settings.jwt_max_lifetime_s,
         )
         state.idempotency = IdempotencyCache(
             state.redis, ttl_s=settings.idempotency_ttl_s, lock_ttl_ms=settings.idempotency_lock_ttl_ms
