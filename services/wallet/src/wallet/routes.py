@@ -21,6 +21,7 @@ from wallet.errors import (
     SelfTransfer,
     TransactionNotFound,
     UnsupportedCurrency,
+    WalletBusy,
     WalletExists,
     WalletNotEmpty,
     WalletNotFound,
@@ -41,7 +42,14 @@ from wallet.users import full_name
 
 router = APIRouter()
 
-_IDEMPOTENT = (IdempotencyKeyMissing, IdempotencyKeyReused, IdempotencyInProgress, Unauthorized, UnsupportedCurrency)
+_IDEMPOTENT = (
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IdempotencyInProgress,
+    Unauthorized,
+    UnsupportedCurrency,
+    WalletBusy,
+)
 _REPLAY_HEADERS: dict[str, Any] = {
     "Idempotent-Replayed": {
         "description": "`true` when this is a stored response replayed",
