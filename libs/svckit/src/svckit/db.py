@@ -2,17 +2,76 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+
+if TYPE_CHECKING:
+    from svckit.settings import BaseServiceSettings
+
+# TCP keepalives, both ways: the client finds a dead server (a pooled connection would
+# otherwise wait on it forever) and the server a vanished client (whose transaction would
+# otherwise keep its row locks), each within idle + interval * count, about a minute.
+_KEEPALIVE_IDLE_S, _KEEPALIVE_INTERVAL_S, _KEEPALIVE_COUNT = 30, 10, 3
 
 
-def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Engine:
-    # hide_parameters: a database error's message never carries its bound values (emails,
-    # password hashes, amounts), so logging or re-raising one leaks none of them.
+@dataclass(frozen=True)
+class SessionLimits:
+    """How long a Postgres session may wait or hold on: 0 turns a limit off, None leaves it
+    to the server (or the role's own setting). The services' values: BaseServiceSettings."""
+
+    lock_timeout_ms: int | None = None
+    statement_timeout_ms: int | None = None
+    idle_in_transaction_timeout_ms: int | None = None
+    connect_timeout_s: int = 10
+
+    @classmethod
+    def from_settings(cls, settings: BaseServiceSettings, **overrides: int | None) -> SessionLimits:
+        limits = cls(
+            lock_timeout_ms=settings.db_lock_timeout_ms,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
+            idle_in_transaction_timeout_ms=settings.db_idle_in_transaction_timeout_ms,
+            connect_timeout_s=settings.db_connect_timeout_s,
+        )
+        return replace(limits, **overrides)
+
+    def connect_args(self, url: URL) -> dict[str, Any]:
+        """libpq parameters: keepalives, a connect timeout, and the limits as session settings
+        (`options`, after any the URL has, so these win). Other parameters the URL sets
+        itself (`?connect_timeout=...`) win over these defaults."""
+        settings = {
+            "lock_timeout": self.lock_timeout_ms,
+            "statement_timeout": self.statement_timeout_ms,
+            "idle_in_transaction_session_timeout": self.idle_in_transaction_timeout_ms,
+            "tcp_keepalives_idle": _KEEPALIVE_IDLE_S,
+            "tcp_keepalives_interval": _KEEPALIVE_INTERVAL_S,
+            "tcp_keepalives_count": _KEEPALIVE_COUNT,
+        }
+        given = url.query.get("options", "")
+        ours = [f"-c {name}={value}" for name, value in settings.items() if value is not None]
+        options = [*([given] if isinstance(given, str) else given), *ours]
+        libpq = {
+            "keepalives": 1,
+            "keepalives_idle": _KEEPALIVE_IDLE_S,
+            "keepalives_interval": _KEEPALIVE_INTERVAL_S,
+            "keepalives_count": _KEEPALIVE_COUNT,
+            "connect_timeout": self.connect_timeout_s,
+        }
+        return {**{k: v for k, v in libpq.items() if k not in url.query}, "options": " ".join(filter(None, options))}
+
+
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, limits: SessionLimits | None = None
+) -> Engine:
+    """An engine for a SQLite file or Postgres. On Postgres, `limits` bound lock waits,
+    statements and idle transactions (none by default: migrations and tools may run long);
+    keepalives and a connect timeout are always on. Engines hide bound parameters: a
+    database error's message never carries its values (emails, password hashes, amounts),
+    so logging or re-raising one leaks none of them."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -22,7 +81,15 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Eng
         # pysqlite's own BEGIN handling defers locks; we issue BEGIN ourselves (see below).
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True, hide_parameters=True)
+    connect_args = (limits or SessionLimits()).connect_args(parsed)
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+        hide_parameters=True,
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:

@@ -32,7 +32,7 @@ from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, Table, func, select, update
 
-from svckit.db import READ_ONLY, utcnow
+from svckit.db import READ_ONLY, SessionLimits, utcnow
 from svckit.messages import DEAD_MARKER, QUEUE, SENT_MARKER, NotifierMessage, dramatiq_payload
 from svckit.requestid import current_request_id
 
@@ -99,6 +99,7 @@ def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None
         log_level=settings.log_level,
         metrics_port=settings.relay_metrics_port,
         republish_after_s=settings.outbox_republish_after_s,
+        limits=SessionLimits.from_settings(settings),
     )
 
 
@@ -323,6 +324,7 @@ def serve(
     log_level: str = "INFO",
     metrics_port: int = 0,
     republish_after_s: float = 60.0,
+    limits: SessionLimits | None = None,
 ) -> None:
     """The body of each producing service's `<service>-relay` command."""
     from svckit.db import make_engine
@@ -332,7 +334,7 @@ def serve(
 
     configure_logging(f"{service}-relay", log_level)
     serve_metrics(metrics_port)
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, limits=limits)
     client = redis_client(redis_url, timeout_s=2.0)
     Relay(
         engine,

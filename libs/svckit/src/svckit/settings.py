@@ -29,6 +29,17 @@ class BaseServiceSettings(BaseSettings):
     database_url: str = "sqlite:///var/data/service.db"
     db_pool_size: int = 10
     db_max_overflow: int = 10
+    # Postgres session limits (svckit.db.SessionLimits; 0 turns one off). A booking holds its
+    # row locks for a round trip and a commit, so a lock still taken after 2 s has a stuck
+    # holder, not a busy one: answer (503, retry) instead of tying up a worker thread.
+    db_lock_timeout_ms: int = Field(default=2_000, ge=0)
+    # No request statement comes near this (reads walk indexes); it ends a runaway one well
+    # inside the wallet's idempotency lock TTL (30 s).
+    db_statement_timeout_ms: int = Field(default=10_000, ge=0)
+    # Nothing waits inside a transaction (HTTP calls happen outside one), so a session idle
+    # in one this long has lost its client: end it, and release its locks.
+    db_idle_in_transaction_timeout_ms: int = Field(default=30_000, ge=0)
+    db_connect_timeout_s: int = Field(default=5, ge=1)
     redis_url: str = Field(default="redis://127.0.0.1:8190/0")
     # The credential of internal calls. Outside dev it must be at least 32 characters and no
     # placeholder; *_ALLOW_DEV_SERVICE_TOKEN=true (a service run by hand) accepts any

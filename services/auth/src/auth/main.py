@@ -13,7 +13,7 @@ from auth.lockout import Lockout
 from auth.routes import internal, router
 from auth.security import PasswordHasher, TokenIssuer
 from svckit.app import add_health_routes, base_app
-from svckit.db import make_engine
+from svckit.db import SessionLimits, make_engine
 from svckit.jwt import JWKSVerifier
 from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
@@ -29,7 +29,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = app.state
         state.settings = settings
         state.engine = make_engine(
-            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            limits=SessionLimits.from_settings(settings),
         )
         state.redis = redis_client(settings.redis_url, decode_responses=True)
         state.keys = KeyRing(settings.keys_dir, settings.access_token_ttl_s)

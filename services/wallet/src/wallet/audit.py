@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, case, func, select
 
-from svckit.db import make_engine
+from svckit.db import SessionLimits, make_engine
 from wallet.models import SYSTEM, LedgerEntry, Transaction, Wallet
 
 W = Wallet.__table__  # type: ignore[attr-defined]
@@ -117,11 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="wallet-audit", description=__doc__)
     parser.add_argument("--database-url", help="default: WALLET_DATABASE_URL (the service's own setting)")
     args = parser.parse_args(argv)
-    if args.database_url is None:
-        from wallet.config import get_settings
+    from wallet.config import get_settings
 
-        args.database_url = get_settings().database_url
-    engine = make_engine(args.database_url)
+    settings = get_settings()
+    # No statement timeout: the audit's scans read the whole ledger, for minutes when it is
+    # large. It takes no row locks, so the other limits stay the service's.
+    limits = SessionLimits.from_settings(settings, statement_timeout_ms=0)
+    engine = make_engine(args.database_url or settings.database_url, limits=limits)
     try:
         report = audit(engine)
     finally:

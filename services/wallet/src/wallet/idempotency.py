@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import redis
@@ -30,7 +29,13 @@ from sqlmodel import Session
 from svckit.db import utcnow
 from svckit.problems import ProblemError
 from wallet import repository
-from wallet.errors import IdempotencyInProgress, IdempotencyKeyInvalid, IdempotencyKeyMissing, IdempotencyKeyReused
+from wallet.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    WalletBusy,
+)
 from wallet.metrics import IDEMPOTENCY, MONEY_MOVED, MOVEMENTS
 
 log = logging.getLogger("wallet.idempotency")
@@ -157,14 +162,21 @@ class IdempotencyCache:
 # --- at most once, in the database ----------------------------------------------------
 
 # A movement: locks and checks in the caller's transaction, and returns (response body, the
-# booking to write); the booking is written together with the idempotency record.
-Operation = Callable[[Session, datetime], tuple[BaseModel, repository.Booking]]
+# booking to write); the booking is written together with the idempotency record. Its time
+# is the booking's, read once the wallets were locked (see repository.lock_for_movement).
+Operation = Callable[[Session], tuple[BaseModel, repository.Booking]]
 # Postgres: serialization failure, deadlock; both mean "run the transaction again".
 _RETRYABLE_PGCODES = {"40001", "40P01"}
+# Postgres: lock_timeout (lock_not_available), statement_timeout (query_canceled).
+_TIMEOUT_PGCODES = {"55P03", "57014"}
 
 
 def _problem_json(refusal: ProblemError) -> str:
     return json.dumps(refusal.body(), ensure_ascii=False, separators=(",", ":"))
+
+
+def _sqlstate(exc: OperationalError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
 
 
 def _retryable(exc: OperationalError) -> bool:
@@ -173,8 +185,7 @@ def _retryable(exc: OperationalError) -> bool:
     # record, which the retry then finds (and knows for its own by the request token).
     if exc.connection_invalidated:
         return True
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return code in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
+    return _sqlstate(exc) in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
 
 
 def _execute(
@@ -192,10 +203,9 @@ def _execute(
     for attempt in range(retries + 1):
         try:
             with session.begin():
-                now = utcnow()
                 booking: repository.Booking | None
                 try:
-                    result, booking = operation(session, now)
+                    result, booking = operation(session)
                     outcome = Outcome(200, result.model_dump_json(by_alias=True), request_fp)
                 except ProblemError as refusal:
                     # Operations check everything before they book anything, so nothing moved.
@@ -208,7 +218,7 @@ def _execute(
                     status_code=outcome.status_code,
                     response_body=outcome.body,
                     transaction_id=booking.transaction_id if booking else None,
-                    now=now,
+                    now=booking.now if booking else utcnow(),
                     request_token=request_token,
                 )
                 if booking is None:
@@ -224,6 +234,15 @@ def _execute(
             outcome = Outcome(record.status_code, record.response_body, record.fingerprint)
             return outcome, record.request_token != request_token
         except OperationalError as exc:
+            if _sqlstate(exc) in _TIMEOUT_PGCODES:
+                # A wallet stayed locked past lock_timeout (or a statement ran past
+                # statement_timeout): its holder is stuck or the wallet is swamped. Waiting
+                # again here would hold one of the few worker threads for another timeout,
+                # so answer a retryable 503 at once. The transaction rolled back and recorded
+                # nothing under the key, so the client's retry with the same key runs afresh.
+                log.warning("%s timed out in the database (%s)", endpoint, _sqlstate(exc))
+                MOVEMENTS.labels(_kind(endpoint), WalletBusy.code).inc()
+                raise WalletBusy() from exc
             if attempt == retries or not _retryable(exc):
                 raise
             log.warning("retrying %s after %s (attempt %d)", endpoint, type(exc.orig).__name__, attempt + 1)
@@ -289,8 +308,12 @@ def _replay(outcome: Outcome, request_fp: str) -> Response:
     return response
 
 
+def _kind(endpoint: str) -> str:
+    return {"withdraw": "withdrawal"}.get(endpoint, endpoint)
+
+
 def _count(endpoint: str, payload: dict[str, object], outcome: Outcome) -> None:
-    kind = {"withdraw": "withdrawal"}.get(endpoint, endpoint)
+    kind = _kind(endpoint)
     if outcome.status_code == 200:
         MOVEMENTS.labels(kind, "ok").inc()
         MONEY_MOVED.labels(kind, str(payload["currency"])).inc(int(payload["amount"]))  # type: ignore[call-overload]

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from sqlmodel import Session
 
 from svckit.app import add_health_routes, base_app
-from svckit.db import make_engine
+from svckit.db import SessionLimits, make_engine
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier, http_jwks_source
 from svckit.metrics import serve_metrics
@@ -31,7 +31,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.settings = settings
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
         state.engine = make_engine(
-            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            limits=SessionLimits.from_settings(settings),
         )
         state.redis = redis_client(settings.redis_url)
         state.auth_client = service_client(

@@ -1,8 +1,8 @@
 """Every query of the wallet service.
 
 The money-moving path uses Core statements rather than the ORM's unit of work. A movement
-draws its transaction id, locks both wallets (SELECT ... FOR UPDATE), and once the rules
-are checked writes everything as one `Booking`: on Postgres a single statement (balances,
+locks both wallets (SELECT ... FOR UPDATE) and then draws its transaction id and time, and
+once the rules are checked writes everything as one `Booking`: on Postgres a single statement (balances,
 transaction, ledger entries, outbox rows and the idempotency record), so the row locks are
 held for one round trip and the commit.
 """
@@ -27,11 +27,12 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
 )
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
-from svckit.db import utcnow
+from svckit.db import UTCDateTime, utcnow
 from wallet.ledger import Posting, signed
 from wallet.models import (
     CLOSED,
@@ -110,7 +111,7 @@ def add_system_wallet(session: Session, currency: str, shard: int) -> None:
 @dataclass(frozen=True)
 class Booking:
     """Every row one money movement writes, worked out in full while the wallets are locked
-    (their balances are known, and the transaction id is drawn beforehand), so that all of
+    (their balances are known, and the transaction id and time are drawn), so that all of
     it goes to the database in one statement just before the commit. The locks are then
     held for one round trip instead of five."""
 
@@ -152,32 +153,50 @@ class Booking:
         ]
 
 
-def _lock_for_movement(next_transaction_id: str) -> Select[Any]:
-    # The next transaction id rides along with the locks: an uncorrelated scalar subquery
-    # is evaluated once per statement, so the booking needs no round trip of its own.
-    return (
+_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
+_LOCK_WHERE = or_((W.c.user_id == bindparam("user_id")) & (W.c.status == OPEN), W.c.id == bindparam("other_id"))
+
+
+def _lock_then_draw_postgres() -> Select[Any]:
+    """Lock both wallets, then (once both locks are granted) draw the transaction id and the
+    time, in one statement.
+
+    The order matters: history is ordered by transaction id, so of two movements on a
+    wallet the one that locks it later must draw the larger id and the later time. An id
+    drawn in the locking SELECT's own target list is drawn when its first row is projected,
+    before the rows are locked, so a movement that waits for a lock keeps the smaller id
+    while a movement on another pair of wallets books over it. Here the locking SELECT is a
+    materialized CTE, and the id and the time are drawn in a second one over the count of
+    its rows: an aggregate has read, and so locked, every row before it yields, and a CTE
+    runs once, so the id is drawn once, whatever plan joins the two.
+    """
+    # In id order, as every movement locks, so two movements never deadlock.
+    locking = select(*_LOCKED_COLUMNS).where(_LOCK_WHERE).order_by(W.c.id).with_for_update()
+    locked = locking.cte("locked").prefix_with("MATERIALIZED")
+    held = select(func.count()).select_from(locked).subquery("held")
+    drawn = (
         select(
-            W.c.id,
-            W.c.user_id,
-            W.c.kind,
-            W.c.status,
-            W.c.currency,
-            W.c.balance,
-            W.c.owner_name,
-            literal_column(f"({next_transaction_id})").label("next_transaction_id"),
+            func.nextval(literal_column("pg_get_serial_sequence('transactions', 'id')")).label("next_transaction_id"),
+            func.clock_timestamp(type_=UTCDateTime()).label("now"),  # the database's clock, not each replica's
         )
-        .where(or_((W.c.user_id == bindparam("user_id")) & (W.c.status == OPEN), W.c.id == bindparam("other_id")))
-        .order_by(W.c.id)
-        .with_for_update()
+        .select_from(held)
+        .cte("drawn")
+        .prefix_with("MATERIALIZED")
     )
+    return select(locked, drawn).select_from(locked.join(drawn, true()))
 
 
-_LOCK_FOR_MOVEMENT = {
-    # A sequence value, never handed out twice (one a refused movement draws is skipped).
-    "postgresql": _lock_for_movement("SELECT nextval(pg_get_serial_sequence('transactions', 'id'))"),
-    # SQLite: every writer holds the database lock (BEGIN IMMEDIATE), so max + 1 is ours.
-    "sqlite": _lock_for_movement("SELECT coalesce(max(id), 0) + 1 FROM transactions"),
-}
+def _lock_then_draw_sqlite() -> Select[Any]:
+    # Every writer holds the database write lock for its whole transaction (BEGIN
+    # IMMEDIATE), so max + 1 is ours, and the time is read after this statement.
+    next_id = literal_column("(SELECT coalesce(max(id), 0) + 1 FROM transactions)")
+    columns = (*_LOCKED_COLUMNS, next_id.label("next_transaction_id"))
+    return select(*columns).where(_LOCK_WHERE).order_by(W.c.id).with_for_update()
+
+
+# The Postgres id is a sequence value, never handed out twice (one a refused movement draws
+# is skipped).
+_LOCK_FOR_MOVEMENT = {"postgresql": _lock_then_draw_postgres(), "sqlite": _lock_then_draw_sqlite()}
 
 
 def write_booking(session: Session, booking: Booking, record: dict[str, Any] | None = None) -> None:
@@ -362,6 +381,7 @@ def ledger_entries(
 class Locked:
     wallets: dict[int, LockedWallet]
     transaction_id: int  # the id this movement's transaction row will have
+    now: datetime  # the movement's time, read once both locks were held
 
     @property
     def balances(self) -> dict[int, int]:
@@ -369,11 +389,13 @@ class Locked:
 
 
 def lock_for_movement(session: Session, *, user_id: int, other_id: int) -> Locked:
-    """Lock the caller's open wallet and the other wallet, in id order, and draw the
-    movement's transaction id, in one round trip."""
+    """Lock the caller's open wallet and the other wallet, then draw the movement's
+    transaction id and time, in one round trip (see _lock_then_draw_postgres)."""
     conn = session.connection()
     rows = conn.execute(_LOCK_FOR_MOVEMENT[conn.dialect.name], {"user_id": user_id, "other_id": other_id}).all()
+    first = rows[0]._mapping if rows else {}
     return Locked(
-        wallets={row.id: LockedWallet(*row[:-1]) for row in rows},
-        transaction_id=int(rows[0].next_transaction_id) if rows else 0,
+        wallets={row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows},
+        transaction_id=int(first.get("next_transaction_id", 0)),
+        now=first.get("now") or utcnow(),
     )

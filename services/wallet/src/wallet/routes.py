@@ -21,6 +21,7 @@ from wallet.errors import (
     SelfTransfer,
     TransactionNotFound,
     UnsupportedCurrency,
+    WalletBusy,
     WalletExists,
     WalletNotEmpty,
     WalletNotFound,
@@ -44,7 +45,14 @@ router = APIRouter()
 # Transaction ids are BIGINT (migration 0005); wallet ids stay within svckit's MAX_ID.
 MAX_TRANSACTION_ID = 2**63 - 1
 
-_IDEMPOTENT = (IdempotencyKeyMissing, IdempotencyKeyReused, IdempotencyInProgress, Unauthorized, UnsupportedCurrency)
+_IDEMPOTENT = (
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IdempotencyInProgress,
+    Unauthorized,
+    UnsupportedCurrency,
+    WalletBusy,
+)
 _REPLAY_HEADERS: dict[str, Any] = {
     "Idempotent-Replayed": {
         "description": "`true` when this is a stored response replayed",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
@@ -117,7 +116,6 @@ def create_wallet(
                     currency=currency,
                     locked=locked,
                     user_id=user_id,
-                    now=wallet.created_at,
                 )
                 repository.write_booking(session, booking)
             session.refresh(wallet)
@@ -194,11 +192,11 @@ def _book(
     currency: str,
     locked: repository.Locked,
     user_id: int,
-    now: datetime,
 ) -> repository.Booking:
-    """Work out a movement in full from the `locked` wallets' balances: the transaction,
-    its balanced ledger entries with their snapshots, and a receipt in the outbox for each
-    user involved. Nothing is written yet (see repository.write_booking)."""
+    """Work out a movement in full from the `locked` wallets' balances, and the id and time
+    drawn once they were locked: the transaction, its balanced ledger entries with their
+    snapshots, and a receipt in the outbox for each user involved. Nothing is written yet
+    (see repository.write_booking)."""
     source_posting, destination_posting = ledger.postings(
         source=source.wallet_id, destination=destination.wallet_id, amount=amount
     )
@@ -217,7 +215,7 @@ def _book(
             currency=currency,
             balance_after=after[me.wallet_id],
             counterparty=other.name,
-            occurred_at=now,
+            occurred_at=locked.now,
         )
         for me, other, is_source in ((source, destination, True), (destination, source, False))
         if me.user_id is not None
@@ -231,7 +229,7 @@ def _book(
         destination=destination_posting,
         snapshots=after,
         initiated_by=user_id,
-        now=now,
+        now=locked.now,  # read once the wallets were locked, like the id
         outbox=[outbox_row(r) for r in receipts],
     )
 
@@ -250,7 +248,7 @@ def _external_op(*, kind: str, user_id: int, amount: int, currency: str, system_
     wallet is the other side."""
     deposit = kind == "deposit"
 
-    def run(session: Session, now: datetime) -> tuple[BaseModel, repository.Booking]:
+    def run(session: Session) -> tuple[BaseModel, repository.Booking]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
         own = _own_wallet(locked.wallets, user_id, currency)
         if not deposit and own.balance < amount:
@@ -264,7 +262,6 @@ def _external_op(*, kind: str, user_id: int, amount: int, currency: str, system_
             currency=currency,
             locked=locked,
             user_id=user_id,
-            now=now,
         )
         result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
         return result, booking
@@ -285,7 +282,7 @@ def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: i
 
 
 def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) -> Operation:
-    def run(session: Session, now: datetime) -> tuple[BaseModel, repository.Booking]:
+    def run(session: Session) -> tuple[BaseModel, repository.Booking]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=to_wallet_id)
         own = _own_wallet(locked.wallets, user_id, currency)
         if to_wallet_id == own.id:
@@ -305,7 +302,6 @@ def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) 
             currency=currency,
             locked=locked,
             user_id=user_id,
-            now=now,
         )
         result = TransferResult(
             wallet_id=own.id,

@@ -1,0 +1,105 @@
+"""Postgres sessions carry lock, statement and idle-transaction timeouts, and a movement
+that runs into one answers a retryable 503 that keeps nothing under its idempotency key."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Connection, create_engine, text
+
+from wallet.config import Settings
+
+from .factories import AuthFake, Signer, move, new_user, open_wallet
+
+LIMITS = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
+KEEPALIVES = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, database_url: str, redis_url: str) -> Settings:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("needs Postgres (TEST_DATABASE_URL): the timeouts are Postgres session settings")
+    overrides = getattr(request, "param", {})
+    return Settings(database_url=database_url, redis_url=redis_url, service_token="test-service-token", **overrides)
+
+
+@pytest.fixture
+def holder(database_url: str) -> Iterator[Connection]:
+    """Another session, as a stuck client's transaction would be (no timeouts of ours)."""
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        yield conn
+    engine.dispose()
+
+
+class TestEngineSessions:
+    def test_carry_the_configured_limits_and_keepalives(self, client: TestClient, settings: Settings) -> None:
+        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+            shown = {name: conn.exec_driver_sql(f"SHOW {name}").scalar_one() for name in LIMITS + KEEPALIVES}
+            libpq = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert shown == {
+            "lock_timeout": "2s",
+            "statement_timeout": "10s",
+            "idle_in_transaction_session_timeout": "30s",
+            "tcp_keepalives_idle": "30",
+            "tcp_keepalives_interval": "10",
+            "tcp_keepalives_count": "3",
+        }
+        assert (settings.db_lock_timeout_ms, settings.db_statement_timeout_ms) == (2_000, 10_000)  # the defaults
+        assert {k: libpq.get(k) for k in ("keepalives", "connect_timeout")} == {
+            "keepalives": "1",
+            "connect_timeout": "5",
+        }
+
+
+BUSY_CASES = [
+    pytest.param({"db_lock_timeout_ms": 300}, "55P03", id="lock_timeout"),
+    # With no lock timeout, the statement timeout ends the wait instead.
+    pytest.param({"db_lock_timeout_ms": 0, "db_statement_timeout_ms": 300}, "57014", id="statement_timeout"),
+]
+
+
+@pytest.mark.parametrize(("settings", "sqlstate"), BUSY_CASES, indirect=["settings"])
+class TestAMovementOnALockedWallet:
+    def test_is_a_retryable_503_that_keeps_nothing(
+        self,
+        client: TestClient,
+        signer: Signer,
+        auth_fake: AuthFake,
+        holder: Connection,
+        sqlstate: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        user = new_user(signer, auth_fake)
+        wallet_id = open_wallet(client, user, balance=100)["id"]
+        history = client.get("/transaction/history", headers=user.headers).json()
+        holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
+        key = uuid.uuid4().hex
+
+        busy = move(client, user, "withdraw", idem=key, amount=30)
+
+        assert holder.in_transaction()  # answered while the wallet was still locked
+        assert busy.status_code == 503, busy.text
+        assert busy.headers["content-type"] == "application/problem+json"
+        assert busy.headers["retry-after"] == "1"
+        assert (busy.json()["code"], busy.json()["status"]) == ("wallet_busy", 503)
+        assert f"withdraw timed out in the database ({sqlstate})" in caplog.text
+        # Nothing moved, nothing was kept under the key, and its Redis lock is free.
+        assert client.get("/wallet", headers=user.headers).json()["balance"] == 100
+        assert client.get("/transaction/history", headers=user.headers).json() == history
+        kept = holder.execute(
+            text("SELECT count(*) FROM idempotency_records WHERE user_id = :u AND key = :k"), {"u": user.id, "k": key}
+        ).scalar_one()
+        assert kept == 0
+        cache = client.app.state.redis  # type: ignore[attr-defined]
+        assert cache.exists(f"idem:lock:{user.id}:withdraw:{key}", f"idem:resp:{user.id}:withdraw:{key}") == 0
+
+        holder.rollback()  # the stuck session ends
+        again = move(client, user, "withdraw", idem=key, amount=30)
+        assert again.status_code == 200, again.text
+        assert "idempotent-replayed" not in again.headers  # it ran now, for the first time
+        assert again.json()["current_balance"] == 70
+        assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
