@@ -81,7 +81,9 @@ def test_ledger_ids_are_64_bit_on_postgres(
                     conn.execute(text(f"SELECT setval({sequence}, {2**31 + 10})"))
         finally:
             engine.dispose()
-        settings = Settings(database_url=url, redis_url=redis_url, service_token="test-service-token")
+        settings = Settings(
+            database_url=url, redis_url=redis_url, service_token="test-service-token", allow_dev_service_token=True
+        )
         with app_client(settings, signer, auth_fake) as client:
             user = new_user(signer, auth_fake)
             wallet = open_wallet(client, user, balance=100)  # a deposit: one transaction, two entries

@@ -26,7 +26,11 @@ def settings(database_url: str, redis_url: str) -> Settings:
         pytest.skip("needs Postgres (TEST_DATABASE_URL): SQLite runs one writer at a time, so no movement waits")
     # A generous lock timeout: the blocked movement must wait, not give up, however slow the machine.
     return Settings(
-        database_url=database_url, redis_url=redis_url, service_token="test-service-token", db_lock_timeout_ms=60_000
+        database_url=database_url,
+        redis_url=redis_url,
+        service_token="test-service-token",
+        allow_dev_service_token=True,
+        db_lock_timeout_ms=60_000,
     )
 
 

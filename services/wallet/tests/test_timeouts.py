@@ -23,7 +23,13 @@ def settings(request: pytest.FixtureRequest, database_url: str, redis_url: str) 
     if not database_url.startswith("postgresql"):
         pytest.skip("needs Postgres (TEST_DATABASE_URL): the timeouts are Postgres session settings")
     overrides = getattr(request, "param", {})
-    return Settings(database_url=database_url, redis_url=redis_url, service_token="test-service-token", **overrides)
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        service_token="test-service-token",
+        allow_dev_service_token=True,
+        **overrides,
+    )
 
 
 @pytest.fixture
