@@ -109,3 +109,17 @@ class TestAMovementOnALockedWallet:
         assert "idempotent-replayed" not in again.headers  # it ran now, for the first time
         assert again.json()["current_balance"] == 70
         assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
+
+    def test_closing_the_wallet_is_the_same_503(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake, holder: Connection, sqlstate: str
+    ) -> None:
+        user = new_user(signer, auth_fake)
+        wallet_id = open_wallet(client, user)["id"]
+        holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
+
+        busy = client.delete("/wallet", headers=user.headers)
+
+        assert (busy.status_code, busy.json()["code"], busy.headers["retry-after"]) == (503, "wallet_busy", "1")
+        assert client.get("/wallet", headers=user.headers).status_code == 200  # still open
+        holder.rollback()
+        assert client.delete("/wallet", headers=user.headers).status_code == 200

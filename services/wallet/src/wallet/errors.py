@@ -93,13 +93,14 @@ class IdempotencyInProgress(ProblemError):
 
 
 class WalletBusy(ProblemError):
-    """A wallet stayed locked past the database's lock timeout: nothing was done and nothing
-    was kept under the idempotency key, so the same request may be sent again."""
+    """A wallet stayed locked past the database's lock timeout (or a statement ran past its
+    timeout): nothing was done and nothing was kept under the idempotency key, so the same
+    request may be sent again."""
 
     status = 503
     code = "wallet_busy"
     title = "Wallet busy"
-    default_detail = "The wallet is busy; nothing was done. Retry shortly with the same idempotency key."
+    default_detail = "The wallet is busy; nothing was done. Retry shortly (with the same idempotency key, if any)."
 
     def __init__(self, retry_after_s: int = 1) -> None:
         super().__init__(headers={"Retry-After": str(retry_after_s)})

@@ -179,6 +179,11 @@ def _sqlstate(exc: OperationalError) -> str | None:
     return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
 
 
+def timed_out(exc: OperationalError) -> bool:
+    """A lock wait past lock_timeout, or a statement past statement_timeout (Postgres)."""
+    return _sqlstate(exc) in _TIMEOUT_PGCODES
+
+
 def _retryable(exc: OperationalError) -> bool:
     # A dead connection (the server restarted, or dropped us) is retried on a fresh one:
     # whatever the lost attempt did either never committed or committed its idempotency
@@ -234,7 +239,7 @@ def _execute(
             outcome = Outcome(record.status_code, record.response_body, record.fingerprint)
             return outcome, record.request_token != request_token
         except OperationalError as exc:
-            if _sqlstate(exc) in _TIMEOUT_PGCODES:
+            if timed_out(exc):
                 # A wallet stayed locked past lock_timeout (or a statement ran past
                 # statement_timeout): its holder is stuck or the wallet is swamped. Waiting
                 # again here would hold one of the few worker threads for another timeout,

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from svckit.app import add_health_routes, base_app
@@ -14,10 +16,12 @@ from svckit.db import SessionLimits, make_engine
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier, http_jwks_source
 from svckit.metrics import serve_metrics
+from svckit.problems import problem_response
 from svckit.redis import redis_client
 from wallet import service
 from wallet.config import Settings, get_settings
-from wallet.idempotency import IdempotencyCache
+from wallet.errors import WalletBusy
+from wallet.idempotency import IdempotencyCache, timed_out
 from wallet.routes import require_idempotency_key_in_docs, router
 
 
@@ -65,6 +69,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = base_app("wallet", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
+    app.add_exception_handler(OperationalError, _database_busy)
     require_idempotency_key_in_docs(app)
     add_health_routes(app)
     return app
+
+
+async def _database_busy(_: Request, exc: Exception) -> JSONResponse:
+    """Outside the movements (which map it themselves), a lock or statement timeout, as when
+    closing a locked wallet, is the same retryable 503: its transaction rolled back."""
+    if not (isinstance(exc, OperationalError) and timed_out(exc)):
+        raise exc
+    busy = WalletBusy()
+    return problem_response(busy.status, busy.code, busy.title, busy.detail, headers=busy.headers)

@@ -98,7 +98,7 @@ def get_wallet(session: SessionDep, caller: UserDep) -> WalletRead:
     "/wallet",
     response_model=Message,
     tags=["wallet"],
-    responses=problem_responses(Unauthorized, WalletNotFound, WalletNotEmpty),
+    responses=problem_responses(Unauthorized, WalletNotFound, WalletNotEmpty, WalletBusy),
 )
 def close_wallet(session: SessionDep, caller: UserDep) -> Message:
     """Close your wallet (its balance must be zero). History and ledger stay."""
