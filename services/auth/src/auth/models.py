@@ -9,6 +9,7 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 from svckit.db import UTCDateTime
+from svckit.outbox import OUTBOX_GRANTS
 
 
 def utcnow() -> datetime:
@@ -42,3 +43,11 @@ class OutboxMessage(Base, table=True):
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     published_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     confirmed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+# What the service's database role may do (applied by every migration run, see
+# svckit.migrate): accounts are created and read, never changed or removed.
+GRANTS = {
+    "users": ("SELECT", "INSERT"),
+    "outbox": OUTBOX_GRANTS,
+}

@@ -13,6 +13,7 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 from svckit.db import UTCDateTime, utcnow
+from svckit.outbox import OUTBOX_GRANTS
 
 
 class Base(SQLModel, registry=registry()):
@@ -144,3 +145,15 @@ class OutboxMessage(Base, table=True):
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     published_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     confirmed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+# What the service's database role may do (applied by every migration run, see
+# svckit.migrate): the ledger is SELECT and INSERT only, so history cannot be rewritten
+# whatever the triggers; wallets change balance and status; records are written once.
+GRANTS = {
+    "wallets": ("SELECT", "INSERT", "UPDATE"),
+    "transactions": ("SELECT", "INSERT"),
+    "ledger_entries": ("SELECT", "INSERT"),
+    "idempotency_records": ("SELECT", "INSERT"),
+    "outbox": OUTBOX_GRANTS,
+}
