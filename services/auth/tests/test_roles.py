@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from auth.config import Settings
@@ -106,6 +107,22 @@ class TestTheServiceRole:
         assert isinstance(error, psycopg.Error)
         assert error.sqlstate == "42501", error  # insufficient_privilege
         assert message in str(error)
+
+
+def test_tables_the_migration_role_does_not_own_stop_the_migration(db: RoleDatabase) -> None:
+    # An old deployment's tables, created by the superuser: they must be handed over first.
+    superuser = make_url(os.environ["TEST_DATABASE_URL"])
+    admin = create_engine(superuser.set(database=db.name))
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'ALTER TABLE users OWNER TO "{superuser.username}"'))
+        with pytest.raises(AssertionError, match=r"tables \['users'\] are not owned by the migration role"):
+            migrate(db)
+        with admin.begin() as conn:
+            conn.execute(text(f'ALTER TABLE users OWNER TO "{db.owner}"'))
+        migrate(db)
+    finally:
+        admin.dispose()
 
 
 def test_grants_follow_a_downgrade_and_an_upgrade(db: RoleDatabase, app_client: TestClient) -> None:

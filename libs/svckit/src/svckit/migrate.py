@@ -84,7 +84,9 @@ def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
     """Make `role`'s privileges on the tables (and their sequences) this role owns exactly
     `grants`: everything else is revoked. Idempotent; runs in the caller's transaction, so
     the service sees the old privileges or the new ones, never none."""
-    me = conn.execute(text("SELECT current_user")).scalar_one()
+    me, superuser = conn.execute(text("SELECT rolname, rolsuper FROM pg_roles WHERE rolname = current_user")).one()
+    if superuser:
+        log.warning("migrations connect as the superuser %s: use a role that owns the tables and nothing else", me)
     if role == me:
         log.warning("migrations connect as the app role %s: it owns the tables (see deploy/README.md)", role)
         return
