@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from svckit.testing import create_role_database, drop_role_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,30 +103,23 @@ def start_stack(var: Path, **env: str) -> Stack:
 
 
 def drop_databases(env: dict[str, str]) -> None:
-    for name, value in env.items():
-        if name.endswith("_DATABASE_URL"):
-            url = make_url(value)
-            admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            admin.dispose()
+    """Drop what postgres_stack_env made: the databases and their roles."""
+    base = os.environ["TEST_DATABASE_URL"]
+    for name in {make_url(v).database for k, v in env.items() if k.endswith("_DATABASE_URL")}:
+        drop_role_database(base, str(name))
 
 
 def postgres_stack_env(tag: str) -> dict[str, str] | None:
-    """Fresh auth and wallet databases on TEST_DATABASE_URL's server, or None without one."""
+    """Fresh auth and wallet databases on TEST_DATABASE_URL's server, or None without one;
+    as in production, each owned by a migration role, the services connecting as an app role."""
     base = os.environ.get("TEST_DATABASE_URL")
     if not base:
         return None
-    url = make_url(base)
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     env = {}
-    with admin.connect() as conn:
-        for service in ("auth", "wallet"):
-            name = f"{url.database}_{tag}_{service}"
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-            env[f"{service.upper()}_DATABASE_URL"] = url.set(database=name).render_as_string(hide_password=False)
-    admin.dispose()
+    for service in ("auth", "wallet"):
+        db = create_role_database(base, f"{make_url(base).database}_{tag}_{service}")
+        env[f"{service.upper()}_DATABASE_URL"] = db.app_url
+        env[f"{service.upper()}_MIGRATION_DATABASE_URL"] = db.migration_url
     return env
 
 
