@@ -46,7 +46,7 @@ def run_migrations(target_metadata: MetaData, settings: BaseServiceSettings, gra
     x = context.get_x_argument(as_dictionary=True)
     url = x.get("url") or settings.migration_database_url or settings.database_url
     role = x.get("app_role") or app_role(settings)
-    if context.is_offline_mode():
+    if context.is_offline_mode():  # an SQL script carries no grants: run online once after it
         context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
         with context.begin_transaction():
             context.run_migrations()
