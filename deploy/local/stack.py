@@ -246,6 +246,8 @@ def traefik_flags(overrides: dict[str, str]) -> list[str]:
 
 
 def migrate(env: dict[str, str]) -> None:
+    # Alembic connects with *_MIGRATION_DATABASE_URL when set (the role owning the tables)
+    # and grants the user of *_DATABASE_URL what the service needs; else (SQLite) one URL.
     for service in SERVICES_WITH_MIGRATIONS:
         ini = ROOT / "services" / service / "alembic.ini"
         if ini.exists():
@@ -350,6 +352,8 @@ def main() -> None:
     env = plan.env()
     print(f"stack: migrating databases (logs in {plan.var}/logs)", flush=True)
     migrate(env)
+    # The processes connect as the app roles: the owners' URLs stay with the migrations.
+    env = {k: v for k, v in env.items() if not k.endswith("_MIGRATION_DATABASE_URL")}
     printer = LogFilePrinter(plan.var / "logs", echo=os.environ.get("STACK_VERBOSE") == "1")
     manager = Manager(printer=printer)
     for name, cmd in commands(plan).items():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,30 +101,49 @@ def start_stack(var: Path, **env: str) -> Stack:
     )
 
 
+def _admin() -> Engine:
+    url = make_url(os.environ["TEST_DATABASE_URL"]).set(database="postgres")
+    return create_engine(url, isolation_level="AUTOCOMMIT")
+
+
+def _drop(conn: Connection, name: str) -> None:
+    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    for role in (f"{name}_app", f"{name}_owner"):  # cluster-wide: named after their database
+        conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+
+
 def drop_databases(env: dict[str, str]) -> None:
-    for name, value in env.items():
-        if name.endswith("_DATABASE_URL"):
-            url = make_url(value)
-            admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            admin.dispose()
+    """Drop what postgres_stack_env made: the databases, then their roles."""
+    admin = _admin()
+    with admin.connect() as conn:
+        for name in {make_url(v).database for k, v in env.items() if k.endswith("_DATABASE_URL")}:
+            _drop(conn, str(name))
+    admin.dispose()
 
 
 def postgres_stack_env(tag: str) -> dict[str, str] | None:
-    """Fresh auth and wallet databases on TEST_DATABASE_URL's server, or None without one."""
+    """Fresh auth and wallet databases on TEST_DATABASE_URL's server, or None without one.
+    As in production (deploy/README.md, "Database roles"): each is owned by `<db>_owner`, who
+    runs the migrations, and the services connect as `<db>_app`, granted what they need."""
     base = os.environ.get("TEST_DATABASE_URL")
     if not base:
         return None
     url = make_url(base)
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     env = {}
+    admin = _admin()
     with admin.connect() as conn:
         for service in ("auth", "wallet"):
             name = f"{url.database}_{tag}_{service}"
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-            env[f"{service.upper()}_DATABASE_URL"] = url.set(database=name).render_as_string(hide_password=False)
+            owner, app = f"{name}_owner", f"{name}_app"
+            _drop(conn, name)
+            for role in (owner, app):
+                conn.execute(text(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{role}'"))
+            conn.execute(text(f'CREATE DATABASE "{name}" OWNER "{owner}"'))
+            conn.execute(text(f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC'))
+            conn.execute(text(f'GRANT CONNECT ON DATABASE "{name}" TO "{app}"'))
+            prefix = service.upper()
+            for key, role in ((f"{prefix}_DATABASE_URL", app), (f"{prefix}_MIGRATION_DATABASE_URL", owner)):
+                env[key] = url.set(database=name, username=role, password=role).render_as_string(hide_password=False)
     admin.dispose()
     return env
 

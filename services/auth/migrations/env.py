@@ -1,5 +1,5 @@
 from auth.config import get_settings
-from auth.models import Base
+from auth.models import GRANTS, Base
 from svckit.migrate import run_migrations
 
-run_migrations(Base.metadata, get_settings().database_url)
+run_migrations(Base.metadata, get_settings(), GRANTS)

@@ -1,5 +1,5 @@
 from svckit.migrate import run_migrations
 from wallet.config import get_settings
-from wallet.models import Base
+from wallet.models import GRANTS, Base
 
-run_migrations(Base.metadata, get_settings().database_url)
+run_migrations(Base.metadata, get_settings(), GRANTS)

@@ -1,17 +1,52 @@
-"""The body of every service's Alembic env.py: online migrations for SQLite and Postgres."""
+"""The body of every service's Alembic env.py: online migrations for SQLite and Postgres,
+and on Postgres the privileges of the role the service connects as.
+
+Two roles per database in production: the migration role owns the tables (and with them
+ALTER, DISABLE TRIGGER, DROP TRIGGER, TRUNCATE), and the app role the service connects as
+holds only what the service's queries need, declared once per service (`GRANTS` next to
+its models) and applied again after every migration run, so a new image's privileges
+arrive with it. Nothing else is granted: a table without a declaration gets nothing.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection, Mapping
+
 from alembic import context
-from sqlalchemy import MetaData
+from sqlalchemy import Connection, MetaData, text
+from sqlalchemy.engine import make_url
 
 from svckit.db import make_engine
+from svckit.settings import BaseServiceSettings
+
+log = logging.getLogger("svckit.migrate")
+
+Grants = Mapping[str, Collection[str]]
+# What a service may be granted on a table. TRUNCATE, REFERENCES and TRIGGER never: each
+# would let it bypass or tamper with the append-only ledger.
+PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 
 
-def run_migrations(target_metadata: MetaData, url: str) -> None:
-    # `-x url=...` on the alembic command line wins over the service's settings.
-    url = context.get_x_argument(as_dictionary=True).get("url", url)
-    if context.is_offline_mode():
+def app_role(settings: BaseServiceSettings) -> str:
+    """The role the service's privileges are granted to: `*_DATABASE_APP_ROLE`, else the user
+    of `*_DATABASE_URL` when the migrations connect with `*_MIGRATION_DATABASE_URL`."""
+    if settings.database_app_role:
+        return settings.database_app_role
+    if not settings.migration_database_url:
+        return ""
+    return make_url(settings.database_url).username or ""
+
+
+def run_migrations(target_metadata: MetaData, settings: BaseServiceSettings, grants: Grants) -> None:
+    """Migrate with the migration URL (`*_MIGRATION_DATABASE_URL`, else `*_DATABASE_URL`),
+    then grant the app role its privileges. `-x url=...` and `-x app_role=...` on the
+    alembic command line win over the settings."""
+    check_grants(target_metadata, grants)
+    x = context.get_x_argument(as_dictionary=True)
+    url = x.get("url") or settings.migration_database_url or settings.database_url
+    role = x.get("app_role") or app_role(settings)
+    if context.is_offline_mode():  # an SQL script carries no grants: run online once after it
         context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
         with context.begin_transaction():
             context.run_migrations()
@@ -26,7 +61,85 @@ def run_migrations(target_metadata: MetaData, url: str) -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+        if role and connection.dialect.name == "postgresql":
+            if connection.in_transaction():
+                connection.commit()
+            with connection.begin():
+                apply_grants(connection, role, grants)
     engine.dispose()
+
+
+def check_grants(target_metadata: MetaData, grants: Grants) -> None:
+    """Every table of the service has a declaration (possibly empty), and only known privileges."""
+    missing = sorted(set(target_metadata.tables) - set(grants))
+    if missing:
+        raise ValueError(f"tables without a GRANTS entry: {missing} (declare what the service needs, or ())")
+    for table, privileges in grants.items():
+        wrong = {p.upper() for p in privileges} - PRIVILEGES
+        if wrong:
+            raise ValueError(f"{table}: privileges {sorted(wrong)} may not be granted (only {sorted(PRIVILEGES)})")
+
+
+def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
+    """Make `role`'s privileges on the tables (and their sequences) this role owns exactly
+    `grants`: everything else is revoked. Idempotent; runs in the caller's transaction, so
+    the service sees the old privileges or the new ones, never none."""
+    me, superuser = conn.execute(text("SELECT rolname, rolsuper FROM pg_roles WHERE rolname = current_user")).one()
+    if superuser:
+        log.warning("migrations connect as the superuser %s: use a role that owns the tables and nothing else", me)
+    if role == me:
+        log.warning("migrations connect as the app role %s: it owns the tables (see deploy/README.md)", role)
+        return
+    found = conn.execute(
+        text(
+            "SELECT rolsuper, pg_has_role(rolname, current_user, 'MEMBER') AS member FROM pg_roles WHERE rolname = :r"
+        ),
+        {"r": role},
+    ).first()
+    if found is None:
+        raise RuntimeError(f"app role {role!r} does not exist: create it first (deploy/README.md)")
+    if found.rolsuper:
+        raise RuntimeError(f"app role {role!r} is a superuser: it could bypass every privilege")
+    if found.member:
+        raise RuntimeError(f"app role {role!r} is a member of the migration role {me!r}: it could ALTER the tables")
+    # Relations of the current schema: tables (r, p) and sequences (S), and who owns them.
+    rows = conn.execute(
+        text(
+            "SELECT c.oid, c.relname, c.relkind, pg_get_userbyid(c.relowner) AS owner FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'S')"
+        )
+    ).all()
+    foreign = sorted(r.relname for r in rows if r.owner != me and r.relname in grants)
+    if foreign:
+        raise RuntimeError(
+            f"tables {foreign} are not owned by the migration role {me!r}: "
+            f"ALTER TABLE ... OWNER TO {me} first (deploy/README.md)"
+        )
+    quote = conn.dialect.identifier_preparer.quote
+    grantee = quote(role)
+    for r in rows:
+        if r.owner == me:
+            kind = "SEQUENCE" if r.relkind == "S" else "TABLE"
+            conn.exec_driver_sql(f"REVOKE ALL ON {kind} {quote(r.relname)} FROM {grantee}")
+    tables = {r.relname: r.oid for r in rows if r.relkind != "S"}
+    for table, privileges in grants.items():
+        wanted = {p.upper() for p in privileges}
+        if table not in tables or not wanted:
+            continue  # not there (yet, or any more: a downgrade), or nothing to grant
+        conn.exec_driver_sql(f"GRANT {', '.join(sorted(wanted))} ON TABLE {quote(table)} TO {grantee}")
+        if "INSERT" in wanted:  # the ids its inserts draw (serial or identity columns)
+            for (sequence,) in conn.execute(_OWNED_SEQUENCES, {"table": tables[table]}):
+                conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE {quote(sequence)} TO {grantee}")
+    log.info("granted %s its privileges on %d tables", role, len(grants))
+
+
+_OWNED_SEQUENCES = text(
+    "SELECT s.relname FROM pg_depend d "
+    "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+    "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
+    "AND d.deptype IN ('a', 'i') AND d.refobjid = CAST(:table AS oid)"
+)
 
 
 def create_outbox() -> None:

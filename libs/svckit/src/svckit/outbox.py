@@ -54,6 +54,11 @@ REPUBLISHED = Counter(
     "outbox_republished_total", "Rows published again because their delivery was never confirmed", ["service"]
 )
 
+# What a producing service's database role needs on its outbox table: rows are staged with
+# the change they report; the relay claims them (FOR UPDATE SKIP LOCKED needs UPDATE) and
+# stamps published_at and confirmed_at. Nothing deletes its rows.
+OUTBOX_GRANTS = ("SELECT", "INSERT", "UPDATE")
+
 
 def outbox_row(message: NotifierMessage) -> dict[str, Any]:
     """The values of the outbox row that carries `message` (insert it in your transaction)."""

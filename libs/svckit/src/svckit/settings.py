@@ -26,7 +26,13 @@ class BaseServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, hide_input_in_errors=True)
 
     log_level: str = "INFO"
-    database_url: str = "sqlite:///var/data/service.db"
+    database_url: str = "sqlite:///var/data/service.db"  # what the service connects with
+    # Alembic connects as the role that owns the tables (empty: database_url, one file and no
+    # roles on SQLite). The role of database_url is then granted only what the service needs.
+    migration_database_url: str = ""
+    # The role the migrations grant the service's privileges to (empty: database_url's user,
+    # when migration_database_url is set).
+    database_app_role: str = ""
     db_pool_size: int = 10
     db_max_overflow: int = 10
     # Postgres session limits (svckit.db.SessionLimits; 0 turns one off). A booking holds its

@@ -6,6 +6,7 @@ Not imported by any service at run time.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -89,6 +91,74 @@ def fresh_database(service: str, tmp_dir: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@dataclass(frozen=True)
+class RoleDatabase:
+    """A Postgres database as production has it (deploy/README.md, "Database roles")."""
+
+    name: str
+    owner: str  # the migration role: owns the database and every table in it
+    app: str  # the role the service connects as: CONNECT, and what the migrations grant it
+    migration_url: str
+    app_url: str
+
+
+def create_role_database(admin_url: str, name: str) -> RoleDatabase:
+    """Create database `name` owned by a new role `<name>_owner`, and a role `<name>_app`
+    that may only connect to it (roles are cluster-wide, hence the database's name in
+    theirs). `admin_url` is a superuser's. Undo with drop_role_database."""
+    url = make_url(admin_url)
+    owner, app = f"{name}_owner", f"{name}_app"
+    passwords = {owner: secrets.token_hex(16), app: secrets.token_hex(16)}
+    drop_role_database(admin_url, name)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for role, password in passwords.items():
+                conn.execute(
+                    text(f"CREATE ROLE \"{role}\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{password}'")
+                )
+            conn.execute(text(f'CREATE DATABASE "{name}" OWNER "{owner}"'))
+            conn.execute(text(f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC'))
+            conn.execute(text(f'GRANT CONNECT ON DATABASE "{name}" TO "{app}"'))
+    finally:
+        admin.dispose()
+    db = create_engine(url.set(database=name), isolation_level="AUTOCOMMIT")
+    try:
+        with db.connect() as conn:  # Postgres 15 and later already: only the owner creates
+            conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+    finally:
+        db.dispose()
+
+    def as_role(role: str) -> str:
+        return url.set(database=name, username=role, password=passwords[role]).render_as_string(hide_password=False)
+
+    return RoleDatabase(name=name, owner=owner, app=app, migration_url=as_role(owner), app_url=as_role(app))
+
+
+def drop_role_database(admin_url: str, name: str) -> None:
+    """Drop database `name` and its two roles (see create_role_database), if there."""
+    admin = create_engine(make_url(admin_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for role in (f"{name}_app", f"{name}_owner"):
+                conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def role_database(service: str) -> Iterator[RoleDatabase]:
+    """A fresh database with the two roles on TEST_DATABASE_URL's server, dropped afterwards."""
+    base = os.environ["TEST_DATABASE_URL"]
+    name = f"{make_url(base).database}_{service}_roles_{os.getpid()}"
+    db = create_role_database(base, name)
+    try:
+        yield db
+    finally:
+        drop_role_database(base, name)
 
 
 def alembic(ini: Path, url: str, *args: str) -> None:

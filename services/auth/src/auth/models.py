@@ -9,6 +9,7 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 from svckit.db import UTCDateTime
+from svckit.outbox import OUTBOX_GRANTS
 
 
 def utcnow() -> datetime:
@@ -44,3 +45,11 @@ class OutboxMessage(Base, table=True):
     confirmed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     # 'sent' or 'dead_lettered' once confirmed (svckit.outbox); null before.
     outcome: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+
+
+# What the service's database role may do (applied by every migration run, see
+# svckit.migrate): accounts are created and read, never changed or removed.
+GRANTS = {
+    "users": ("SELECT", "INSERT"),
+    "outbox": OUTBOX_GRANTS,
+}

@@ -25,6 +25,7 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
 from svckit.db import UTCDateTime, utcnow
+from svckit.outbox import OUTBOX_GRANTS
 
 
 class Base(SQLModel, registry=registry()):
@@ -175,3 +176,15 @@ class OutboxMessage(Base, table=True):
     confirmed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     # 'sent' or 'dead_lettered' once confirmed (svckit.outbox); null before.
     outcome: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+
+
+# What the service's database role may do (applied by every migration run, see
+# svckit.migrate): the ledger is SELECT and INSERT only, so history cannot be rewritten
+# whatever the triggers; wallets change balance and status; records are written once.
+GRANTS = {
+    "wallets": ("SELECT", "INSERT", "UPDATE"),
+    "transactions": ("SELECT", "INSERT"),
+    "ledger_entries": ("SELECT", "INSERT"),
+    "idempotency_records": ("SELECT", "INSERT"),
+    "outbox": OUTBOX_GRANTS,
+}

@@ -1,0 +1,192 @@
+"""Production's two database roles: the migrations run as the role that owns the tables, the
+service as one that may only read and append the ledger (Postgres only: SQLite has no roles).
+
+Nothing the service's role can run rewrites history: the append-only triggers are the
+owner's, and the owner is not who the service connects as.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from svckit.db import make_engine
+from svckit.http import service_client
+from svckit.jwt import JWKSVerifier
+from svckit.messages import SENT_MARKER
+from svckit.outbox import Relay
+from svckit.testing import RoleDatabase, role_database
+from wallet.audit import audit
+from wallet.config import Settings
+from wallet.main import create_app
+from wallet.outbox import TABLE as OUTBOX
+
+from .conftest import INI
+from .factories import AuthFake, Signer, key, move, new_user, open_wallet
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("TEST_DATABASE_URL"), reason="database roles exist only on Postgres: set TEST_DATABASE_URL"
+)
+
+ALEMBIC = Path(sys.executable).parent / "alembic"
+
+
+def migrate(db: RoleDatabase, *args: str) -> subprocess.CompletedProcess[str]:
+    """Alembic as compose and Kubernetes run it: the service's URL (the app role) and the
+    migration URL (the owner) from the environment."""
+    env = {**os.environ, "WALLET_DATABASE_URL": db.app_url, "WALLET_MIGRATION_DATABASE_URL": db.migration_url}
+    return subprocess.run(
+        [str(ALEMBIC), "-c", str(INI), *(args or ("upgrade", "head"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def db() -> Iterator[RoleDatabase]:
+    with role_database("wallet") as created:
+        result = migrate(created)
+        assert result.returncode == 0, result.stderr
+        yield created
+
+
+@pytest.fixture
+def app_client(db: RoleDatabase, redis_url: str, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+    settings = Settings(database_url=db.app_url, redis_url=redis_url, service_token="test-service-token")
+    app = create_app(settings)
+    with TestClient(app) as c:
+        app.state.verifier = JWKSVerifier(signer.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        app.state.auth_client = service_client(
+            "http://auth", service_token="test-service-token", transport=httpx.MockTransport(auth_fake), backoff_s=0
+        )
+        yield c
+
+
+def refused(url: str, statement: str) -> psycopg.Error:
+    engine = make_engine(url)
+    try:
+        with pytest.raises(DBAPIError) as caught, engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+    error = caught.value.orig
+    assert isinstance(error, psycopg.Error)
+    return error
+
+
+class TestTheServiceRole:
+    def test_money_moves_the_audit_and_the_relay_work(
+        self, db: RoleDatabase, app_client: TestClient, signer: Signer, auth_fake: AuthFake, redis_url: str
+    ) -> None:
+        alice, bob = new_user(signer, auth_fake), new_user(signer, auth_fake, first="Bob")
+        open_wallet(app_client, alice, balance=1_000)  # wallet row, and a deposit
+        bob_wallet = open_wallet(app_client, bob)
+        idem = key()
+        assert move(app_client, alice, "deposit", amount=500, idem=idem).status_code == 200
+        assert move(app_client, alice, "deposit", amount=500, idem=idem).status_code == 200  # replayed
+        transfer = move(app_client, alice, "transfer", amount=300, to_account_id=bob_wallet["id"])
+        assert transfer.status_code == 200, transfer.text
+        assert move(app_client, bob, "withdraw", amount=300).status_code == 200
+        assert app_client.get("/wallet", headers=alice.headers).json()["balance"] == 1_200
+        assert app_client.get("/wallet", headers=bob.headers).json()["balance"] == 0
+        assert app_client.get("/transaction/history", headers=alice.headers).status_code == 200
+        assert app_client.delete("/wallet", headers=bob.headers).status_code == 200  # closing updates it
+
+        engine = make_engine(db.app_url)
+        try:
+            report = audit(engine)
+            assert report.violations == []
+            assert report.transactions >= 3
+
+            markers = redis.Redis.from_url(redis_url)
+            published: list[str] = []
+            relay = Relay(
+                engine, OUTBOX, published.append, lease=None, name="wallet", markers=markers, republish_after_s=0
+            )
+            relay.check_every_s = 0
+            assert relay.run_once() > 0  # claims (FOR UPDATE) and stamps published_at
+            with engine.connect() as conn:
+                first, *others = conn.execute(select(OUTBOX.c.id)).scalars()
+            markers.set(SENT_MARKER.format(first), 1)
+            assert relay.reconcile() == len(others)  # confirms one, publishes the others again
+            with engine.connect() as conn:
+                confirmed = conn.execute(select(func.count()).where(OUTBOX.c.confirmed_at.is_not(None))).scalar_one()
+            assert confirmed == 1
+        finally:
+            engine.dispose()
+
+    @pytest.mark.parametrize(
+        ("statement", "message"),
+        [
+            ("UPDATE transactions SET amount = amount + 1", "permission denied for table transactions"),
+            ("DELETE FROM transactions", "permission denied for table transactions"),
+            ("TRUNCATE transactions", "permission denied for table transactions"),
+            ("UPDATE ledger_entries SET amount = amount + 1", "permission denied for table ledger_entries"),
+            ("DELETE FROM ledger_entries", "permission denied for table ledger_entries"),
+            ("TRUNCATE ledger_entries", "permission denied for table ledger_entries"),
+            ("ALTER TABLE transactions DISABLE TRIGGER transactions_append_only", "must be owner of table"),
+            ("ALTER TABLE ledger_entries DISABLE TRIGGER ALL", "must be owner of table"),
+            ("DROP TRIGGER ledger_entries_append_only ON ledger_entries", "must be owner of"),
+            ("DROP TRIGGER transactions_no_truncate ON transactions", "must be owner of"),
+            ("DROP FUNCTION refuse_append_only_change() CASCADE", "must be owner of function"),
+            ("SET session_replication_role = replica", 'permission denied to set parameter "session_replication_role"'),
+            ("ALTER TABLE wallets DROP CONSTRAINT ck_wallets_user_balance_not_negative", "must be owner of table"),
+            ("DELETE FROM wallets", "permission denied for table wallets"),
+            ("DELETE FROM idempotency_records", "permission denied for table idempotency_records"),
+            ("UPDATE idempotency_records SET status_code = 200", "permission denied for table idempotency_records"),
+            ("DELETE FROM outbox", "permission denied for table outbox"),
+            ("SELECT setval('transactions_id_seq', 1)", "permission denied for sequence transactions_id_seq"),
+            ("CREATE TABLE shadow (id int)", "permission denied for schema public"),
+        ],
+    )
+    def test_it_cannot_rewrite_history_or_the_rules(self, db: RoleDatabase, statement: str, message: str) -> None:
+        # Privileges are checked before any row is read: the triggers never get a say.
+        error = refused(db.app_url, statement)
+        assert error.sqlstate == "42501", error  # insufficient_privilege, not the triggers
+        assert message in str(error)
+
+    def test_it_cannot_become_the_owner(self, db: RoleDatabase) -> None:
+        error = refused(db.app_url, f'SET ROLE "{db.owner}"')
+        assert error.sqlstate == "42501"
+        assert "permission denied to set role" in str(error)
+
+
+class TestTheGrants:
+    def test_a_privilege_granted_by_hand_is_revoked_by_the_next_migration(self, db: RoleDatabase) -> None:
+        owner = make_engine(db.migration_url)
+        try:
+            with owner.begin() as conn:
+                conn.execute(text(f'GRANT DELETE, TRUNCATE ON transactions TO "{db.app}"'))
+        finally:
+            owner.dispose()
+        result = migrate(db)  # already at head: no migration runs, the grants are applied anyway
+        assert result.returncode == 0, result.stderr
+        assert "permission denied for table transactions" in str(refused(db.app_url, "TRUNCATE transactions"))
+
+    def test_an_app_role_that_is_a_member_of_the_owner_is_refused(self, db: RoleDatabase) -> None:
+        admin = create_engine(os.environ["TEST_DATABASE_URL"], isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'GRANT "{db.owner}" TO "{db.app}"'))
+            try:
+                result = migrate(db)
+            finally:
+                with admin.connect() as conn:
+                    conn.execute(text(f'REVOKE "{db.owner}" FROM "{db.app}"'))
+        finally:
+            admin.dispose()
+        assert result.returncode != 0
+        assert f"app role '{db.app}' is a member of the migration role '{db.owner}'" in result.stderr
