@@ -61,6 +61,7 @@ def app_client(db: RoleDatabase, redis_url: str, tmp_path: Path) -> Iterator[Tes
         keys_dir=str(tmp_path / "keys"),
         bcrypt_rounds=4,
         service_token="test-service-token",
+        allow_dev_service_token=True,
     )
     with TestClient(create_app(settings)) as c:
         yield c

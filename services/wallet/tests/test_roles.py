@@ -65,7 +65,9 @@ def db() -> Iterator[RoleDatabase]:
 
 @pytest.fixture
 def app_client(db: RoleDatabase, redis_url: str, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
-    settings = Settings(database_url=db.app_url, redis_url=redis_url, service_token="test-service-token")
+    settings = Settings(
+        database_url=db.app_url, redis_url=redis_url, service_token="test-service-token", allow_dev_service_token=True
+    )
     app = create_app(settings)
     with TestClient(app) as c:
         app.state.verifier = JWKSVerifier(signer.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
