@@ -119,7 +119,7 @@ def test_postgres_connections_dropped_mid_load(gw: httpx.Client, chaos_stack: St
                 dropped = conn.execute(
                     text(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = :db AND pid <> pg_backend_pid()"
+                        "WHERE datname = :db AND usename = current_user AND pid <> pg_backend_pid()"
                     ),
                     {"db": url.database},
                 ).scalar_one()
