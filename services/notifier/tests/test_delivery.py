@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from notifier import actors
 from notifier.brevo import Email, FolderTransport, TransientError
 from notifier.dedupe import SentMarkers
+from svckit.messages import Receipt
 from svckit.redis import redis_client
 
 
@@ -76,3 +79,38 @@ def test_should_retry_never_retries_permanent_errors() -> None:
     assert actors.should_retry(0, TransientError("x"))
     assert not actors.should_retry(0, PermanentError("x"))
     assert not actors.should_retry(actors.settings.max_retries, TransientError("x"))
+
+
+def test_a_delivered_receipt_records_its_lag_from_the_movement_once(
+    transport: Recording, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(actors, "recipient", lambda _: {"email": "j@example.com", "first_name": "J", "last_name": "D"})
+    receipt = Receipt(
+        email_id=uuid.uuid4().hex,
+        user_id=7,
+        transaction_id=1,
+        kind="deposit",
+        amount=200,
+        currency="USD",
+        balance_after=200,
+        counterparty="External Source",
+        occurred_at=datetime.now(UTC) - timedelta(seconds=45),
+    )
+
+    def lag() -> tuple[float, float, float]:
+        return tuple(  # type: ignore[return-value]
+            REGISTRY.get_sample_value(name, labels) or 0.0
+            for name, labels in (
+                ("notifier_receipt_lag_seconds_count", {}),
+                ("notifier_receipt_lag_seconds_bucket", {"le": "30.0"}),
+                ("notifier_receipt_lag_seconds_bucket", {"le": "60.0"}),
+            )
+        )
+
+    before = lag()
+    message = receipt.model_dump(mode="json")
+    actors.send_receipt.fn(message)
+    actors.send_receipt.fn(message)  # a redelivery: dropped, not measured again
+    assert transport.sent == [receipt.email_id]
+    count, under_30, under_60 = (after - b for after, b in zip(lag(), before, strict=True))
+    assert (count, under_30, under_60) == (1, 0, 1)

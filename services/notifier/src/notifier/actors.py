@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -25,7 +26,7 @@ from notifier import emails
 from notifier.brevo import BrevoTransport, Email, FolderTransport, PermanentError, TransientError, Transport
 from notifier.config import get_settings
 from notifier.dedupe import SentMarkers
-from notifier.metrics import ALREADY_AT_BREVO, DELIVERED, DUPLICATES
+from notifier.metrics import ALREADY_AT_BREVO, DELIVERED, DUPLICATES, RECEIPT_LAG
 from svckit.http import service_client
 from svckit.messages import QUEUE, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
 from svckit.redis import redis_client
@@ -96,12 +97,13 @@ def recipient(user_id: int) -> dict[str, Any]:
     return dict(match)
 
 
-def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -> None:
+def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -> bool:
+    """Send the email unless it was sent already; True when this call delivered it."""
     ctx = context()
     if ctx.markers.is_sent(email_id):
         DUPLICATES.inc()
         log.info("email %s already sent; duplicate dropped", email_id)
-        return
+        return False
     token = ctx.markers.claim(email_id)
     if token is None:
         # Another worker is sending it, or was killed while sending: come back when its
@@ -123,6 +125,7 @@ def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -
     if outcome == "duplicate":
         ALREADY_AT_BREVO.labels(kind).inc()
     log.info("email %s delivered (%s)", email_id, outcome)
+    return True
 
 
 def _parse(model: type[WelcomeEmail] | type[Receipt], message: dict[str, Any]) -> Any:
@@ -167,4 +170,5 @@ def send_receipt(message: dict[str, Any]) -> None:
             receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
         )
 
-    deliver(receipt.email_id, build, kind=receipt.kind)
+    if deliver(receipt.email_id, build, kind=receipt.kind):
+        RECEIPT_LAG.observe(max((datetime.now(UTC) - receipt.occurred_at).total_seconds(), 0.0))

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,6 +24,13 @@ DUPLICATES = Counter("notifier_duplicates_dropped_total", "Redelivered emails th
 # the sent markers did not prevent. DELIVERED minus this is what Brevo accepted anew.
 ALREADY_AT_BREVO = Counter(
     "notifier_emails_already_at_brevo_total", "Delivered emails Brevo already had (a repeat it refused)", ["kind"]
+)
+# From a movement's commit (the receipt's occurred_at) to its delivery: the receipts lag the
+# runbook alerts on. Wide buckets: under load and after outages it runs to minutes.
+RECEIPT_LAG = Histogram(
+    "notifier_receipt_lag_seconds",
+    "Seconds from a movement's commit to its receipt being delivered",
+    buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0),
 )
 
 
