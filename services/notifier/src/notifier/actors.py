@@ -120,10 +120,13 @@ def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -
     except BaseException:
         ctx.markers.release(email_id, token)
         raise
-    ctx.markers.mark_sent(email_id, token)
+    # Counted before the marker: a worker killed between the two leaves an email that its
+    # redelivery sends again (Brevo answers "duplicate") and counts once more, so the counts
+    # never miss a delivery (delivered >= sent, delivered - already_at_brevo <= sent).
     DELIVERED.labels(kind).inc()
     if outcome == "duplicate":
         ALREADY_AT_BREVO.labels(kind).inc()
+    ctx.markers.mark_sent(email_id, token)
     log.info("email %s delivered (%s)", email_id, outcome)
     return True
 
