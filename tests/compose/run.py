@@ -398,6 +398,7 @@ def main() -> int:
                     "GATEWAY_PORT": str(gateway_port),
                     "BREVO_API_KEY": BREVO_KEY,
                     "BREVO_BASE_URL": brevo_url,
+                    "AUTH_BCRYPT_ROUNDS": "4",  # real bcrypt at test cost, as in tests/e2e's own stack
                 },
             )
             compose = compose_base(project, env_file, local_bases)
