@@ -1,13 +1,17 @@
 """End-to-end: start the real stack with the same launcher as `make run`, on free ports,
 and talk to it only over HTTP through the gateway (GATEWAY_URL).
 
-If GATEWAY_URL is set, the tests use that running stack instead of starting one.
+If GATEWAY_URL is set, the tests use that running stack instead of starting one; with it,
+BREVO_STUB_URL names a Brevo stand-in that stack's notifier sends to (else one starts here),
+and STACK_EXEC a command prefix with `{service}` (e.g. `docker-compose ... exec -T {service}`)
+that runs the platform's commands inside that stack (`make test-compose` sets all three).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,6 +27,8 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
+# Which container of an external stack (STACK_EXEC) runs each of the platform's commands.
+COMMAND_SERVICE = {"wallet-audit": "wallet", "notifier-dlq": "notifier"}
 
 
 def free_port() -> int:
@@ -41,12 +47,16 @@ class Stack:
     redis_url: str = ""
     env: dict[str, str] | None = None
     ports: dict[str, int] | None = None
+    exec_prefix: str | None = None
 
     def command(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run one of the platform's commands (`notifier-dlq`, ...) with this stack's settings."""
         env = {**os.environ, **(self.env or {})}
+        argv = [str(Path(sys.executable).parent / args[0]), *args[1:]]
+        if self.exec_prefix is not None:
+            argv = [*shlex.split(self.exec_prefix.format(service=COMMAND_SERVICE[args[0]])), *args]
         return subprocess.run(
-            [str(Path(sys.executable).parent / args[0]), *args[1:]],
+            argv,
             env=env,
             capture_output=True,
             text=True,
@@ -179,6 +189,9 @@ class BrevoStub:
 
 @pytest.fixture(scope="session")
 def brevo() -> Iterator[BrevoStub]:
+    if os.environ.get("GATEWAY_URL") and os.environ.get("BREVO_STUB_URL"):
+        yield BrevoStub(os.environ["BREVO_STUB_URL"])
+        return
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -209,7 +222,15 @@ def brevo() -> Iterator[BrevoStub]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, brevo: BrevoStub) -> Iterator[Stack]:
     if os.environ.get("GATEWAY_URL"):
-        yield Stack(url=os.environ["GATEWAY_URL"], var=Path(), process=None, stack_id=None)
+        exec_prefix = os.environ.get("STACK_EXEC") or None
+        yield Stack(
+            url=os.environ["GATEWAY_URL"],
+            var=Path(),
+            process=None,
+            stack_id=None,
+            env={} if exec_prefix else None,
+            exec_prefix=exec_prefix,
+        )
         return
     var = tmp_path_factory.mktemp("stack") / "var"
     s = start_stack(

@@ -170,11 +170,12 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--api-key", required=True)
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(State(args.api_key)))
-    print(f"brevo stub on http://127.0.0.1:{args.port}", flush=True)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args.api_key)))
+    print(f"brevo stub on http://{args.host}:{args.port}", flush=True)
     server.serve_forever()
 
 
