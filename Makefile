@@ -84,7 +84,7 @@ fuzz: $(STAMP)
 test-chaos: $(STAMP)
 	$(PYTEST) tests/chaos
 
-test: lint check-compose check-k8s check-alerts test-unit test-e2e test-chaos test-fuzz test-postgres
+test: lint check-compose check-k8s check-alerts test-unit test-e2e test-chaos test-fuzz test-postgres test-compose
 
 # Benchmarks print figures; they are never pass/fail tests. Needs the local Postgres, and
 # wrk (installed from Debian's packages when missing).

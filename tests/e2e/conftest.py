@@ -28,7 +28,12 @@ from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 # Which container of an external stack (STACK_EXEC) runs each of the platform's commands.
-COMMAND_SERVICE = {"wallet-audit": "wallet", "notifier-dlq": "notifier"}
+COMMAND_SERVICE = {
+    "wallet-audit": "wallet",
+    "notifier-dlq": "notifier",
+    "auth-relay": "auth-relay",
+    "wallet-relay": "wallet-relay",
+}
 
 
 def free_port() -> int:

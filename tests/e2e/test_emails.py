@@ -194,14 +194,15 @@ class TestFailures:
         assert len(brevo.wait_for(email, 1)) == 1
         assert "0 dead-lettered" in stack.command("notifier-dlq", "list").stdout
         # Sent after all: the database's record turns from dead-lettered to sent.
-        assert outcome_on_record(stack, email_id, "sent") == "sent"
+        if "AUTH_DATABASE_URL" in stack.env:  # the stack this suite starts: read the row itself
+            assert outcome_on_record(stack, email_id, "sent") == "sent"
         assert email_id not in dead_letters_on_record(stack, email_id, present=False)
 
     def test_a_dead_letter_outlives_a_redis_flush_and_is_replayed_once_from_the_database(
         self, api: httpx.Client, brevo: BrevoStub, stack: Stack
     ) -> None:
-        if stack.env is None:
-            pytest.skip("needs the stack this suite starts (flushes its Redis, runs its relay command)")
+        if stack.env is None or not stack.redis_url or "AUTH_DATABASE_URL" not in stack.env:
+            pytest.skip("needs the stack this suite starts (flushes its Redis, reads its database)")
         quiet(brevo)
         brevo.fail("400", count=1)
         email = unique_email("flushed")
