@@ -8,11 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext
 
 from wallet.config import Settings
 
 from .factories import AuthFake, Signer, move, new_user, open_wallet
+from .test_concurrency import first_record_commit_answer_lost
 
 LIMITS = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
 KEEPALIVES = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
@@ -123,3 +125,39 @@ class TestAMovementOnALockedWallet:
         assert client.get("/wallet", headers=user.headers).status_code == 200  # still open
         holder.rollback()
         assert client.delete("/wallet", headers=user.headers).status_code == 200
+
+
+@pytest.mark.parametrize("settings", [{"db_lock_timeout_ms": 300}], indirect=True)
+def test_a_lost_commit_answers_first_even_when_the_wallet_is_locked_for_the_retry(
+    client: TestClient,
+    signer: Signer,
+    auth_fake: AuthFake,
+    holder: Connection,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The COMMIT reaches the database but its answer is lost, and before the retry another
+    session locks the wallet: the retry finds its own record without waiting on that lock,
+    so the client gets the movement's first answer, not a 503 'nothing was done'."""
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    user = new_user(signer, auth_fake)
+    wallet_id = open_wallet(client, user, balance=100)["id"]
+    key = uuid.uuid4().hex
+    with first_record_commit_answer_lost(engine, monkeypatch) as lost:
+
+        def lock_the_wallet(context: ExceptionContext) -> None:
+            if lost and context.original_exception is lost[0] and not holder.in_transaction():
+                holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
+
+        event.listen(engine, "handle_error", lock_the_wallet)
+        try:
+            first = move(client, user, "withdraw", idem=key, amount=30)
+        finally:
+            event.remove(engine, "handle_error", lock_the_wallet)
+    assert len(lost) == 1
+    assert holder.in_transaction()  # the retry ran with the wallet locked
+    assert first.status_code == 200, first.text
+    assert "idempotent-replayed" not in first.headers
+    assert first.json()["current_balance"] == 70
+    holder.rollback()
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 70

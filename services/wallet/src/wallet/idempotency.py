@@ -207,6 +207,15 @@ def _execute(
     request_token = secrets.token_hex(16)  # the same for every attempt of this request
     for attempt in range(retries + 1):
         try:
+            if attempt:
+                # The last attempt may have committed before its connection died: look for
+                # the key's record first (no row lock), so a retry never queues behind the
+                # wallet's lock, times out and answers "nothing was done" for money that moved.
+                with session.begin():
+                    found = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
+                if found is not None:
+                    outcome = Outcome(found.status_code, found.response_body, found.fingerprint)
+                    return outcome, found.request_token != request_token
             with session.begin():
                 booking: repository.Booking | None
                 try:
