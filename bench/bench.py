@@ -276,7 +276,7 @@ def main() -> None:
                 )
             token, wallet, _ = users[0]
             for size in (10**4, 10**6):
-                txn = seed_ledger(env["WALLET_DATABASE_URL"], wallet, size)
+                txn = seed_ledger(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"], wallet, size)
                 for label, path in (
                     ("history", "/transaction/history?limit=10&offset=0"),
                     ("ledger", f"/transaction/{txn}/ledger"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Connection, create_engine
 
 from svckit.http import service_client
 from svckit.jwt import JWKSVerifier
@@ -68,3 +69,12 @@ def app_client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Itera
 def client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
     with app_client(settings, signer, auth_fake) as c:
         yield c
+
+
+@pytest.fixture
+def holder(database_url: str) -> Iterator[Connection]:
+    """Another session, as a stuck or slow client's transaction would be (no timeouts of ours)."""
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        yield conn
+    engine.dispose()

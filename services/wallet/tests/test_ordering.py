@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -32,15 +31,6 @@ def settings(database_url: str, redis_url: str) -> Settings:
         allow_dev_service_token=True,
         db_lock_timeout_ms=60_000,
     )
-
-
-@pytest.fixture
-def holder(database_url: str) -> Iterator[Connection]:
-    """A separate session, as a stuck or slow transaction elsewhere would be."""
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        yield conn
-    engine.dispose()
 
 
 def wait_until_blocked_by(conn: Connection, pid: int) -> None:

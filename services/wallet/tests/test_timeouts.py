@@ -4,11 +4,10 @@ that runs into one answers a retryable 503 that keeps nothing under its idempote
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import ExceptionContext
 
 from wallet.config import Settings
@@ -32,15 +31,6 @@ def settings(request: pytest.FixtureRequest, database_url: str, redis_url: str) 
         allow_dev_service_token=True,
         **overrides,
     )
-
-
-@pytest.fixture
-def holder(database_url: str) -> Iterator[Connection]:
-    """Another session, as a stuck client's transaction would be (no timeouts of ours)."""
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        yield conn
-    engine.dispose()
 
 
 class TestEngineSessions:
