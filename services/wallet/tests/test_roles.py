@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import redis
@@ -22,16 +21,14 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from svckit.db import make_engine
-from svckit.http import service_client
-from svckit.jwt import JWKSVerifier
 from svckit.messages import SENT_MARKER
 from svckit.outbox import Relay
 from svckit.testing import RoleDatabase, role_database
 from wallet.audit import audit
 from wallet.config import Settings
-from wallet.main import create_app
 from wallet.outbox import TABLE as OUTBOX
 
+from . import conftest
 from .conftest import INI
 from .factories import AuthFake, Signer, key, move, new_user, open_wallet
 
@@ -68,12 +65,7 @@ def app_client(db: RoleDatabase, redis_url: str, signer: Signer, auth_fake: Auth
     settings = Settings(
         database_url=db.app_url, redis_url=redis_url, service_token="test-service-token", allow_dev_service_token=True
     )
-    app = create_app(settings)
-    with TestClient(app) as c:
-        app.state.verifier = JWKSVerifier(signer.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-        app.state.auth_client = service_client(
-            "http://auth", service_token="test-service-token", transport=httpx.MockTransport(auth_fake), backoff_s=0
-        )
+    with conftest.app_client(settings, signer, auth_fake) as c:
         yield c
 
 
