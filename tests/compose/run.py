@@ -44,6 +44,8 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 SUITE = os.environ.get("DEBIAN_SUITE", "bookworm")
 BREVO_KEY = "compose-brevo-key"
 LABEL = "wallet-platform.recipe"
+# What say() prefixes; tests/k8s/run.py imports this module and sets its own.
+NAME = "test-compose"
 
 # Base images in build order: tags (the first is the one checked), and the images each
 # one's recipe builds on (their recipe hashes are part of its own).
@@ -57,7 +59,7 @@ BASES: dict[str, tuple[list[str], list[str]]] = {
 
 
 def say(message: str) -> None:
-    print(f"test-compose: {message}", flush=True)
+    print(f"{NAME}: {message}", flush=True)
 
 
 def skip(reason: str) -> None:
@@ -70,7 +72,7 @@ def run(args: Sequence[str], *, check: bool = True, quiet: bool = False, **kwarg
         say("$ " + shlex.join(args))
     result = subprocess.run(list(args), check=False, **kwargs)  # type: ignore[call-overload]
     if check and result.returncode != 0:
-        raise SystemExit(f"test-compose: FAILED ({result.returncode}): {shlex.join(args)}")
+        raise SystemExit(f"{NAME}: FAILED ({result.returncode}): {shlex.join(args)}")
     return int(result.returncode)
 
 
@@ -87,8 +89,10 @@ def free_port() -> int:
 # 1. Tools -------------------------------------------------------------------------------
 
 
-def ensure_tools(local_bases: bool) -> None:
-    wanted = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose"}
+def ensure_tools(local_bases: bool, *, compose: bool = True) -> None:
+    wanted = {"docker": "docker.io", "dockerd": "docker.io"}
+    if compose:
+        wanted["docker-compose"] = "docker-compose"
     if local_bases:
         wanted["debootstrap"] = "debootstrap"
     packages = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
