@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from auth.config import Settings, get_settings
 from auth.keys import KeyRing
 from auth.lockout import Lockout
+from auth.ratelimit import IpRateLimit
 from auth.routes import internal, router
 from auth.security import PasswordHasher, TokenIssuer
 from svckit.app import add_health_routes, base_app
@@ -51,6 +52,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_lifetime_s=settings.jwt_max_lifetime_s,
         )
         state.lockout = Lockout(state.redis, threshold=settings.lockout_threshold, seconds=settings.lockout_seconds)
+        state.token_rate = IpRateLimit(
+            state.redis,
+            name="token",
+            average=settings.token_rate_average,
+            burst=settings.token_rate_burst,
+            depth=settings.client_ip_depth,
+        )
         serve_metrics(settings.metrics_port)
         yield
         state.redis.close()
