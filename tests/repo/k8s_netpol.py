@@ -9,9 +9,10 @@ policy sets before it judges deploy/k8s.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ class Cluster:
                 return True
         return False
 
-    def _direction_allows(self, pod: Pod, direction: str, other: Endpoint, dst: Endpoint, port: int, protocol: str) -> list[str]:
+    def _direction_allows(
+        self, pod: Pod, direction: str, other: Endpoint, dst: Endpoint, port: int, protocol: str
+    ) -> list[str]:
         """Names of the policies that let this connection through on `pod`'s side, or
         ["(not isolated)"]. Allowed when ANY rule of ANY selecting policy matches (they add
         up); an empty rule list allows nothing; a rule without from/to matches every peer,
@@ -338,7 +341,9 @@ def pod_env(workload: Workload, configmaps: Mapping[str, Mapping[str, str]]) -> 
             if "value" in var:
                 values[var["name"]] = _DEPENDENT.sub("x", str(var["value"]))
             elif "configMapKeyRef" in ref:
-                values[var["name"]] = configmaps.get(ref["configMapKeyRef"]["name"], {}).get(ref["configMapKeyRef"]["key"], "")
+                values[var["name"]] = configmaps.get(ref["configMapKeyRef"]["name"], {}).get(
+                    ref["configMapKeyRef"]["key"], ""
+                )
             elif "secretKeyRef" in ref:
                 secrets[var["name"]] = (ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"])
     return PodEnv(values, secrets)
@@ -381,7 +386,9 @@ def service_targets(service: Doc, port: int | None, manifests: Manifests) -> lis
             if not selector or not selector_matches({"matchLabels": selector}, workload.pod.labels):
                 continue
             for cp in workload.pod.ports:
-                if cp.protocol == protocol and (cp.name == target if isinstance(target, str) else cp.port == int(target)):
+                if cp.protocol == protocol and (
+                    cp.name == target if isinstance(target, str) else cp.port == int(target)
+                ):
                     found.append((workload.pod, cp))
     return found
 
@@ -435,24 +442,28 @@ def port_probes(manifests: Manifests, extra: Iterable[int] = ()) -> list[int]:
     return sorted(q for p in points for q in (p - 1, p, p + 1) if 1 <= q <= 65535)
 
 
-def address_probes(manifests: Manifests, extra: Iterable[str] = ()) -> list[str]:
-    """Addresses on both sides of both ends of every ipBlock cidr and except range, plus
-    `extra`: what an ipBlock allows is constant between them."""
-    points = {ipaddress.ip_address(a) for a in extra}
+def ip_block_cidrs(manifests: Manifests) -> Iterator[str]:
+    """Every cidr and except range of every ipBlock peer."""
     for policy in manifests.policies:
         for key, peers_key in (("ingress", "from"), ("egress", "to")):
             for rule in policy["spec"].get(key) or []:
                 for peer in rule.get(peers_key) or []:
-                    block = peer.get("ipBlock")
-                    for cidr in [block["cidr"], *(block.get("except") or [])] if block else []:
-                        net = ipaddress.ip_network(cidr, strict=False)
-                        for addr in (net.network_address, net.broadcast_address):
-                            points.add(addr)
-                            for step in (-1, 1):
-                                try:
-                                    points.add(addr + step)
-                                except ValueError:  # past the end of the address space
-                                    pass
+                    if block := peer.get("ipBlock"):
+                        yield block["cidr"]
+                        yield from block.get("except") or []
+
+
+def address_probes(manifests: Manifests, extra: Iterable[str] = ()) -> list[str]:
+    """Addresses on both sides of both ends of every ipBlock cidr and except range, plus
+    `extra`: what an ipBlock allows is constant between them."""
+    points = {ipaddress.ip_address(a) for a in extra}
+    for cidr in ip_block_cidrs(manifests):
+        net = ipaddress.ip_network(cidr, strict=False)
+        for addr in (net.network_address, net.broadcast_address):
+            points.add(addr)
+            for step in (-1, 1):
+                with contextlib.suppress(ValueError):  # past the end of the address space
+                    points.add(addr + step)
     return sorted((str(a) for a in points), key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
 
 
