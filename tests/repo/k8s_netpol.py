@@ -270,7 +270,7 @@ def load(k8s_dir: Path) -> Manifests:
     docs = [
         d
         for path in sorted(k8s_dir.glob("*.yaml"))
-        if path.name != "kustomization.yaml"
+        if path.name != "kustomization.yaml" and not path.name.startswith(".")  # as the shell's *.yaml
         for d in yaml.safe_load_all(path.read_text())
         if d
     ]
