@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from auth.config import Settings, get_settings
-from auth.keys import KeyRing
+from auth.keys import KeyRing, NoSigningKey
 from auth.lockout import Lockout
 from auth.ratelimit import IpRateLimit
 from auth.routes import internal, router
@@ -18,6 +19,8 @@ from svckit.db import SessionLimits, make_engine
 from svckit.jwt import JWKSVerifier
 from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
+
+log = logging.getLogger("auth")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,7 +40,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         state.redis = redis_client(settings.redis_url, decode_responses=True)
         state.keys = KeyRing(settings.keys_dir, settings.access_token_ttl_s)
-        state.keys.current()  # create the first key on first run
+        try:
+            state.keys.current()  # create the first key on first run (in a writable folder)
+        except NoSigningKey as exc:  # uvicorn then stops: say why in one line first
+            log.critical("cannot start: %s", exc)
+            raise
         state.hasher = PasswordHasher(settings.bcrypt_rounds)
         state.issuer = TokenIssuer(
             state.keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience, ttl_s=settings.access_token_ttl_s
