@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ OUTBOX = Table(
     Column("confirmed_at", UTCDateTime(), nullable=True),
     Column("outcome", String(16), nullable=True),
 )
-MAX_AGE = 0.4  # seconds: small, so a stuck loop shows within a second
+MAX_AGE = 1.0  # seconds: small, so a stuck loop shows soon (yet above a round on a busy machine)
 
 
 class Settings(BaseServiceSettings):
@@ -54,24 +55,30 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
     engine.dispose()
 
 
-@pytest.fixture
-def looping(relay: Relay) -> Iterator[threading.Thread]:
-    """The relay's loop in a thread (run_forever's signal handlers need the main thread)."""
+@contextmanager
+def looping(relay: Relay) -> Iterator[None]:
+    """The relay's loop in a thread (run_forever's signal handlers need the main thread),
+    from its first touch of the file until the test is done."""
     thread = threading.Thread(target=relay.loop, daemon=True)
     thread.start()
-    yield thread
-    relay.running = False
-    thread.join(10)
+    try:
+        deadline = time.monotonic() + 10
+        while relay.heartbeat is not None and not relay.heartbeat.path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield
+    finally:
+        relay.running = False
+        thread.join(10)
     assert not thread.is_alive()
 
 
-def test_a_running_loop_keeps_alive_at_zero(
-    relay: Relay, looping: threading.Thread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    deadline = time.monotonic() + 3 * MAX_AGE
-    while time.monotonic() < deadline:
-        assert alive(monkeypatch, tmp_path / "alive") == 0
-        time.sleep(MAX_AGE / 4)
+def test_a_running_loop_keeps_alive_at_zero(relay: Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with looping(relay):
+        deadline = time.monotonic() + 3 * MAX_AGE
+        while time.monotonic() < deadline:
+            assert alive(monkeypatch, tmp_path / "alive") == 0
+            time.sleep(MAX_AGE / 4)
 
 
 def test_a_loop_whose_rounds_fail_is_still_alive(relay: Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,15 +91,10 @@ def test_a_loop_whose_rounds_fail_is_still_alive(relay: Relay, tmp_path: Path, m
         raise ConnectionError("the database is down")
 
     monkeypatch.setattr(relay, "run_once", broken)
-    thread = threading.Thread(target=relay.loop, daemon=True)
-    thread.start()
-    try:
+    with looping(relay):
         time.sleep(3 * MAX_AGE)
         assert alive(monkeypatch, tmp_path / "alive") == 0
-        assert rounds > 3
-    finally:
-        relay.running = False
-        thread.join(10)
+    assert rounds > 3
 
 
 def test_a_stuck_round_makes_alive_exit_1_after_max_age(
@@ -103,13 +105,12 @@ def test_a_stuck_round_makes_alive_exit_1_after_max_age(
 
     def hangs() -> int:
         stuck.set()
-        release.wait(30)  # a connection that never answers
+        while relay.running and not release.wait(0.05):  # a connection that never answers
+            pass
         return 0
 
     monkeypatch.setattr(relay, "run_once", hangs)
-    thread = threading.Thread(target=relay.loop, daemon=True)
-    thread.start()
-    try:
+    with looping(relay):
         assert stuck.wait(10)
         assert alive(monkeypatch, tmp_path / "alive") == 0  # touched as the loop started
         time.sleep(MAX_AGE + 0.2)
@@ -123,10 +124,6 @@ def test_a_stuck_round_makes_alive_exit_1_after_max_age(
         while alive(monkeypatch, tmp_path / "alive") != 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-    finally:
-        release.set()
-        relay.running = False
-        thread.join(10)
 
 
 def test_a_missing_file_exits_1(

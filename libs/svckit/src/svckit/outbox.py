@@ -110,9 +110,8 @@ def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None
     probe = sub.add_parser("alive", help="exit 0 if the relay loop completed a round within --max-age, else 1")
     heartbeat.add_arguments(probe)
     args = parser.parse_args(argv)
-    heartbeat_file = heartbeat.path_for(service, settings.relay_heartbeat_file)
     if args.command == "alive":
-        sys.exit(heartbeat.alive(heartbeat_file, args.max_age))
+        sys.exit(heartbeat.alive(heartbeat.path_for(service, settings.relay_heartbeat_file), args.max_age))
     if args.command == "dead-letters":
         from svckit.deadletters import main as dead_letters_main
 
@@ -126,7 +125,7 @@ def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None
         metrics_port=settings.relay_metrics_port,
         republish_after_s=settings.outbox_republish_after_s,
         limits=SessionLimits.from_settings(settings),
-        heartbeat_file=heartbeat_file,
+        heartbeat_file=heartbeat.path_for(service, settings.relay_heartbeat_file),
     )
 
 
