@@ -374,8 +374,9 @@ def serve(
     from svckit.redis import redis_client
 
     configure_logging(f"{service}-relay", log_level)
-    # One process, the folder's only writer: create it if missing (Kubernetes sets the
-    # variable for every pod), and before any metric writes its file.
+    # One process: create the folder if missing (Kubernetes sets the variable for every
+    # pod) and drop the files an earlier process with this pid left, before any metric
+    # of this process writes its own.
     prepare_metrics_dir(sole_writer=True)
     serve_metrics(metrics_port)
     engine = make_engine(database_url, limits=limits)
