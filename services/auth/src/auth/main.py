@@ -74,5 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = base_app("auth", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
     app.include_router(internal)
-    add_health_routes(app)
+    # Logins and signups work without Redis (the lockout fails open, see auth.lockout; the
+    # gateway's per-IP limit still applies): Redis down is degraded, not unready. Taking
+    # every auth replica out of the Service for it would stop logins and the wallet's JWKS.
+    add_health_routes(app, optional={"redis"})
     return app
