@@ -5,7 +5,8 @@ sends request i at start + i/rate whatever the answers, like independent clients
 offered load stays constant. Latency counts from the scheduled time (no coordinated
 omission). --connections keep-alive connections each send the next due request; one due
 while --max-queue wait for a connection is shed (counted, not sent), so an overloaded stack
-shows up as a lower achieved rate and not as a run that never ends. Prints one JSON line per second (progress) and a summary.
+shows up as a lower achieved rate and not as a run that never ends. Prints one JSON line
+per second (progress), then a summary.
 
     python bench/pace.py URL WALLETS_FILE --rate 300 --seconds 60
 """
