@@ -5,17 +5,28 @@ server), two wallet replicas, and the Brevo stand-in as the email API; funds 100
 through the API; then drives it with wrk (32 connections) through the gateway:
 
   - GET /.well-known/jwks.json (a trivial endpoint behind the same gateway): the ceiling;
+  - GET /bare: a one-route FastAPI app (bench/bare_app.py, one uvicorn process) behind the
+    same Traefik binary and static configuration, the same wrk settings: the bare ceiling,
+    and the ratio trivial / bare;
   - PATCH /transaction/transfer, deposit, withdraw: a unique idempotency key per request,
     random payer (and payee) among the 100, every request authenticated as the payer;
   - receipts: time from the movement's commit (its outbox row) to the Brevo call, p50/p99,
     and the outbox backlog when the load stops;
+  - transfers at a constant offered rate (bench/pace.py, open loop: 300/s for 60 s), the
+    achieved rate, and the receipts of that run: lag p50/p99 and its course over time, with
+    the backlog (outbox rows unpublished, receipts committed but not yet at Brevo) sampled
+    every second until it drains;
   - GET /transaction/history and /transaction/{id}/ledger for a user whose wallet has
     10^4, then 10^6 ledger entries (seeded in SQL), to show reads do not grow with the table;
-  - resident memory of every process at the end;
+  - resident memory of every process at the end, and of each process at the start and the
+    end of the load (growth flagged);
 
-then runs wallet-audit. Figures are printed; nothing here passes or fails on speed.
+then runs wallet-audit. Figures are printed (progress on stderr as it goes) and written
+to bench/results/latest.json, drawn in bench/results/latest.png; nothing here passes or
+fails on speed. BENCH_QUICK=1 is a short run for working on this script (3 s per measure,
+20 wallets, 10 s paced, no 10^6 ledger), written to bench/results/quick.* instead.
 
-    .venv/bin/python bench/bench.py [--seconds 15] [--connections 32]
+    .venv/bin/python bench/bench.py [--seconds 15] [--connections 32] [--rate 300 --rate-seconds 60]
 """
 
 from __future__ import annotations
@@ -29,28 +40,48 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
-from e2e.conftest import drop_databases, free_port, start_stack  # noqa: E402
+from e2e.conftest import Stack, drop_databases, free_port, start_stack  # noqa: E402
 
-WALLETS = 100
+from stack import traefik_flags  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+WALLETS = 20 if QUICK else 100
+RESULTS = ROOT / "bench" / "results" / ("quick" if QUICK else "latest")
+TRIVIAL = "GET /.well-known/jwks.json (trivial)"
+BARE = "GET /bare: bare FastAPI via Traefik"
+# A process's resident memory "grew" when the end of the load finds it this much larger.
+GROWTH_MIB, GROWTH_SHARE = 10.0, 0.10
+T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.monotonic() - T0:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+
 # Emails may lag under load, requests may not: the notifier, the relays and the Brevo
 # stand-in run at this niceness, as if on machines of their own.
 BACKGROUND_NICE = 10
 
 
 def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> dict[str, float]:
+    progress(f"wrk {script} {url.split('/', 3)[-1][:60]} ({int(seconds)} s, {connections} connections)")
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(ROOT / "bench" / script), url],
         env={**os.environ, **env},
@@ -70,7 +101,7 @@ def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> 
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {
+    result = {
         "rps": rps,
         "p50": ms("50"),
         "p99": ms("99"),
@@ -78,6 +109,8 @@ def wrk(url: str, script: str, seconds: float, connections: int, **env: str) -> 
         "non2xx": int(bad.group(1)) if bad else 0,
         "socket_errors": sum(map(int, errors.groups())) if errors else 0,
     }
+    progress(f"  -> {rps:.0f} req/s, p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms")
+    return result
 
 
 def fund(api: httpx.Client, n: int) -> list[tuple[str, int, str]]:
@@ -100,6 +133,16 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
     """Grow the ledger to `total_entries` with 1-cent deposits into one wallet, in SQL, keeping
     every invariant (balanced entries, running snapshots, balances) so the audit stays clean."""
     engine = create_engine(engine_url)
+    # Requests of the last run may still be finishing in the replicas (wrk closes its
+    # connections, the movements they carried commit anyway): wait until no new ones land.
+    last, deadline = None, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            newest = conn.execute(text("SELECT coalesce(max(id), 0) FROM transactions")).scalar_one()
+        if newest == last:
+            break
+        last = newest
+        time.sleep(1)
     with engine.begin() as conn:
         have = conn.execute(text("SELECT count(*) FROM ledger_entries")).scalar_one()
         n = max((total_entries - have) // 2, 0)
@@ -146,9 +189,16 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
     return int(last)
 
 
-def receipt_latency(stub: httpx.Client, wallet_db: str, since: float, drain_s: float = 180) -> dict[str, float]:
+def _p99(ordered: list[float]) -> float:
+    return ordered[max(int(len(ordered) * 0.99) - 1, 0)]
+
+
+def receipt_latency(
+    stub: httpx.Client, wallet_db: str, since: float, drain_s: float = 180, series: bool = False
+) -> dict[str, Any]:
     """Commit (outbox row) to Brevo call for every receipt of movements since `since`, after
-    waiting for the backlog to drain; the backlog is counted when the load stops."""
+    waiting for the backlog to drain; the backlog is counted when the load stops. With
+    `series`, also the lag per second of commit time (p50, p99, count)."""
     engine = create_engine(wallet_db)
     query = text(
         "SELECT id, created_at FROM outbox WHERE actor_name = 'notifier.send_receipt' AND created_at >= :since"
@@ -159,22 +209,37 @@ def receipt_latency(stub: httpx.Client, wallet_db: str, since: float, drain_s: f
     engine.dispose()
     stopped = time.time()
     arrived: dict[str, float] = {}
+    progress(f"receipts: waiting for {len(created)} at Brevo ({backlog} outbox rows unpublished)")
+    note = stopped + 10
     while time.time() < stopped + drain_s:
-        arrived = {r["key"]: r["at"] for r in stub.get("/_stub/emails").json()["received"] if r["key"] in created}
+        arrived = {r["key"]: r["at"] for r in stub.get("/_stub/received").json()["received"] if r["key"] in created}
         if len(arrived) >= len(created):
             break
+        if time.time() >= note:
+            progress(f"  {len(arrived)} of {len(created)} receipts at Brevo after {time.time() - stopped:.0f} s")
+            note += 10
         time.sleep(0.5)
     delays = sorted((arrived[k] - created[k]) * 1000 for k in arrived)
     if not delays:
         return {"p50": float("nan"), "p99": float("nan"), "backlog": backlog, "receipts": 0}
-    return {
+    result: dict[str, Any] = {
         "p50": statistics.median(delays),
-        "p99": delays[max(int(len(delays) * 0.99) - 1, 0)],
+        "p99": _p99(delays),
         "backlog": backlog,
         "receipts": len(delays),
         "missing": len(created) - len(delays),
         "drained_s": max(arrived.values()) - stopped,
     }
+    progress(f"  -> receipts p50 {result['p50'] / 1000:.1f} s, p99 {result['p99'] / 1000:.1f} s")
+    if series:
+        buckets: dict[int, list[float]] = defaultdict(list)
+        for k, at in arrived.items():
+            buckets[int(created[k] - since)].append((at - created[k]) * 1000)
+        result["series"] = [
+            {"t": t, "receipts": len(v), "p50": statistics.median(v), "p99": _p99(sorted(v))}
+            for t, v in sorted(buckets.items())
+        ]
+    return result
 
 
 def _utc(ts: float) -> datetime:
@@ -210,10 +275,237 @@ def memory(launcher_pid: int) -> dict[str, float]:
     return dict(rss)
 
 
+def _parents() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def processes(stack: Stack) -> dict[str, float]:
+    """Resident memory (MiB, VmRSS of /proc/<pid>/status) of each process of the stack, by
+    name: auth, wallet1, wallet2, docs, the relays, the notifier and its worker processes,
+    Traefik, Redis (the launcher's descendants, less its own forks and the restart loops'
+    shells)."""
+    if stack.process is None:
+        return {}
+    by_port = {str(port): name for name, port in (stack.ports or {}).items()}
+    parents = _parents()
+    tree, frontier = [], [stack.process.pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree += children
+        frontier += children
+    labels: dict[int, str] = {}
+    rss: dict[str, float] = {}
+    for pid in sorted(tree):
+        proc = Path("/proc") / str(pid)
+        try:
+            comm = (proc / "comm").read_text().strip()
+            kb = re.search(r"VmRSS:\s+(\d+) kB", (proc / "status").read_text())
+            cmd = [c.decode() for c in (proc / "cmdline").read_bytes().split(b"\0") if c]
+        except OSError:
+            continue
+        if comm == "sh" or not kb or str(ROOT / "deploy" / "local" / "stack.py") in cmd:
+            continue  # the restart loops' shells, honcho's forks of the launcher
+        names = [Path(c).name for c in cmd]
+        app = next((c.split(":")[0] for c in cmd if c.endswith(":create_app")), None)
+        if app:
+            port = cmd[cmd.index("--port") + 1] if "--port" in cmd[:-1] else ""
+            label = by_port.get(port, app.split(".")[0])
+        elif relay := next((n for n in names if n.endswith("-relay")), None):
+            label = relay
+        elif "dramatiq" in names:
+            label = "notifier worker" if labels.get(parents.get(pid, 0), "").startswith("notifier") else "notifier"
+        else:
+            label = {"redis-server": "redis"}.get(comm, comm)
+        labels[pid] = label
+        unique, n = label, 1
+        while unique in rss:
+            n += 1
+            unique = f"{label} #{n}"
+        rss[unique] = int(kb.group(1)) / 1024
+    return rss
+
+
+def memory_growth(start: dict[str, float], end: dict[str, float]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in sorted(set(start) | set(end)):
+        a, b = start.get(name), end.get(name)
+        grew = a is not None and b is not None and b - a >= GROWTH_MIB and b - a >= GROWTH_SHARE * a
+        out[name] = {"start": a, "end": b, "growth": None if a is None or b is None else b - a, "flagged": grew}
+    return out
+
+
+def _wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"bench: {url} did not answer 200 within {timeout:.0f} s")
+
+
+def bare_ceiling(work: Path, seconds: float, connections: int) -> dict[str, float]:
+    """bench/bare_app.py on one uvicorn process (the stack's flags) behind the stack's Traefik
+    binary and static configuration (gateway/traefik.yml, access log included), one router
+    without middlewares to it; driven like the trivial endpoint."""
+    app_port, web, ping, metrics = (free_port() for _ in range(4))
+    dynamic = work / "bare-dynamic"
+    dynamic.mkdir()
+    (dynamic / "bare.yml").write_text(
+        "http:\n"
+        "  routers:\n"
+        "    bare:\n"
+        "      entryPoints: [web]\n"
+        '      rule: "PathPrefix(`/`)"\n'
+        "      service: bare\n"
+        "  serversTransports:\n"
+        "    backend:\n"
+        "      forwardingTimeouts:\n"
+        "        responseHeaderTimeout: 30s\n"
+        "  services:\n"
+        "    bare:\n"
+        "      loadBalancer:\n"
+        "        serversTransport: backend\n"
+        "        servers:\n"
+        f'          - url: "http://127.0.0.1:{app_port}"\n'
+    )
+    flags = traefik_flags(
+        {
+            "entryPoints.web.address": f"127.0.0.1:{web}",
+            "entryPoints.ping.address": f"127.0.0.1:{ping}",
+            "entryPoints.metrics.address": f"127.0.0.1:{metrics}",
+            "providers.file.directory": str(dynamic),
+            "accessLog.filePath": str(work / "bare-access.json"),
+        }
+    )
+    log = open(work / "bare.log", "wb")  # noqa: SIM115
+    app = subprocess.Popen(
+        [
+            *(str(BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(app_port), "--no-access-log"),
+            *("--log-level", "warning", "--app-dir", str(ROOT / "bench"), "bare_app:app"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    gateway = subprocess.Popen([str(BIN / "traefik"), *flags], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        progress("bare FastAPI behind Traefik: starting")
+        _wait_http(f"http://127.0.0.1:{web}/bare")
+        return wrk(
+            f"http://127.0.0.1:{web}/bare", "read.lua", seconds, connections, BENCH_TOKEN="x", BENCH_PATH="/bare"
+        )
+    finally:
+        for proc in (gateway, app):
+            proc.terminate()
+            proc.wait(10)
+        log.close()
+
+
+def _sample_backlog(
+    stack: Stack, wallet_db: str, stub_url: str, since: float, samples: list[dict[str, float]], stop: threading.Event
+) -> None:
+    """Every second: receipts committed since `since` (outbox rows), those at Brevo, and the
+    wallet relay's outbox_backlog gauge (rows not yet published to the queue)."""
+    engine = create_engine(wallet_db)
+    count = text("SELECT count(*) FROM outbox WHERE actor_name = 'notifier.send_receipt' AND created_at >= :since")
+    metrics_url = f"http://127.0.0.1:{(stack.ports or {}).get('wallet_relay_metrics')}/metrics"
+    next_at = time.time()
+    with httpx.Client(timeout=5) as http:
+        while not stop.is_set():
+            now = time.time()
+            try:
+                with engine.connect() as conn:
+                    committed = int(conn.execute(count, {"since": _utc(since)}).scalar_one())
+                delivered = len(http.get(f"{stub_url}/_stub/received").json()["received"])
+                gauge = re.search(r"^outbox_backlog\{[^}]*\}\s+(\S+)", http.get(metrics_url).text, re.M)
+                samples.append(
+                    {
+                        "t": round(now - since, 1),
+                        "committed": committed,
+                        "delivered": delivered,
+                        "undelivered": max(committed - delivered, 0),
+                        "outbox_backlog": float(gauge.group(1)) if gauge else float("nan"),
+                    }
+                )
+            except (
+                OSError,
+                ValueError,
+                httpx.HTTPError,
+                SQLAlchemyError,
+            ) as exc:  # a missed sample is not worth failing the run
+                progress(f"  backlog sample failed: {exc!r}")
+            next_at += 1
+            stop.wait(max(next_at - time.time(), 0))
+    engine.dispose()
+
+
+def paced_transfers(
+    stack: Stack, stub: httpx.Client, stub_url: str, wallet_db: str, wallets: Path, rate: float, seconds: float
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, float]]]:
+    """bench/pace.py at `rate` transfers/s for `seconds`, the receipts of that run until they
+    drain, and the backlog sampled every second meanwhile."""
+    stub.post("/_stub/reset")
+    started = time.time()
+    samples: list[dict[str, float]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(
+        target=_sample_backlog, args=(stack, wallet_db, stub_url, started, samples, stop), daemon=True
+    )
+    sampler.start()
+    progress(f"paced transfers: {rate:.0f}/s offered for {seconds:.0f} s (bench/pace.py, open loop)")
+    pacer = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "pace.py"),
+            stack.url,
+            str(wallets),
+            f"--rate={rate}",
+            f"--seconds={seconds}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    summary: dict[str, Any] = {}
+    assert pacer.stdout is not None
+    for line in pacer.stdout:
+        data = json.loads(line)
+        if "summary" in data:
+            summary = data["summary"]
+        elif round(data["t"]) % 10 == 0:
+            progress(
+                f"  {data['t']:.0f} s: sent {data['sent']}, ok {data['ok']}, waiting {data['waiting']}, "
+                f"shed {data['shed']}"
+            )
+    pacer.wait()
+    if not summary:
+        raise RuntimeError(f"bench: bench/pace.py ended ({pacer.returncode}) without a summary")
+    progress(
+        f"  -> achieved {summary['achieved_rate']:.0f}/s of {rate:.0f}/s offered, p50 {summary['p50']:.0f} ms, "
+        f"p99 {summary['p99']:.0f} ms, pacer late p99 {summary['pacer_late_p99']:.1f} ms"
+    )
+    receipts = receipt_latency(stub, wallet_db, started, series=True)
+    time.sleep(1.5)  # one more sample after the drain
+    stop.set()
+    sampler.join(10)
+    return summary, receipts, samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--seconds", type=float, default=3 if QUICK else 15)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=300, help="paced transfers per second")
+    parser.add_argument("--rate-seconds", type=float, default=10 if QUICK else 60)
     parser.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
@@ -221,6 +513,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is not installed (make bench installs it with apt-get)")
+    began = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="wallet-bench-"))
     os.environ["TEST_DATABASE_URL"] = args.database_url
     from e2e.conftest import postgres_stack_env
@@ -228,6 +521,7 @@ def main() -> None:
     env = postgres_stack_env(f"bench{os.getpid()}")
     assert env is not None
     stub_port = free_port()
+    stub_url = f"http://127.0.0.1:{stub_port}"
     # Brevo is somebody else's server: its stand-in yields the CPU, like the notifier and the
     # relays (STACK_BACKGROUND_NICE), to the request path being measured.
     stub_cmd = [str(ROOT / "tests/tools/brevo_stub.py"), "--port", str(stub_port), "--api-key", "bench-key"]
@@ -235,10 +529,11 @@ def main() -> None:
         ["nice", "-n", str(BACKGROUND_NICE), sys.executable, *stub_cmd], stdout=subprocess.DEVNULL
     )
     high = {f"GATEWAY_AUTH_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")}  # setup signs up 100 users
+    progress(f"starting the stack on fresh Postgres databases ({work})" + (" [BENCH_QUICK]" if QUICK else ""))
     stack = start_stack(
         work / "var",
         NOTIFIER_BREVO_API_KEY="bench-key",
-        NOTIFIER_BREVO_BASE_URL=f"http://127.0.0.1:{stub_port}",
+        NOTIFIER_BREVO_BASE_URL=stub_url,
         AUTH_LOG_LEVEL="WARNING",
         WALLET_LOG_LEVEL="WARNING",
         NOTIFIER_LOG_LEVEL="WARNING",
@@ -246,23 +541,27 @@ def main() -> None:
         **high,
         **env,
     )
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
     try:
         with (
             httpx.Client(base_url=stack.url, timeout=30) as api,
-            httpx.Client(base_url=f"http://127.0.0.1:{stub_port}") as stub,
+            httpx.Client(base_url=stub_url, timeout=30) as stub,
         ):
+            progress(f"funding {WALLETS} wallets through the API")
             users = fund(api, WALLETS)
             wallets = work / "wallets.txt"
             wallets.write_text("".join(f"{t} {w}\n" for t, w, _ in users))
             run = {"seconds": args.seconds, "connections": args.connections}
-            results["GET /.well-known/jwks.json (trivial)"] = wrk(
+            rss_start = processes(stack)
+            results[TRIVIAL] = wrk(
                 f"{stack.url}/.well-known/jwks.json",
                 "read.lua",
                 BENCH_TOKEN="x",
                 BENCH_PATH="/.well-known/jwks.json",
                 **run,
             )
+            results[BARE] = bare_ceiling(work, **run)
             time.sleep(3)  # let the receipts of the funding drain
             stub.post("/_stub/reset")
             started = time.time()
@@ -270,12 +569,24 @@ def main() -> None:
                 stack.url, "money.lua", BENCH_WALLETS=str(wallets), BENCH_KIND="transfer", **run
             )
             results["receipts: commit to Brevo call"] = receipt_latency(stub, env["WALLET_DATABASE_URL"], started)
+            paced, receipts, backlog = paced_transfers(
+                stack, stub, stub_url, env["WALLET_DATABASE_URL"], wallets, args.rate, args.rate_seconds
+            )
+            results[f"PATCH transfer paced at {args.rate:.0f}/s"] = {
+                "rps": paced["achieved_rate"],
+                **{k: v for k, v in paced.items() if k != "per_second"},
+            }
+            results[f"receipts at {args.rate:.0f}/s: commit to Brevo"] = {
+                k: v for k, v in receipts.items() if k != "series"
+            }
+            extra["paced"] = {"pacer": paced["per_second"], "receipts": receipts.get("series", []), "backlog": backlog}
             for kind in ("deposit", "withdraw"):
                 results[f"PATCH /transaction/{kind}"] = wrk(
                     stack.url, "money.lua", BENCH_WALLETS=str(wallets), BENCH_KIND=kind, **run
                 )
             token, wallet, _ = users[0]
-            for size in (10**4, 10**6):
+            for size in (10**4,) if QUICK else (10**4, 10**6):
+                progress(f"seeding the ledger to {size:.0e} entries")
                 txn = seed_ledger(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"], wallet, size)
                 for label, path in (
                     ("history", "/transaction/history?limit=10&offset=0"),
@@ -289,6 +600,8 @@ def main() -> None:
                         **{**run, "seconds": min(args.seconds, 10)},
                     )
             rss = memory(stack.process.pid) if stack.process else {}
+            extra["memory"] = memory_growth(rss_start, processes(stack))
+        progress("wallet-audit")
         audit = subprocess.run(
             [str(BIN / "wallet-audit"), "--database-url", env["WALLET_DATABASE_URL"]],
             capture_output=True,
@@ -296,14 +609,32 @@ def main() -> None:
             check=False,
         )
     finally:
+        progress("stopping the stack")
         stack.stop()
         stub_proc.terminate()
         drop_databases(env)  # also when a run fails half way
-    report(results, rss, audit.stdout.strip(), args)
+    extra["run"] = {
+        "started": began.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - T0),
+        "quick": QUICK,
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "rate": args.rate,
+        "rate_seconds": args.rate_seconds,
+        "wallets": WALLETS,
+        "cores": os.cpu_count(),
+    }
+    report(results, rss, audit.stdout.strip(), args, extra)
     sys.exit(audit.returncode)
 
 
-def report(results: dict[str, dict[str, float]], rss: dict[str, float], audit: str, args: argparse.Namespace) -> None:
+def report(
+    results: dict[str, dict[str, Any]],
+    rss: dict[str, float],
+    audit: str,
+    args: argparse.Namespace,
+    extra: dict[str, Any],
+) -> None:
     print(
         f"\nwrk -t2 -c{args.connections}, {args.seconds:.0f}s per run, 2 wallet replicas, Postgres, "
         f"{os.cpu_count()} cores shared with wrk"
@@ -311,14 +642,129 @@ def report(results: dict[str, dict[str, float]], rss: dict[str, float], audit: s
     print(f"{'measure':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  notes")
     for name, r in results.items():
         keys = ("non2xx", "socket_errors", "backlog", "receipts", "missing", "drained_s")
+        keys += ("target_rate", "shed", "pacer_late_p99")
         notes = ", ".join(f"{k} {r[k]:.0f}" for k in keys if r.get(k))
         print(f"{name:<40}{r.get('rps', float('nan')):>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}  {notes}")
-    trivial = results["GET /.well-known/jwks.json (trivial)"]["rps"]
+    trivial = results[TRIVIAL]["rps"]
     transfers = results["PATCH /transaction/transfer"]["rps"]
     print(f"transfers / trivial endpoint = {transfers / trivial:.2f}")
+    bare = results[BARE]["rps"]
+    print(f"trivial endpoint / bare FastAPI behind Traefik = {trivial / bare:.2f} (target >= 0.6)")
     print("resident memory at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())))
+    print("resident memory per process, start -> end of the load (MiB):")
+    for name, m in extra["memory"].items():
+        if m["growth"] is None:
+            print(f"  {name:<18} {m['start'] or 0:>6.0f} -> {m['end'] or 0:>6.0f}  (only at one end)")
+        else:
+            flag = "  GREW" if m["flagged"] else ""
+            print(f"  {name:<18} {m['start']:>6.0f} -> {m['end']:>6.0f}  ({m['growth']:+.0f}){flag}")
+    backlog = extra["paced"]["backlog"]
+    if backlog:
+        peak = max(backlog, key=lambda s: s["undelivered"])
+        print(
+            f"paced run backlog: peak {peak['undelivered']:.0f} receipts not yet at Brevo at {peak['t']:.0f} s, "
+            f"outbox unpublished peak {max(s['outbox_backlog'] for s in backlog):.0f}; "
+            f"{len(backlog)} samples in {RESULTS.relative_to(ROOT)}.json"
+        )
     print(audit)
-    (ROOT / "bench" / "last-run.json").write_text(json.dumps({"results": results, "rss": rss}, indent=2))
+    ratios = {"transfers_over_trivial": transfers / trivial, "trivial_over_bare": trivial / bare}
+    figures = {"results": results, "ratios": ratios, "rss": rss, "audit": audit, **extra}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.with_suffix(".json").write_text(json.dumps(_finite(figures), indent=2) + "\n")
+    plot(figures, RESULTS.with_suffix(".png"))
+    print(f"figures: {RESULTS.relative_to(ROOT)}.json, drawn in {RESULTS.relative_to(ROOT)}.png")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: the file stays strict JSON."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def plot(figures: dict[str, Any], path: Path) -> None:
+    """Throughput and p50/p99 per measure (bars), the paced run's receipt lag and backlog over
+    time (lines), and each process's memory at the start and the end of the load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = figures["results"]
+    run = figures["run"]
+    fig, axes = plt.subplots(2, 2, figsize=(16, 11))
+    (ax_rps, ax_lat), (ax_lag, ax_mem) = axes
+
+    timed = [n for n, r in results.items() if r.get("rps") == r.get("rps") and r.get("rps") is not None]
+    y = range(len(timed))
+    ax_rps.barh(list(y), [results[n]["rps"] for n in timed], color="tab:blue")
+    ax_rps.set_yticks(list(y), timed, fontsize=8)
+    ax_rps.invert_yaxis()
+    ax_rps.set_xlabel("requests/s (paced: achieved)")
+    ax_rps.set_title("throughput")
+    for i, n in enumerate(timed):
+        ax_rps.text(results[n]["rps"], i, f" {results[n]['rps']:.0f}", va="center", fontsize=8)
+
+    names = list(results)
+    pos = range(len(names))
+    height = 0.4
+    for offset, key, color in ((-height / 2, "p50", "tab:green"), (height / 2, "p99", "tab:red")):
+        values = [max(results[n][key], 0.01) if results[n][key] == results[n][key] else 0 for n in names]
+        ax_lat.barh([p + offset for p in pos], values, height=height, label=key, color=color)
+    ax_lat.set_yticks(list(pos), names, fontsize=8)
+    ax_lat.invert_yaxis()
+    ax_lat.set_xscale("log")
+    ax_lat.set_xlabel("latency, ms (log)")
+    ax_lat.set_title("p50 / p99 per measure")
+    ax_lat.legend()
+
+    paced = figures["paced"]
+    series = paced["receipts"]
+    if series:
+        ax_lag.plot([s["t"] for s in series], [s["p50"] / 1000 for s in series], label="receipt lag p50")
+        ax_lag.plot([s["t"] for s in series], [s["p99"] / 1000 for s in series], label="receipt lag p99")
+    ax_lag.set_xlabel(
+        f"seconds since the paced run began ({run['rate']:.0f}/s offered for {run['rate_seconds']:.0f} s)"
+    )
+    ax_lag.set_ylabel("commit to Brevo call, s (by commit second)")
+    ax_lag.axvline(run["rate_seconds"], color="grey", linestyle=":", label="load stops")
+    ax_lag.set_title("receipts of the paced run: lag and backlog over time")
+    backlog = paced["backlog"]
+    twin = ax_lag.twinx()
+    if backlog:
+        twin.plot([s["t"] for s in backlog], [s["undelivered"] for s in backlog], "k--", label="receipts not at Brevo")
+        twin.plot(
+            [s["t"] for s in backlog], [s["outbox_backlog"] or 0 for s in backlog], "m:", label="outbox unpublished"
+        )
+    twin.set_ylabel("backlog (count, sampled each second)")
+    lines = ax_lag.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax_lag.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+
+    memory = figures["memory"]
+    procs = list(memory)
+    pos = range(len(procs))
+    for offset, key, color in ((-height / 2, "start", "tab:gray"), (height / 2, "end", "tab:orange")):
+        ax_mem.barh(
+            [p + offset for p in pos], [memory[n][key] or 0 for n in procs], height=height, label=key, color=color
+        )
+    ax_mem.set_yticks(list(pos), [n + ("  (grew)" if memory[n]["flagged"] else "") for n in procs], fontsize=8)
+    ax_mem.invert_yaxis()
+    ax_mem.set_xlabel("resident memory, MiB")
+    ax_mem.set_title("memory per process, start and end of the load")
+    ax_mem.legend()
+
+    fig.suptitle(
+        f"make bench {run['started']}: wrk -t2 -c{run['connections']}, {run['seconds']:.0f} s per measure, "
+        f"{run['cores']} cores shared by the stack and the load" + (" (BENCH_QUICK)" if run["quick"] else "")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,10 @@ class Plan:
             "AUTH_KEYS_DIR": str(self.var / "keys"),
             "AUTH_SERVICE_TOKEN": token,
             "AUTH_METRICS_PORT": str(self.ports["auth_metrics"]),
+            # POST /token's per-IP limit lives in auth; one knob with the gateway's signup limit.
+            "AUTH_TOKEN_RATE_AVERAGE": os.environ.get("GATEWAY_AUTH_RATE_AVERAGE", "20"),
+            "AUTH_TOKEN_RATE_BURST": os.environ.get("GATEWAY_AUTH_RATE_BURST", "40"),
+            "AUTH_CLIENT_IP_DEPTH": os.environ.get("GATEWAY_IP_DEPTH", "0"),
             "WALLET_DATABASE_URL": f"sqlite:///{data}/wallet.db",
             "WALLET_REDIS_URL": self.redis_url,
             "WALLET_AUTH_URL": auth_url,

@@ -67,7 +67,8 @@ def definitive(
 
 
 def wait_healthy(stack: Stack, timeout: float = 90) -> None:
-    """Wait until every service process answers its readiness check (after a fault heals)."""
+    """Wait until every service process answers its readiness check with every dependency
+    up (after a fault heals: a Redis outage leaves /readyz at 200, "degraded")."""
     ports = stack.ports or {}
     urls = [
         f"http://127.0.0.1:{p}/readyz"
@@ -78,7 +79,8 @@ def wait_healthy(stack: Stack, timeout: float = 90) -> None:
     for url in urls:
         while True:
             try:
-                if httpx.get(url, timeout=2).status_code == 200:
+                response = httpx.get(url, timeout=2)
+                if response.status_code == 200 and response.json()["status"] == "ok":
                     break
             except httpx.TransportError:
                 pass

@@ -75,16 +75,21 @@ class TestDocs:
 
 
 class TestRateLimits:
-    def test_a_burst_on_token_gets_429_from_the_gateway(self, api: httpx.Client) -> None:
+    def test_a_burst_on_token_gets_rate_limited_problems(self, api: httpx.Client) -> None:
         # Distinct unknown emails, so the per-account lockout never answers: only the
-        # gateway's per-IP limit (20/s, burst 40) can produce a 429 here.
-        def attempt(i: int) -> int:
+        # per-IP limit (20/s, burst 40; auth's, through the gateway) can produce a 429 here.
+        def attempt(i: int) -> httpx.Response:
             data = {"username": unique_email(f"burst{i}"), "password": "wrong-password"}
-            return api.post("/token", data=data).status_code
+            return api.post("/token", data=data)
 
         with ThreadPoolExecutor(32) as pool:
-            codes = list(pool.map(attempt, range(150)))
+            responses = list(pool.map(attempt, range(150)))
+        codes = [r.status_code for r in responses]
         assert set(codes) <= {401, 429}
+        limited = [r for r in responses if r.status_code == 429]
+        assert {r.headers["content-type"] for r in limited} == {"application/problem+json"}
+        assert {r.json()["code"] for r in limited} == {"rate_limited"}
+        assert all(int(r.headers["retry-after"]) >= 1 and r.headers["x-request-id"] for r in limited)
         assert codes.count(429) > 0
         assert codes.count(401) >= 20  # the burst itself goes through (minus what earlier tests used)
         time.sleep(2.5)  # let the bucket refill for the other tests

@@ -139,6 +139,21 @@ class TestRateLimit:
             rid = assert_problem(response, 429, "rate_limited", retry_after=True)
         assert_joinable(problems_stack, rid, "docs")
 
+    def test_a_login_flood_gets_rate_limited_problems_from_auth_logged_by_both(
+        self, api: httpx.Client, problems_stack: Stack
+    ) -> None:
+        # The per-IP limit of POST /token is auth's (its account_locked shares the route),
+        # with the same small rate as signup's here.
+        data = {"username": f"nobody-{uuid.uuid4().hex}@example.com", "password": "wrong-password"}
+        responses = [api.post("/token", data=data) for _ in range(BURST + 6)]
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {401, 429}, codes
+        limited = [r for r in responses if r.status_code == 429]
+        assert limited, codes
+        for response in limited:
+            rid = assert_problem(response, 429, "rate_limited", retry_after=True)
+        assert_joinable(problems_stack, rid, "auth")
+
     def test_a_money_flood_gets_429_problems_and_keeps_the_clients_request_id(self, api: httpx.Client) -> None:
         rid = f"flood-{uuid.uuid4().hex}"
         responses = [

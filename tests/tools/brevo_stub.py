@@ -7,6 +7,7 @@ accepted. It can be told to misbehave for the next N calls:
 
     POST /_stub/fail {"mode": "500" | "429" | "400" | "slow", "count": N, "delay_s": 3}
     GET  /_stub/emails   -> {"emails": [accepted bodies], "calls": N, "duplicates": N, ...}
+    GET  /_stub/received -> {"received": [{"key", "at"}], "calls": N}  (no bodies: cheap to poll)
     POST /_stub/reset
 
 "slow" records the email first and answers after `delay_s`: Brevo has it, but the
@@ -90,6 +91,9 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                             "received": list(state.received),
                         },
                     )
+            elif self.path == "/_stub/received":
+                with state.lock:
+                    self._json(200, {"received": list(state.received), "calls": state.calls})
             else:
                 self._json(404, {"code": "document_not_found", "message": "not found"})
 

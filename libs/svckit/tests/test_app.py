@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from svckit.app import base_app
+from svckit.app import add_health_routes, base_app
 from svckit.money import Amount
 from svckit.problems import ProblemError
 
@@ -140,3 +141,40 @@ class TestFrameworkErrors:
             "$ref": "#/components/schemas/Problem"
         }
         assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+class TestReadiness:
+    @staticmethod
+    def ready(checks: dict[str, bool], optional: set[str]) -> tuple[int, dict[str, object]]:
+        def check(up: bool) -> Callable[[], None]:
+            def run() -> None:
+                if not up:
+                    raise ConnectionError("down")
+
+            return run
+
+        app = base_app("test", log_level="INFO")
+        add_health_routes(app, {name: check(up) for name, up in checks.items()}, optional=optional)
+        response = TestClient(app).get("/readyz")
+        return response.status_code, response.json()
+
+    def test_all_up_is_ok(self) -> None:
+        assert self.ready({"database": True, "redis": True}, {"redis"}) == (
+            200,
+            {"status": "ok", "checks": {"database": "ok", "redis": "ok"}, "degraded": []},
+        )
+
+    def test_an_optional_dependency_down_is_degraded_but_ready(self) -> None:
+        assert self.ready({"database": True, "redis": False}, {"redis"}) == (
+            200,
+            {"status": "degraded", "checks": {"database": "ok", "redis": "ConnectionError"}, "degraded": ["redis"]},
+        )
+
+    def test_a_required_dependency_down_is_unavailable(self) -> None:
+        status, body = self.ready({"database": False, "redis": False}, {"redis"})
+        assert (status, body["status"], body["degraded"]) == (503, "unavailable", ["redis"])
+        assert self.ready({"database": True, "redis": False}, set())[0] == 503  # Redis required by default
+
+    def test_an_optional_check_must_exist(self) -> None:
+        with pytest.raises(ValueError, match="redsi"):
+            add_health_routes(base_app("test", log_level="INFO"), optional={"redsi"})

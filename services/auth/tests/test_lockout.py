@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from auth.config import Settings
+from auth.main import create_app
 from auth.security import PasswordHasher
 from svckit.redis import redis_client
 from svckit.testing import free_port
@@ -184,3 +187,22 @@ class TestRedisDown:
                 assert login(client, password=WRONG).status_code == 401
             assert login(client).status_code == 200
         assert "Redis unavailable" in caplog.text
+
+
+class TestReadiness:
+    """Logins work without Redis (the lockout fails open), so Redis down leaves auth ready,
+    degraded: taking every replica out of the Service would stop every login instead."""
+
+    def test_redis_down_is_ready_and_degraded(self, settings: Settings) -> None:
+        dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens
+        with TestClient(create_app(dead)) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json() == {
+                "status": "degraded",
+                "checks": {"database": "ok", "redis": "ConnectionError"},
+                "degraded": ["redis"],
+            }
+            email = f"ready-{uuid.uuid4().hex}@example.com"
+            signup(client, email=email)
+            assert login(client, email=email).status_code == 200

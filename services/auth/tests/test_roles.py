@@ -92,7 +92,8 @@ class TestTheServiceRole:
             ("TRUNCATE users", "permission denied for table users"),
             ("ALTER TABLE users DROP CONSTRAINT users_pkey CASCADE", "must be owner of table users"),
             ("DELETE FROM outbox", "permission denied for table outbox"),
-            ("SELECT * FROM alembic_version", "permission denied for table alembic_version"),
+            ("UPDATE alembic_version SET version_num = '0001'", "permission denied for table alembic_version"),
+            ("DELETE FROM alembic_version", "permission denied for table alembic_version"),
             ("SET session_replication_role = replica", 'permission denied to set parameter "session_replication_role"'),
             ("CREATE TABLE shadow (id int)", "permission denied for schema public"),
         ],
@@ -108,6 +109,25 @@ class TestTheServiceRole:
         assert isinstance(error, psycopg.Error)
         assert error.sqlstate == "42501", error  # insufficient_privilege
         assert message in str(error)
+
+
+def test_it_reads_the_schema_revision_and_waits_for_nothing_at_the_head(db: RoleDatabase) -> None:
+    """`auth-migrations wait`, the initContainer, reads alembic_version as the app role."""
+    engine = make_engine(db.app_url)
+    try:
+        with engine.connect() as conn:
+            revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    finally:
+        engine.dispose()
+    result = subprocess.run(
+        [str(ALEMBIC.parent / "auth-migrations"), "wait", "-c", str(INI), "--timeout", "30"],
+        env={**os.environ, "AUTH_DATABASE_URL": db.app_url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"database at {revision}: this image's head, ready" in result.stdout
 
 
 def test_tables_the_migration_role_does_not_own_stop_the_migration(db: RoleDatabase) -> None:

@@ -4,7 +4,10 @@ processes, also ones that died, and the dead-letter gauge is still served."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +24,7 @@ from notifier import actors
 from notifier.brevo import Email
 from notifier.dedupe import SentMarkers
 from svckit.redis import redis_client
-from svckit.testing import free_port
+from svckit.testing import free_port, redis_server, scrape_metrics
 
 WORKER = textwrap.dedent(
     """
@@ -105,3 +108,63 @@ def test_an_email_brevo_already_had_is_counted_apart(redis_url: str, monkeypatch
     email = Email(email_id=email_id, to_email="j@example.com", to_name="J", subject="s", html="h", text="t")
     actors.deliver(email_id, lambda: email, kind="deposit")
     assert counts() == (before[0] + 1, before[1] + 1)
+
+
+def image_cmd() -> list[str]:
+    """The notifier image's CMD (services/notifier/Dockerfile), as its container runs it."""
+    dockerfile = Path(__file__).resolve().parents[1] / "Dockerfile"
+    lines = [line for line in dockerfile.read_text().splitlines() if line.startswith("CMD ")]
+    assert len(lines) == 1
+    cmd: list[str] = json.loads(lines[0].removeprefix("CMD "))
+    return cmd
+
+
+@pytest.mark.parametrize("left", ["nothing", "a previous container's files"])
+def test_the_images_command_prepares_the_metrics_folder_for_its_workers(tmp_path: Path, left: str) -> None:
+    # PROMETHEUS_MULTIPROC_DIR is set for every pod (the ConfigMap): missing at the first
+    # start, and in the pod's emptyDir with the old files after a container restart.
+    metrics_dir = tmp_path / "not-yet" / "prometheus"
+    stale = metrics_dir / "counter_4242424.db"
+    if left != "nothing":
+        metrics_dir.mkdir(parents=True)
+        stale.write_bytes(b"old")
+    port = free_port()
+    with redis_server() as url:  # its own: the workers consume the queue
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "METRICS_BIND": "127.0.0.1",
+            "NOTIFIER_PROCESSES": "2",
+            "NOTIFIER_THREADS": "1",
+            "NOTIFIER_REDIS_URL": url,
+            "NOTIFIER_METRICS_PORT": str(port),
+            "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
+            "NOTIFIER_SERVICE_TOKEN": secrets.token_urlsafe(32),
+        }
+        proc = subprocess.Popen(image_cmd(), env=env, cwd=tmp_path, start_new_session=True)
+        try:
+            # The unlabelled counter's file exists from import on: the folder was there first.
+            text = scrape_metrics(port, until="notifier_dead_letters{", proc=proc, timeout_s=90)
+            assert "notifier_duplicates_dropped_total 0.0" in text
+            deadline = time.monotonic() + 60  # both workers write there (the second may still import)
+            while len({p.name.split("_")[-1] for p in metrics_dir.glob("*.db")} - {stale.name.split("_")[-1]}) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert not stale.exists()  # emptied once, before the workers started
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def test_the_metrics_module_creates_a_missing_folder_itself(tmp_path: Path) -> None:
+    """A worker started some other way than the image's CMD (a Kubernetes `command:`, or
+    `notifier-dlq`) does not crash on the unlabelled metrics' files at import."""
+    metrics_dir = tmp_path / "not-yet"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    subprocess.run([sys.executable, "-c", "import notifier.metrics"], env=env, check=True, timeout=60)
+    assert list(metrics_dir.glob("counter_*.db"))

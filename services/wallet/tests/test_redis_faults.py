@@ -9,12 +9,15 @@ from collections import Counter
 import redis
 from fastapi.testclient import TestClient
 
+from svckit.db import make_engine
 from svckit.redis import redis_client
 from svckit.testing import free_port, redis_server
 from wallet import service
 from wallet.audit import audit
+from wallet.config import Settings
 from wallet.idempotency import IdempotencyCache
 
+from .conftest import app_client
 from .factories import AuthFake, Signer, call, key, move, new_user, open_wallet, run_all
 
 
@@ -97,3 +100,36 @@ def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fak
     assert replays == results
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 0
     assert audit(state.engine).violations == []
+
+
+class TestReadiness:
+    """Money moves without Redis, so Redis down leaves the wallet ready (degraded); only a
+    database that does not answer takes it out of the Service."""
+
+    def test_redis_down_is_ready_and_degraded(self, settings: Settings, signer: Signer, auth_fake: AuthFake) -> None:
+        dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens
+        with app_client(dead, signer, auth_fake) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json() == {
+                "status": "degraded",
+                "checks": {"database": "ok", "redis": "ConnectionError"},
+                "degraded": ["redis"],
+            }
+            user = new_user(signer, auth_fake)
+            open_wallet(client, user, balance=100)
+            assert move(client, user, "withdraw", amount=30).status_code == 200  # what "ready" promises
+
+    def test_the_database_down_is_503(self, client: TestClient) -> None:
+        state = client.app.state  # type: ignore[attr-defined]
+        assert client.get("/readyz").json()["status"] == "ok"
+        live = state.engine
+        state.engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/wallet")  # refused
+        try:
+            ready = client.get("/readyz")
+        finally:
+            state.engine.dispose()
+            state.engine = live
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "unavailable"
+        assert ready.json()["checks"] == {"database": "OperationalError", "redis": "ok"}

@@ -31,12 +31,14 @@ from wallet.outbox import TABLE as OUTBOX
 from . import conftest
 from .conftest import INI
 from .factories import AuthFake, Signer, key, move, new_user, open_wallet
+from .test_wait_for_schema import PREVIOUS
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TEST_DATABASE_URL"), reason="database roles exist only on Postgres: set TEST_DATABASE_URL"
 )
 
 ALEMBIC = Path(sys.executable).parent / "alembic"
+WAIT = Path(sys.executable).parent / "wallet-migrations"
 
 
 def migrate(db: RoleDatabase, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +48,17 @@ def migrate(db: RoleDatabase, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(ALEMBIC), "-c", str(INI), *(args or ("upgrade", "head"))],
         env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def wait(db: RoleDatabase, *args: str) -> subprocess.CompletedProcess[str]:
+    """`wallet-migrations wait` as the initContainer runs it: the service's URL only."""
+    return subprocess.run(
+        [str(WAIT), "wait", "-c", str(INI), "--interval", "0.1", *args],
+        env={**os.environ, "WALLET_DATABASE_URL": db.app_url},
         capture_output=True,
         text=True,
         check=False,
@@ -144,6 +157,8 @@ class TestTheServiceRole:
             ("DELETE FROM outbox", "permission denied for table outbox"),
             ("SELECT setval('transactions_id_seq', 1)", "permission denied for sequence transactions_id_seq"),
             ("CREATE TABLE shadow (id int)", "permission denied for schema public"),
+            ("UPDATE alembic_version SET version_num = '0001'", "permission denied for table alembic_version"),
+            ("DELETE FROM alembic_version", "permission denied for table alembic_version"),
         ],
     )
     def test_it_cannot_rewrite_history_or_the_rules(self, db: RoleDatabase, statement: str, message: str) -> None:
@@ -158,7 +173,68 @@ class TestTheServiceRole:
         assert "permission denied to set role" in str(error)
 
 
+class TestWaitForSchema:
+    """`wallet-migrations wait`, the initContainer, with the service's URL (the app role)."""
+
+    def test_the_app_role_reads_the_revision_and_the_wait_returns_at_once(self, db: RoleDatabase) -> None:
+        engine = make_engine(db.app_url)
+        try:
+            with engine.connect() as conn:
+                revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        finally:
+            engine.dispose()
+        result = wait(db, "--timeout", "30")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"database at {revision}: this image's head, ready" in result.stdout
+
+    def test_it_waits_while_the_version_is_unreadable_until_the_migration_grants_it(self) -> None:
+        with role_database("wallet_wait") as fresh:
+            # The previous release's grants: everything but alembic_version.
+            assert migrate(fresh, "upgrade", PREVIOUS).returncode == 0
+            owner = make_engine(fresh.migration_url)
+            try:
+                with owner.begin() as conn:
+                    conn.execute(text(f'REVOKE ALL ON alembic_version FROM "{fresh.app}"'))
+            finally:
+                owner.dispose()
+            unreadable = wait(fresh, "--timeout", "0.5")
+            assert unreadable.returncode == 1
+            assert "permission denied for table alembic_version" in unreadable.stdout
+            waiting = subprocess.Popen(
+                [str(WAIT), "wait", "-c", str(INI), "--timeout", "120", "--interval", "0.1"],
+                env={**os.environ, "WALLET_DATABASE_URL": fresh.app_url},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                assert waiting.stdout is not None
+                assert "image needs" in waiting.stdout.readline()
+                assert "permission denied for table alembic_version" in waiting.stdout.readline()
+                assert migrate(fresh).returncode == 0  # this release's migration Job
+                out, _ = waiting.communicate(timeout=60)
+            finally:
+                if waiting.poll() is None:
+                    waiting.kill()
+                    waiting.wait()
+            assert waiting.returncode == 0, out
+            assert "this image's head, ready" in out
+
+
 class TestTheGrants:
+    def test_a_privilege_on_alembic_version_granted_by_hand_is_revoked_and_select_stays(self, db: RoleDatabase) -> None:
+        owner = make_engine(db.migration_url)
+        try:
+            with owner.begin() as conn:
+                conn.execute(text(f'GRANT UPDATE, DELETE ON alembic_version TO "{db.app}"'))
+        finally:
+            owner.dispose()
+        assert migrate(db).returncode == 0
+        assert "permission denied for table alembic_version" in str(
+            refused(db.app_url, "UPDATE alembic_version SET version_num = version_num")
+        )
+        assert wait(db, "--timeout", "0").returncode == 0  # SELECT granted again
+
     def test_a_privilege_granted_by_hand_is_revoked_by_the_next_migration(self, db: RoleDatabase) -> None:
         owner = make_engine(db.migration_url)
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI
@@ -40,10 +40,15 @@ def base_app(
     return app
 
 
-def add_health_routes(app: FastAPI, checks: dict[str, HealthCheck] | None = None) -> None:
+def add_health_routes(
+    app: FastAPI, checks: dict[str, HealthCheck] | None = None, *, optional: Collection[str] = ()
+) -> None:
     """`/healthz` (the process answers) and `/readyz` (its dependencies answer). Internal only.
 
     By default readiness checks `app.state.engine` (the database) and `app.state.redis`.
+    A failing check named in `optional` (a dependency the service works without) leaves
+    the service ready: 200 with `"status": "degraded"` and the check in `degraded`. Any
+    other failing check answers 503 `"status": "unavailable"`.
     """
 
     def database() -> None:
@@ -54,6 +59,9 @@ def add_health_routes(app: FastAPI, checks: dict[str, HealthCheck] | None = None
         app.state.redis.ping()
 
     checks = checks if checks is not None else {"database": database, "redis": redis_ping}
+    unknown = set(optional) - set(checks)
+    if unknown:
+        raise ValueError(f"optional health checks that do not exist: {sorted(unknown)}")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -68,5 +76,9 @@ def add_health_routes(app: FastAPI, checks: dict[str, HealthCheck] | None = None
                 results[name] = "ok"
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
                 results[name] = type(exc).__name__
-        ready = all(v == "ok" for v in results.values())
-        return JSONResponse({"status": "ok" if ready else "unavailable", "checks": results}, 200 if ready else 503)
+        failed = [name for name, result in results.items() if result != "ok"]
+        degraded = [name for name in failed if name in optional]
+        ready = len(degraded) == len(failed)
+        status = "unavailable" if not ready else "degraded" if degraded else "ok"
+        body = {"status": status, "checks": results, "degraded": degraded}
+        return JSONResponse(body, 200 if ready else 503)

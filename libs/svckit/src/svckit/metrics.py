@@ -3,6 +3,13 @@ on each process's own port, never through the gateway.
 
 With several uvicorn workers in one container, set PROMETHEUS_MULTIPROC_DIR: every worker
 then writes its samples there and whichever worker owns the port serves all of them.
+
+prometheus_client writes into that folder as soon as a metric has a value (an unlabelled
+one at its construction, so at import) and fails when the folder is missing. Who makes it:
+a multi-process program's parent, before its workers start (the Dockerfiles' CMD: emptied
+and created, as uvicorn's workers share it); a single-process one (the relays) itself at
+start, prepare_metrics_dir(sole_writer=True); every other program that writes metrics
+creates it if missing, without removing anything (ensure_metrics_dir).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
@@ -54,6 +62,32 @@ class MetricsMiddleware:
             LATENCY.labels(self.service, method, route).observe(time.perf_counter() - t0)
 
 
+def ensure_metrics_dir() -> Path | None:
+    """Create PROMETHEUS_MULTIPROC_DIR if it is set and missing (never removing anything:
+    sibling processes may be writing there). Returns the folder, None without one."""
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not configured:
+        return None
+    folder = Path(configured)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def prepare_metrics_dir(*, sole_writer: bool) -> Path | None:
+    """ensure_metrics_dir, and for a program that runs as one process (a relay), remove the
+    files an earlier process with this pid left: in a container the program is pid 1 after
+    every restart, and prometheus_client would carry on from that file's values. Files of
+    other pids stay (their counters still add up, and a folder may be shared: the chaos
+    tests' stack runs every process on one). Call it before any metric has a value in this process: a file removed
+    under an open metric loses what it records. uvicorn workers must not call this with
+    sole_writer=True (their parent's CMD empties the folder once, before they start)."""
+    folder = ensure_metrics_dir()
+    if folder is not None and sole_writer:
+        for stale in folder.glob(f"*_{os.getpid()}.db"):
+            stale.unlink(missing_ok=True)
+    return folder
+
+
 _SCRAPE_TIME: list[Collector] = []
 
 
@@ -78,6 +112,7 @@ def served_registry() -> CollectorRegistry | None:
 
 def serve_metrics(port: int) -> None:
     """Expose this process's metrics on 0.0.0.0:port (0 disables). Safe to call once per process."""
+    ensure_metrics_dir()  # its samples are written there even when nobody serves them here
     if not port:
         return
     registry = served_registry()

@@ -5,7 +5,9 @@ Two roles per database in production: the migration role owns the tables (and wi
 ALTER, DISABLE TRIGGER, DROP TRIGGER, TRUNCATE), and the app role the service connects as
 holds only what the service's queries need, declared once per service (`GRANTS` next to
 its models) and applied again after every migration run, so a new image's privileges
-arrive with it. Nothing else is granted: a table without a declaration gets nothing.
+arrive with it. Nothing else is granted: a table without a declaration gets nothing, and
+`alembic_version` only SELECT (`*-migrations wait`, svckit.schema_wait, reads it as the
+app role before a new image serves).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ Grants = Mapping[str, Collection[str]]
 # What a service may be granted on a table. TRUNCATE, REFERENCES and TRIGGER never: each
 # would let it bypass or tamper with the append-only ledger.
 PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+VERSION_TABLE = "alembic_version"  # Alembic's default; no env.py of ours names another
 
 
 def app_role(settings: BaseServiceSettings) -> str:
@@ -82,8 +85,9 @@ def check_grants(target_metadata: MetaData, grants: Grants) -> None:
 
 def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
     """Make `role`'s privileges on the tables (and their sequences) this role owns exactly
-    `grants`: everything else is revoked. Idempotent; runs in the caller's transaction, so
-    the service sees the old privileges or the new ones, never none."""
+    `grants`, plus SELECT on `alembic_version`: everything else is revoked. Idempotent;
+    runs in the caller's transaction, so the service sees the old privileges or the new
+    ones, never none."""
     me, superuser = conn.execute(text("SELECT rolname, rolsuper FROM pg_roles WHERE rolname = current_user")).one()
     if superuser:
         log.warning("migrations connect as the superuser %s: use a role that owns the tables and nothing else", me)
@@ -110,7 +114,7 @@ def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
             "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'S')"
         )
     ).all()
-    foreign = sorted(r.relname for r in rows if r.owner != me and r.relname in grants)
+    foreign = sorted(r.relname for r in rows if r.owner != me and (r.relname in grants or r.relname == VERSION_TABLE))
     if foreign:
         raise RuntimeError(
             f"tables {foreign} are not owned by the migration role {me!r}: "
@@ -131,6 +135,8 @@ def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
         if "INSERT" in wanted:  # the ids its inserts draw (serial or identity columns)
             for (sequence,) in conn.execute(_OWNED_SEQUENCES, {"table": tables[table]}):
                 conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE {quote(sequence)} TO {grantee}")
+    if VERSION_TABLE in tables:  # which revision the database is at, for `*-migrations wait`
+        conn.exec_driver_sql(f"GRANT SELECT ON TABLE {quote(VERSION_TABLE)} TO {grantee}")
     log.info("granted %s its privileges on %d tables", role, len(grants))
 
 

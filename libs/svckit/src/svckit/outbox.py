@@ -32,6 +32,7 @@ from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, Table, func, select, update
 
+from svckit import heartbeat
 from svckit.db import READ_ONLY, SessionLimits, utcnow
 from svckit.messages import DEAD_MARKER, QUEUE, SENT_MARKER, NotifierMessage, dramatiq_payload
 from svckit.requestid import current_request_id
@@ -46,10 +47,23 @@ DEAD_LETTERED = "dead_lettered"
 # for that long the relay looks for a "sent" marker that turns the outcome into `sent`.
 DEAD_RECHECK_S = 31 * 24 * 3600.0
 
-BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet published", ["service"])
-OLDEST_AGE = Gauge("outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", ["service"])
+# Labelled only: nothing here writes a file into PROMETHEUS_MULTIPROC_DIR at import, so
+# serve() can create and clean that folder first. With the folder, a gauge's newest value
+# wins over any an earlier relay process (another pid) left there, and has no pid label.
+BACKLOG = Gauge("outbox_backlog", "Outbox rows not yet published", ["service"], multiprocess_mode="mostrecent")
+OLDEST_AGE = Gauge(
+    "outbox_oldest_age_seconds",
+    "Age of the oldest unpublished outbox row",
+    ["service"],
+    multiprocess_mode="mostrecent",
+)
 PUBLISHED = Counter("outbox_published_total", "Outbox rows published to the queue", ["service"])
-DEAD = Gauge("outbox_dead_lettered", "Outbox messages the notifier gave up on (dead letters)", ["service"])
+DEAD = Gauge(
+    "outbox_dead_lettered",
+    "Outbox messages the notifier gave up on (dead letters)",
+    ["service"],
+    multiprocess_mode="mostrecent",
+)
 REPUBLISHED = Counter(
     "outbox_republished_total", "Rows published again because their delivery was never confirmed", ["service"]
 )
@@ -81,7 +95,9 @@ def stage(session: Any, table: Table, *messages: NotifierMessage) -> None:
 
 def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None = None) -> None:
     """The body of `<service>-relay`, from the service's settings: without arguments it
-    relays; `dead-letters` lists (and with --replay ID... or --all replays) dead letters."""
+    relays; `dead-letters` lists (and with --replay ID... or --all replays) dead letters;
+    `alive` is its liveness probe (the services' `<service>-relay` commands answer that one
+    before importing this module: svckit.heartbeat)."""
     parser = argparse.ArgumentParser(
         prog=f"{service}-relay",
         description="Publish the outbox to the notifier's queue; `dead-letters` lists or replays what it gave up on.",
@@ -91,7 +107,11 @@ def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None
     which = dead.add_mutually_exclusive_group()
     which.add_argument("--replay", nargs="+", metavar="ID", help="publish these dead letters again")
     which.add_argument("--all", action="store_true", help="publish every dead letter again")
+    probe = sub.add_parser("alive", help="exit 0 if the relay loop completed a round within --max-age, else 1")
+    heartbeat.add_arguments(probe)
     args = parser.parse_args(argv)
+    if args.command == "alive":
+        sys.exit(heartbeat.alive(heartbeat.path_for(service, settings.relay_heartbeat_file), args.max_age))
     if args.command == "dead-letters":
         from svckit.deadletters import main as dead_letters_main
 
@@ -105,6 +125,7 @@ def relay_main(service: str, settings: Any, table: Table, argv: list[str] | None
         metrics_port=settings.relay_metrics_port,
         republish_after_s=settings.outbox_republish_after_s,
         limits=SessionLimits.from_settings(settings),
+        heartbeat_file=heartbeat.path_for(service, settings.relay_heartbeat_file),
     )
 
 
@@ -135,6 +156,7 @@ class Relay:
         markers: redis.Redis | None = None,
         republish_after_s: float = 60.0,
         check_every_s: float = 5.0,
+        heartbeat_file: str | None = None,
     ) -> None:
         self.engine = engine
         self.table = table
@@ -152,6 +174,7 @@ class Relay:
         self.check_every_s = check_every_s
         self._reconciled = float("-inf")
         self._dead_cursor = ""  # where the next dead-letter recheck starts (ids are hex)
+        self.heartbeat = heartbeat.Heartbeat(heartbeat_file) if heartbeat_file else None
 
     def _has_lease(self) -> bool:
         if self.engine.dialect.name == "postgresql" or self.lease is None:
@@ -304,7 +327,12 @@ class Relay:
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "running", False))
+        self.loop()
+
+    def loop(self) -> None:
+        """Rounds until `running` turns false (run_forever: on SIGTERM or SIGINT)."""
         log.info("outbox relay started")
+        self.beat()  # this process is alive (a file left by an earlier one may be older)
         while self.running:
             try:
                 published = self.run_once()
@@ -317,7 +345,14 @@ class Relay:
                 log.info("published %d outbox messages", published)
             else:
                 time.sleep(self.idle_s)
+            # After every round, failed ones too: a relay whose database or Redis is down
+            # still goes round (and restarting it would not help); a stuck one does not.
+            self.beat()
         log.info("outbox relay stopped")
+
+    def beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
 
 
 def serve(
@@ -330,14 +365,19 @@ def serve(
     metrics_port: int = 0,
     republish_after_s: float = 60.0,
     limits: SessionLimits | None = None,
+    heartbeat_file: str | None = None,
 ) -> None:
     """The body of each producing service's `<service>-relay` command."""
     from svckit.db import make_engine
     from svckit.logging import configure_logging
-    from svckit.metrics import serve_metrics
+    from svckit.metrics import prepare_metrics_dir, serve_metrics
     from svckit.redis import redis_client
 
     configure_logging(f"{service}-relay", log_level)
+    # One process: create the folder if missing (Kubernetes sets the variable for every
+    # pod) and drop the files an earlier process with this pid left, before any metric
+    # of this process writes its own.
+    prepare_metrics_dir(sole_writer=True)
     serve_metrics(metrics_port)
     engine = make_engine(database_url, limits=limits)
     client = redis_client(redis_url, timeout_s=2.0)
@@ -349,5 +389,6 @@ def serve(
         name=service,
         markers=client,
         republish_after_s=republish_after_s,
+        heartbeat_file=heartbeat_file,
     ).run_forever()
     engine.dispose()

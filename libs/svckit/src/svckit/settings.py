@@ -63,6 +63,9 @@ class BaseServiceSettings(BaseSettings):
     max_body_bytes: int = Field(default=65536, gt=0)  # larger request bodies answer 413
     metrics_port: int = 0  # Prometheus metrics on this port (0: off); never routed by the gateway
     relay_metrics_port: int = 0  # the same, for this service's outbox relay process
+    # The relay touches this file after each round; `<service>-relay alive` checks its age
+    # (empty: /tmp/<service>-relay.alive; svckit.heartbeat).
+    relay_heartbeat_file: str = ""
     # An outbox message not confirmed delivered this long after publishing is published again.
     outbox_republish_after_s: float = 60.0
 

@@ -13,10 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 from sqlalchemy import create_engine, text
@@ -27,6 +29,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def scrape_metrics(port: int, *, until: str, proc: subprocess.Popen[Any] | None = None, timeout_s: float = 60) -> str:
+    """GET /metrics on 127.0.0.1:port until the text has `until` in it (a process starting
+    up: failing at once if `proc` has exited)."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited with {proc.returncode} before serving {until!r}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # nosec B310
+                text = response.read().decode()
+            if until in text:
+                return text
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {until!r} on port {port} after {timeout_s}s: {text[:500]!r}")
+        time.sleep(0.2)
 
 
 def redis_server_binary() -> str:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from svckit.settings import BaseServiceSettings
@@ -19,6 +19,11 @@ class Settings(BaseServiceSettings):
     # inside OWASP ASVS 2.2.1's "no more than 100 failed attempts per hour".
     lockout_threshold: int = 10
     lockout_seconds: int = 900
+    # POST /token per client IP (auth.ratelimit): `average` a second, `burst` at once. The
+    # client is the gateway's peer, or `client_ip_depth` X-Forwarded-For entries left of it.
+    token_rate_average: int = Field(default=20, ge=1)
+    token_rate_burst: int = Field(default=40, ge=1)
+    client_ip_depth: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _tokens_outlive_no_verifier(self) -> Settings:

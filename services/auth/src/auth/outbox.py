@@ -1,4 +1,5 @@
-"""`auth-relay`: publishes this service's committed outbox rows to the notifier's queue."""
+"""`auth-relay` (entry point auth.relay): publishes this service's committed outbox rows to the
+notifier's queue."""
 
 from __future__ import annotations
 

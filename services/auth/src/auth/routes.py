@@ -11,6 +11,7 @@ from auth import service
 from auth.deps import SessionDep, UserDep, service_caller
 from auth.errors import AccountLocked, EmailTaken, InvalidCredentials, UserNotFound
 from auth.models import User
+from auth.ratelimit import RateLimited
 from auth.schemas import SignupRequest, TokenResponse, UserList, UserRead
 from svckit.money import MAX_ID
 from svckit.problems import Unauthorized, problem_responses
@@ -35,11 +36,16 @@ def signup(body: SignupRequest, session: SessionDep, request: Request) -> UserRe
     return _read(service.signup(session, hasher=request.app.state.hasher, data=body))
 
 
+def _token_rate(request: Request) -> None:
+    request.app.state.token_rate.check(request)
+
+
 @router.post(
     "/token",
     response_model=TokenResponse,
     tags=["auth"],
-    responses=problem_responses(InvalidCredentials, AccountLocked),
+    responses=problem_responses(InvalidCredentials, AccountLocked, RateLimited),
+    dependencies=[Depends(_token_rate)],  # before the password check
 )
 def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],

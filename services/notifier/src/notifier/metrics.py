@@ -15,7 +15,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from svckit.messages import QUEUE
-from svckit.metrics import register_collector
+from svckit.metrics import ensure_metrics_dir, register_collector
+
+# With PROMETHEUS_MULTIPROC_DIR, the unlabelled metrics below write their file as they are
+# constructed. The image's CMD empties and creates the folder before the workers start;
+# this covers a worker started any other way (and `notifier-dlq`), never removing anything.
+ensure_metrics_dir()
 
 BREVO_CALLS = Counter("notifier_brevo_calls_total", "Calls to Brevo's API by outcome", ["outcome"])
 DELIVERED = Counter("notifier_emails_delivered_total", "Emails handed to Brevo or the outbox folder", ["kind"])

@@ -71,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.add_exception_handler(OperationalError, _database_busy)
     require_idempotency_key_in_docs(app)
-    add_health_routes(app)
+    # Money moves without Redis (idempotency falls back to the database's unique key, see
+    # wallet.idempotency): Redis down is degraded, not unready. Only the database is required.
+    add_health_routes(app, optional={"redis"})
     return app
 
 

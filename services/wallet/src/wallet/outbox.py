@@ -1,4 +1,4 @@
-"""`wallet-relay`: publishes this service's committed outbox rows to the notifier's queue.
+"""`wallet-relay` (entry point wallet.relay): publishes this service's committed outbox rows to the notifier's queue.
 (Movements write their outbox rows as part of their booking: see repository.write_booking.)"""
 
 from __future__ import annotations
