@@ -45,9 +45,21 @@ test-compose: $(STAMP)
 test-k8s: $(STAMP)
 	$(BIN)/python tests/k8s/run.py
 
-# Kubernetes manifests against the API schemas shipped in kubernetes-validate (offline).
-check-k8s: $(STAMP)
+# Kubernetes manifests: the API schemas shipped in kubernetes-validate (offline), then
+# checkov's policies on the base as kustomize renders it (tests/k8s/kube.py; the checks it
+# skips are explained in deploy/checkov.yaml). checkov lives in a venv of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
+$(CHECKOV): requirements/checkov.txt | $(STAMP)
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(BIN)/uv pip install --quiet --python $(CHECKOV_VENV)/bin/python --require-hashes -r requirements/checkov.txt
+	@touch $@
+
+check-k8s: $(STAMP) $(CHECKOV)
 	$(BIN)/kubernetes-validate --strict --quiet $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
+	$(BIN)/python tests/k8s/kube.py deploy/k8s var/k8s/rendered/manifests.yaml
+	$(BIN)/kubernetes-validate --strict --quiet var/k8s/rendered/manifests.yaml
+	$(CHECKOV) --config-file deploy/checkov.yaml -d var/k8s/rendered
 
 # Alert rules: syntax (promtool check) and behaviour (promtool test), with Debian's
 # prometheus package installed when promtool is missing.
@@ -100,4 +112,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache

@@ -403,3 +403,12 @@ def quantity(text: str | int | float) -> float:
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * factor
     return float(text)
+
+
+if __name__ == "__main__":
+    # `python tests/k8s/kube.py deploy/k8s OUT.yaml`: the rendered base, for make check-k8s.
+    import sys
+
+    base, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump_all(render(base / "kustomization.yaml"), sort_keys=False))
