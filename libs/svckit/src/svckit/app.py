@@ -12,9 +12,8 @@ from sqlalchemy import text
 from svckit.bodylimit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from svckit.db import READ_ONLY
 from svckit.logging import configure_logging
-from svckit.metrics import MetricsMiddleware
 from svckit.problems import document_problems, install_problem_handlers
-from svckit.requestid import RequestIdMiddleware
+from svckit.requestid import RequestMiddleware
 
 HealthCheck = Callable[[], None]
 
@@ -35,8 +34,8 @@ def base_app(
     install_problem_handlers(app)
     document_problems(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # its 413 is counted, with an id
-    app.add_middleware(MetricsMiddleware, service=service)
-    app.add_middleware(RequestIdMiddleware)  # outermost: its 500 fallback is counted too
+    # Outermost: request id, metrics and the access log, its 500 fallback counted too.
+    app.add_middleware(RequestMiddleware, service=service)
     return app
 
 

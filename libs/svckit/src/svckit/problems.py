@@ -171,7 +171,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _problem_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    # Unhandled exceptions are caught by RequestIdMiddleware, so the 500 keeps its request id.
+    # Unhandled exceptions are caught by svckit.requestid.RequestMiddleware, so the 500 keeps its request id.
 
 
 def document_problems(app: FastAPI) -> None:
