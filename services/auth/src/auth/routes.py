@@ -79,8 +79,10 @@ def get_user(user_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep
 
 
 @router.get("/.well-known/jwks.json", tags=["auth"])
-def jwks(request: Request, response: Response) -> dict[str, Any]:
+async def jwks(request: Request, response: Response) -> dict[str, Any]:
     """Public keys that verify access tokens (JWKS)."""
+    # On the event loop, not a worker thread (a hop that cost more than the route): the
+    # key ring stats its folder and re-reads it only when it changed (microseconds).
     response.headers["Cache-Control"] = "public, max-age=60"
     result: dict[str, Any] = request.app.state.keys.jwks()
     return result
