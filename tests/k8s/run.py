@@ -101,6 +101,7 @@ CONTAINER_KEYS = {
     "startupProbe",
     "resources",
     "workingDir",
+    "lifecycle",  # preStop runs at termination only; the run ends by removing the containers
 }
 POD_SC_KEYS = {"runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "supplementalGroups", "seccompProfile"}
 CONTAINER_SC_KEYS = {
@@ -810,7 +811,7 @@ def start_postgres(cluster: Cluster, local_bases: bool) -> dict[str, str]:
             "--tmpfs", "/var/lib/postgresql/data",
             "--mount", f"type=bind,src={init},dst=/docker-entrypoint-initdb.d/10-databases.sh,readonly",
             *[a for k in env if k != "PATH" for a in ("-e", k)], image,
-            "-c", "max_connections=250",  # the connection budget in deploy/k8s/config.yaml
+            "-c", "max_connections=300",  # the connection budget in deploy/k8s/config.yaml
         ],
         env,
     )  # fmt: skip
