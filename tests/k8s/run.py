@@ -755,6 +755,12 @@ def third_party_map() -> dict[str, str]:
     return mapping
 
 
+def own_service(name: str) -> bool:
+    """One of our images, whatever registry kustomization.yaml's newName puts in front."""
+    parts = name.split("/")
+    return len(parts) >= 2 and parts[-2] == "wallet-platform" and (ROOT / "services" / parts[-1]).is_dir()
+
+
 def build_images(docs: list[dict[str, Any]], local_bases: bool) -> dict[str, str]:
     images = sorted(
         {
@@ -768,8 +774,8 @@ def build_images(docs: list[dict[str, Any]], local_bases: bool) -> dict[str, str
     stand_ins = third_party_map()
     for image in images:
         name, tag, digest = kube._split_image(image)
-        if name.startswith("wallet-platform/"):
-            service = name.split("/", 1)[1]
+        if own_service(name):
+            service = name.rsplit("/", 1)[1]
             if digest or not tag or tag == ":latest":
                 raise SystemExit(f"test-k8s: FAILED: {image}: a service image needs a version tag")
             started = time.monotonic()
@@ -895,6 +901,18 @@ def http_json(
         return response.status, raw.decode(errors="replace")[:300]
 
 
+def access_ids(docker_name: str) -> set[str]:
+    """The request ids of the JSON access lines a container wrote to stdout."""
+    out = subprocess.run(["docker", "logs", docker_name], capture_output=True, text=True, check=False).stdout
+    ids = set()
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "DownstreamStatus" in record:
+                ids.add(str(record.get("downstream_X-Request-Id", "")))
+    return ids
+
+
 def smoke(cluster: Cluster, brevo_url: str) -> None:
     gateway = next((p for p in cluster.pods if p.workload == "gateway" and p.ready), None)
     if gateway is None:
@@ -903,6 +921,7 @@ def smoke(cluster: Cluster, brevo_url: str) -> None:
     base = f"http://{gateway.ip}:{cluster.port_of(container.spec, 'web')}"
     email = f"k8s-{secrets.token_hex(4)}@example.com"
     password = secrets.token_hex(8)
+    request_id = f"k8s-smoke-{secrets.token_hex(6)}"
     steps: list[tuple[str, int, Any]] = []
 
     def step(what: str, want: int, status: int, body: Any) -> Any:
@@ -931,11 +950,19 @@ def smoke(cluster: Cluster, brevo_url: str) -> None:
             "PATCH",
             f"{base}/transaction/deposit",
             {"amount": 1250, "currency": "USD"},
-            headers={**auth, "X-Idempotency-Key": secrets.token_hex(8)},
+            headers={**auth, "X-Idempotency-Key": secrets.token_hex(8), "X-Request-ID": request_id},
         ),
     )
     if moved.get("current_balance") != 1250:
         raise Failure(f"smoke: deposit answered {moved}")
+    # The access log goes to the Traefik container's stdout (gateway.yaml's init container
+    # links traefik.yml's access log file there), with the request id.
+    deadline = time.monotonic() + 10
+    while request_id not in access_ids(container.docker_name):
+        if time.monotonic() > deadline:
+            raise Failure(f"smoke: the gateway's stdout has no access line with X-Request-Id {request_id}")
+        time.sleep(0.5)
+    say("smoke: the deposit's access line, with its request id, is on the gateway's stdout")
     deadline = time.monotonic() + 60
     while True:
         _, emails = http_json("GET", f"{brevo_url}/_stub/emails")
@@ -1036,7 +1063,7 @@ def main() -> int:
                     for d in docs
                     for p in kube._pod_specs(d)
                     for c in p["containers"]
-                    if c["image"].startswith("wallet-platform/auth:")
+                    if kube._split_image(c["image"])[0].endswith("/wallet-platform/auth")
                 )
                 make_secrets(cluster, urls, signing_keys(cluster, auth_image))
                 # The test's one change to the manifests: the notifier's Brevo is the stub.
