@@ -209,3 +209,50 @@ def migration_roundtrip(ini: Path, url: str) -> list[set[str]]:
         alembic(ini, url, *step)
         seen.append(tables(url))
     return seen
+
+
+def check_relay_process(service: str, ini: Path, tmp_path: Path, redis_url: str) -> None:
+    """`<service>-relay` as its container runs it, in a process of its own: given a
+    PROMETHEUS_MULTIPROC_DIR nobody created (Kubernetes sets it for every pod), it creates
+    it, serves its metrics, answers `alive`, ends cleanly on SIGTERM; once stopped, `alive`
+    fails as stuck."""
+    command = str(Path(sys.executable).with_name(f"{service}-relay"))
+    prefix = service.upper()
+    metrics_dir = tmp_path / "not-yet" / "prometheus"
+    port = free_port()
+    with fresh_database(f"{service}_relay", tmp_path) as url:
+        alembic(ini, url, "upgrade", "head")
+        env = {
+            **os.environ,
+            f"{prefix}_DATABASE_URL": url,
+            f"{prefix}_REDIS_URL": redis_url,
+            f"{prefix}_RELAY_METRICS_PORT": str(port),
+            f"{prefix}_RELAY_HEARTBEAT_FILE": str(tmp_path / "alive"),
+            "METRICS_BIND": "127.0.0.1",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+        proc = subprocess.Popen([command], env=env)
+        try:
+            text = scrape_metrics(port, until=f'outbox_backlog{{service="{service}"}}', proc=proc)
+            assert f'outbox_oldest_age_seconds{{service="{service}"}} 0.0' in text
+            assert metrics_dir.is_dir()
+            probe = subprocess.run(
+                [command, "alive", "--max-age", "30"], env=env, capture_output=True, text=True, timeout=30
+            )
+            assert probe.returncode == 0, probe.stderr
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0  # SIGTERM ends the loop cleanly
+    stopped = subprocess.run([command, "alive", "--max-age", "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert stopped.returncode == 1
+    assert "stuck" in stopped.stderr
+
+
+def check_relay_probe_is_light(service: str) -> None:
+    """`<service>-relay alive` answers without importing the relay's heavy modules."""
+    code = (
+        f"import sys, {service}.relay; "
+        "print(sorted({'sqlalchemy', 'pydantic', 'redis', 'dramatiq'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
