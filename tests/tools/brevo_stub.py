@@ -6,9 +6,12 @@ A real HTTP server that speaks `POST /v3/smtp/email` as Brevo does: it checks th
 accepted. It can be told to misbehave for the next N calls:
 
     POST /_stub/fail {"mode": "500" | "429" | "400" | "slow", "count": N, "delay_s": 3}
-    GET  /_stub/emails   -> {"emails": [accepted bodies], "calls": N, "duplicates": N, ...}
-    GET  /_stub/received -> {"received": [{"key", "at"}], "calls": N}  (no bodies: cheap to poll)
+    GET  /_stub/emails   -> {"emails": [accepted bodies], "calls": N, "duplicates": N, "connections": N, ...}
+    GET  /_stub/received -> {"received": [{"key", "at"}], "calls": N, "connections": N}  (no bodies: cheap to poll)
     POST /_stub/reset
+
+It speaks HTTP/1.1 with keep-alive, as Brevo does, and counts the TCP connections it
+accepted (`connections`): a client that opens one per email shows as many as its calls.
 
 "slow" records the email first and answers after `delay_s`: Brevo has it, but the
 caller may die (or time out) before it hears so.
@@ -19,7 +22,6 @@ caller may die (or time out) before it hears so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import threading
 import time
@@ -38,6 +40,7 @@ class State:
         self.calls = 0
         self.duplicates = 0
         self.received: list[dict[str, Any]] = []  # when each accepted email arrived
+        self.connections = 0  # TCP connections accepted (since the last reset)
 
 
 def _missing(body: dict[str, Any]) -> str | None:
@@ -56,14 +59,25 @@ def _missing(body: dict[str, Any]) -> str | None:
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: every answer carries its content-length
+        raw_body = b""
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+
+        def setup(self) -> None:
+            super().setup()
+            with state.lock:
+                state.connections += 1
+
         def log_message(self, *args: Any) -> None:  # quiet
             pass
 
         def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             # The caller may have given up (timed out, or was killed), as with the real Brevo.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            try:
                 self._write(status, data, headers)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _write(self, status: int, data: bytes, headers: dict[str, str] | None) -> None:
             self.send_response(status)
@@ -74,9 +88,13 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def _body(self) -> Any:
+        def _read(self) -> bytes:
+            """The request's body, read in full before any answer (the connection stays in step)."""
             length = int(self.headers.get("content-length") or 0)
-            return json.loads(self.rfile.read(length) or b"{}")
+            return self.rfile.read(length) if length else b""
+
+        def _body(self) -> Any:
+            return json.loads(self.raw_body or b"{}")
 
         def do_GET(self) -> None:
             if self.path == "/_stub/emails":
@@ -89,15 +107,19 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                             "duplicates": state.duplicates,
                             "pending_failures": len(state.failures),
                             "received": list(state.received),
+                            "connections": state.connections,
                         },
                     )
             elif self.path == "/_stub/received":
                 with state.lock:
-                    self._json(200, {"received": list(state.received), "calls": state.calls})
+                    self._json(
+                        200, {"received": list(state.received), "calls": state.calls, "connections": state.connections}
+                    )
             else:
                 self._json(404, {"code": "document_not_found", "message": "not found"})
 
         def do_POST(self) -> None:
+            self.raw_body = self._read()
             if self.path == "/_stub/fail":
                 spec = self._body()
                 with state.lock:
@@ -111,6 +133,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     state.calls = 0
                     state.duplicates = 0
                     state.received.clear()
+                    state.connections = 0
                 self._json(200, {})
             elif self.path == "/v3/smtp/email":
                 self._send_email()

@@ -376,3 +376,14 @@ class TestDeadLetters:
         assert replayed.value.code == 0
         assert "replayed 1 message(s)" in capsys.readouterr().out
         assert outcomes(engine) == {email: None}
+
+
+def test_a_message_without_a_recipient_keeps_the_old_shape_and_one_with_it_carries_it() -> None:
+    from svckit.messages import Recipient, dramatiq_payload
+
+    bare = dramatiq_payload(WelcomeEmail(email_id="a", user_id=1), request_id=None)
+    assert bare["kwargs"]["message"] == {"email_id": "a", "user_id": 1, "actor": "notifier.send_welcome"}
+    who = Recipient(email="j@example.com", first_name="J", last_name="D")
+    carried = dramatiq_payload(WelcomeEmail(email_id="b", user_id=1, recipient=who), request_id=None)
+    assert carried["kwargs"]["message"]["recipient"] == {"email": "j@example.com", "first_name": "J", "last_name": "D"}
+    assert WelcomeEmail.model_validate(carried["kwargs"]["message"]).recipient == who

@@ -140,6 +140,12 @@ class TestWelcomeEmailIsStaged:
         assert message["queue_name"] == "notifications"
         assert message["kwargs"]["message"]["user_id"] == user["id"]  # type: ignore[index]
         assert message["message_id"] == message["kwargs"]["message"]["email_id"]  # type: ignore[index]
+        # It carries the recipient: the notifier needs no lookup back at auth.
+        assert message["kwargs"]["message"]["recipient"] == {  # type: ignore[index]
+            "email": user["email"],
+            "first_name": user["first_name"],
+            "last_name": user["last_name"],
+        }
 
     def test_a_refused_signup_stages_nothing_more(self, client: TestClient) -> None:
         signup(client)

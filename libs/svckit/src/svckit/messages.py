@@ -22,11 +22,26 @@ SEND_WELCOME = "notifier.send_welcome"
 SEND_RECEIPT = "notifier.send_receipt"
 
 
+class Recipient(BaseModel):
+    """Who gets the email, carried by a producer that knows it (auth at signup): the
+    notifier then needs no lookup at the auth service."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: str
+    first_name: str
+    last_name: str
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     email_id: str  # the outbox id: stable across retries and redeliveries
-    user_id: int  # the recipient; the notifier looks up the address at the auth service
+    user_id: int  # the recipient; without `recipient` the notifier looks up the address at auth
+    # Optional, and left out of the JSON when absent (dramatiq_payload): a message without
+    # it has the shape notifiers before this field read. A notifier that reads it must be
+    # deployed before the producers that send it (deploy/README.md).
+    recipient: Recipient | None = None
 
 
 class WelcomeEmail(_Message):
@@ -57,7 +72,9 @@ def dramatiq_payload(message: NotifierMessage, *, request_id: str | None) -> dic
         "queue_name": QUEUE,
         "actor_name": message.actor,
         "args": [],
-        "kwargs": {"message": message.model_dump(mode="json")},
+        "kwargs": {
+            "message": message.model_dump(mode="json", exclude={"recipient"} if message.recipient is None else None)
+        },
         "options": {"request_id": request_id} if request_id else {},
         "message_id": message.email_id,
     }

@@ -11,7 +11,7 @@ from auth.lockout import Lockout
 from auth.models import User
 from auth.schemas import SignupRequest
 from auth.security import PasswordHasher, TokenIssuer
-from svckit.messages import WelcomeEmail, new_email_id
+from svckit.messages import Recipient, WelcomeEmail, new_email_id
 
 
 def signup(session: Session, *, hasher: PasswordHasher, data: SignupRequest) -> User:
@@ -33,7 +33,9 @@ def signup(session: Session, *, hasher: PasswordHasher, data: SignupRequest) -> 
             if user.id is None:  # the flush assigns it
                 raise RuntimeError("user id not assigned")
             # The welcome email commits with the account, or not at all.
-            outbox.stage(session, WelcomeEmail(email_id=new_email_id(), user_id=user.id))
+            # It carries the address and name, so the notifier needs no lookup back here.
+            recipient = Recipient(email=user.email, first_name=user.first_name, last_name=user.last_name)
+            outbox.stage(session, WelcomeEmail(email_id=new_email_id(), user_id=user.id, recipient=recipient))
     except IntegrityError as exc:  # a concurrent signup with the same email won the race
         raise EmailTaken() from exc
     return user

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 import dramatiq
@@ -42,9 +42,24 @@ class Context:
     auth: httpx.Client
 
 
-@lru_cache
+_CONTEXT_LOCK = threading.Lock()
+
+
 def context() -> Context:
-    """Built on first use in a worker, never at import."""
+    """One per worker process, shared by its threads (the Brevo transport's keep-alive
+    connections among them); built on first use, never at import."""
+    if _CONTEXT:
+        return _CONTEXT[0]
+    with _CONTEXT_LOCK:  # the threads' first messages arrive together: build it once
+        if not _CONTEXT:
+            _CONTEXT.append(_build_context())
+    return _CONTEXT[0]
+
+
+_CONTEXT: list[Context] = []
+
+
+def _build_context() -> Context:
     if settings.brevo_api_key.get_secret_value():
         transport: Transport = BrevoTransport(
             base_url=settings.brevo_base_url,
@@ -78,6 +93,7 @@ def should_retry(retries: int, exc: BaseException) -> bool:
 
 _RECIPIENTS: dict[int, tuple[float, dict[str, Any]]] = {}
 RECIPIENT_TTL_S = 300.0  # names and addresses change rarely; the auth service is spared a call per email
+RECIPIENT_CACHE_MAX = 50_000
 
 
 def recipient(user_id: int) -> dict[str, Any]:
@@ -93,22 +109,32 @@ def recipient(user_id: int) -> dict[str, Any]:
     match = next((u for u in users if u["id"] == user_id), None)
     if match is None:
         raise PermanentError(f"user {user_id} does not exist")
+    if len(_RECIPIENTS) >= RECIPIENT_CACHE_MAX:  # bounded: expired entries are never looked at again
+        _RECIPIENTS.clear()
     _RECIPIENTS[user_id] = (time.monotonic() + RECIPIENT_TTL_S, dict(match))
     return dict(match)
+
+
+def carried_or_looked_up(message: WelcomeEmail | Receipt) -> dict[str, Any]:
+    """The message's own recipient if it carries one (no call to auth), else the lookup."""
+    if message.recipient is not None:
+        return message.recipient.model_dump()
+    return recipient(message.user_id)
 
 
 def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -> bool:
     """Send the email unless it was sent already; True when this call delivered it."""
     ctx = context()
-    if ctx.markers.is_sent(email_id):
+    begun = ctx.markers.begin(email_id)  # one round trip: sent already, ours, or another's
+    if begun.sent:
         DUPLICATES.inc()
         log.info("email %s already sent; duplicate dropped", email_id)
         return False
-    token = ctx.markers.claim(email_id)
+    token = begun.token
     if token is None:
         # Another worker is sending it, or was killed while sending: come back when its
         # claim has expired (one retry, not a string of them).
-        delay = ctx.markers.claimed_for_ms(email_id) + random.randint(100, 1_000)  # nosec B311
+        delay = begun.busy_ms + random.randint(100, 1_000)  # nosec B311
         raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=delay)
     try:
         outcome = ctx.transport.send(build())
@@ -126,7 +152,7 @@ def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -
     DELIVERED.labels(kind).inc()
     if outcome == "duplicate":
         ALREADY_AT_BREVO.labels(kind).inc()
-    ctx.markers.mark_sent(email_id, token)
+    ctx.markers.finish(email_id, token)  # one round trip: the sent marker, the claim released
     log.info("email %s delivered (%s)", email_id, outcome)
     return True
 
@@ -152,7 +178,7 @@ def send_welcome(message: dict[str, Any]) -> None:
     welcome: WelcomeEmail = _parse(WelcomeEmail, message)
 
     def build() -> Email:
-        user = recipient(welcome.user_id)
+        user = carried_or_looked_up(welcome)
         return emails.welcome(
             email_id=welcome.email_id,
             to_email=user["email"],
@@ -168,7 +194,7 @@ def send_receipt(message: dict[str, Any]) -> None:
     receipt: Receipt = _parse(Receipt, message)
 
     def build() -> Email:
-        user = recipient(receipt.user_id)
+        user = carried_or_looked_up(receipt)
         return emails.receipt(
             receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
         )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import ssl
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-import httpx
+from urllib.parse import urlsplit
 
 from notifier.metrics import BREVO_CALLS
 
@@ -55,49 +58,136 @@ class Transport(Protocol):
     def send(self, email: Email) -> str: ...
 
 
+class _Connections:
+    """Keep-alive HTTP/1.1 connections to one origin, shared by a worker's threads.
+
+    The standard library's client, not httpx: per email it costs a third of the CPU
+    (bench/notifier_cost.py), and the notifier sends one small request per email. A thread
+    takes an idle connection (or opens one), and gives it back only after reading the whole
+    answer; a connection that failed in any way is closed, never reused. Idle connections
+    older than `idle_s` are dropped (the server may have closed them by then).
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float, idle_s: float = 5.0) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.https = url.scheme == "https"
+        self.host = url.hostname
+        self.port = url.port or (443 if self.https else 80)
+        self.prefix = url.path.rstrip("/")
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_s = idle_s
+        self.tls = ssl.create_default_context() if self.https else None
+        self.lock = threading.Lock()
+        self.idle: list[tuple[float, http.client.HTTPConnection]] = []
+        self.opened = 0  # connections opened by this pool (its keep-alive shows as few)
+
+    def take(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection (True: reused) or a new, connected one (False)."""
+        now = time.monotonic()
+        with self.lock:
+            while self.idle:
+                since, conn = self.idle.pop()
+                if now - since < self.idle_s:
+                    return conn, True
+                conn.close()
+            self.opened += 1
+        conn: http.client.HTTPConnection
+        if self.tls is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout_s, context=self.tls)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout_s)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(self.timeout_s)  # each read and write from now on
+        return conn, False
+
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self.lock:
+            self.idle.append((time.monotonic(), conn))
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """POST and read the whole answer. A reused connection that turns out closed by the
+        server (before any answer) is retried once on a new one: a POST that may have
+        arrived anyway is safe here, because each email carries its idempotencyKey."""
+        for attempt in (1, 2):
+            conn, reused = self.take()
+            try:
+                conn.request("POST", self.prefix + path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if reused and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self.give_back(conn)
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for _, conn in idle:
+            conn.close()
+
+
 class BrevoTransport:
+    """Brevo's `POST /v3/smtp/email`, over keep-alive connections shared by the threads of a
+    worker process (one transport per process: notifier.actors.context)."""
+
     def __init__(self, *, base_url: str, api_key: str, sender_email: str, sender_name: str, timeout_s: float) -> None:
-        self.client = httpx.Client(
-            base_url=base_url,
-            headers={"api-key": api_key, "accept": "application/json", "content-type": "application/json"},
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
-        )
+        self.connections = _Connections(base_url, timeout_s=timeout_s, connect_timeout_s=min(timeout_s, 3.0))
+        self.headers = {"api-key": api_key, "accept": "application/json", "content-type": "application/json"}
         self.sender_email = sender_email
         self.sender_name = sender_name
 
     def send(self, email: Email) -> str:
         """Returns Brevo's messageId (or "duplicate" when Brevo already has this email)."""
-        body = email.brevo_body(self.sender_email, self.sender_name)
+        body = json.dumps(email.brevo_body(self.sender_email, self.sender_name), ensure_ascii=False).encode()
         try:
-            response = self.client.post("/v3/smtp/email", json=body)
-        except httpx.TimeoutException as exc:
+            status, headers, data = self.connections.post("/v3/smtp/email", body, self.headers)
+        except TimeoutError as exc:  # socket.timeout: connecting, sending or waiting for the answer
             BREVO_CALLS.labels("timeout").inc()
             raise TransientError("Brevo timed out") from exc
-        except httpx.TransportError as exc:
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, TLS, a garbled answer
             BREVO_CALLS.labels("unreachable").inc()
             raise TransientError(f"Brevo unreachable: {type(exc).__name__}") from exc
-        BREVO_CALLS.labels(str(response.status_code)).inc()
-        if response.status_code in (201, 202):
-            return str(response.json().get("messageId") or response.json().get("batchId") or "")
-        code = _error_code(response)
-        if response.status_code == 400 and code == "duplicate_parameter":
+        BREVO_CALLS.labels(str(status)).inc()
+        answer = _json(data)
+        if status in (201, 202):
+            return str(answer.get("messageId") or answer.get("batchId") or "")
+        code = str(answer.get("code", ""))
+        if status == 400 and code == "duplicate_parameter":
             # The idempotencyKey was seen: an earlier attempt got through. That is success.
             log.info("Brevo already has email %s", email.email_id)
             return "duplicate"
-        if response.status_code == 429:
-            reset = response.headers.get("x-sib-ratelimit-reset")
+        if status == 429:
+            reset = headers.get("x-sib-ratelimit-reset")
             delay = int(float(reset) * 1000) if reset and reset.replace(".", "", 1).isdigit() else None
             raise TransientError("Brevo rate limit", retry_after_ms=delay)
-        if response.status_code >= 500:
-            raise TransientError(f"Brevo answered {response.status_code}")
-        raise PermanentError(f"Brevo refused the email: {response.status_code} {code}")
+        if status >= 500:
+            raise TransientError(f"Brevo answered {status}")
+        raise PermanentError(f"Brevo refused the email: {status} {code}")
+
+    def close(self) -> None:
+        self.connections.close()
 
 
-def _error_code(response: httpx.Response) -> str:
+def _json(data: bytes) -> dict[str, Any]:
     try:
-        return str(response.json().get("code", ""))
+        answer = json.loads(data) if data else {}
     except ValueError:
-        return ""
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 class FolderTransport:

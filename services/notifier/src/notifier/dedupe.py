@@ -5,12 +5,40 @@ window between Brevo accepting an email and the marker being written."""
 from __future__ import annotations
 
 import secrets
+from typing import NamedTuple
 
 import redis
 
 from svckit.messages import SENT_MARKER
 
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# One round trip before a send: already sent (-1), claimed for us (-2), or claimed by
+# another worker for this many more milliseconds (>= 0). Atomic, so no worker can mark the
+# email sent between the check and the claim.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -2 end
+return math.max(redis.call('PTTL', KEYS[2]), 0)
+"""
+# One round trip after a send: the sent marker, then our claim released (if still ours).
+_FINISH = """
+redis.call('SET', KEYS[1], 1, 'EX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+
+class Begun(NamedTuple):
+    """What `SentMarkers.begin` found: sent already, or ours to send (`token`), or another
+    worker's for `busy_ms` more milliseconds."""
+
+    sent: bool
+    token: str | None
+    busy_ms: int
+
+
+def _claim_key(email_id: str) -> str:
+    return f"notifier:sending:{email_id}"
 
 
 class SentMarkers:
@@ -19,23 +47,37 @@ class SentMarkers:
         self.ttl_s = ttl_s
         self.claim_ms = claim_ms
         self._release = client.register_script(_RELEASE)
+        self._begin = client.register_script(_BEGIN)
+        self._finish = client.register_script(_FINISH)
+
+    def begin(self, email_id: str) -> Begun:
+        """Before sending, in one round trip: is_sent, then claim, then claimed_for_ms."""
+        token = secrets.token_hex(8)
+        keys = [SENT_MARKER.format(email_id), _claim_key(email_id)]
+        found = int(self._begin(keys=keys, args=[token, self.claim_ms]))  # type: ignore[arg-type]
+        if found == -1:
+            return Begun(sent=True, token=None, busy_ms=0)
+        if found == -2:
+            return Begun(sent=False, token=token, busy_ms=0)
+        return Begun(sent=False, token=None, busy_ms=found)
+
+    def finish(self, email_id: str, token: str) -> None:
+        """After sending, in one round trip: the sent marker, and the claim released."""
+        self._finish(keys=[SENT_MARKER.format(email_id), _claim_key(email_id)], args=[token, self.ttl_s])
 
     def is_sent(self, email_id: str) -> bool:
         return bool(self.redis.exists(SENT_MARKER.format(email_id)))
 
     def claim(self, email_id: str) -> str | None:
         token = secrets.token_hex(8)
-        return token if self.redis.set(f"notifier:sending:{email_id}", token, nx=True, px=self.claim_ms) else None
+        return token if self.redis.set(_claim_key(email_id), token, nx=True, px=self.claim_ms) else None
 
     def claimed_for_ms(self, email_id: str) -> int:
         """How long another worker's claim on this email still lasts (0 if none)."""
-        return max(int(self.redis.pttl(f"notifier:sending:{email_id}")), 0)  # type: ignore[arg-type]
+        return max(int(self.redis.pttl(_claim_key(email_id))), 0)  # type: ignore[arg-type]
 
     def mark_sent(self, email_id: str, token: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.set(SENT_MARKER.format(email_id), 1, ex=self.ttl_s)
-        pipe.execute()
-        self.release(email_id, token)
+        self.finish(email_id, token)
 
     def release(self, email_id: str, token: str) -> None:
-        self._release(keys=[f"notifier:sending:{email_id}"], args=[token])
+        self._release(keys=[_claim_key(email_id)], args=[token])

@@ -1,0 +1,112 @@
+"""What an email costs the notifier, asserted against the real Redis and Brevo stand-in:
+Redis round trips per message, keep-alive connections, no auth lookup when carried."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from notifier import actors
+from notifier.brevo import BrevoTransport, Email, FolderTransport
+from notifier.dedupe import SentMarkers
+from svckit.messages import SENT_MARKER
+from svckit.redis import redis_client
+
+API_KEY = "unit-brevo-key"  # conftest.py starts the stand-in with it
+
+
+class CountingRedis(redis.Redis):
+    """A real client that counts what it sends: one command or pipeline is one round trip."""
+
+    round_trips = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        type(self).round_trips += 1
+        return super().execute_command(*args, **options)
+
+
+@pytest.fixture
+def counted(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> type[CountingRedis]:
+    client = CountingRedis.from_url(redis_url)
+    markers = SentMarkers(client, ttl_s=60, claim_ms=2000)
+    transport = FolderTransport(str(tmp_path), sender_email="s@example.com", sender_name="S")
+    # auth at a port nobody listens on: any lookup would fail the send
+    ctx = actors.Context(transport=transport, markers=markers, auth=httpx.Client(base_url="http://127.0.0.1:9"))
+    monkeypatch.setattr(actors, "context", lambda: ctx)
+    CountingRedis.round_trips = 0
+    return CountingRedis
+
+
+def welcome(**extra: Any) -> dict[str, Any]:
+    return {"email_id": uuid.uuid4().hex, "user_id": 7, **extra}
+
+
+RECIPIENT = {"email": "jane@example.com", "first_name": "Jane", "last_name": "Doe"}
+
+
+def test_a_message_costs_two_redis_round_trips_and_a_redelivery_one(
+    counted: type[CountingRedis], redis_url: str
+) -> None:
+    actors.send_welcome.fn(welcome(recipient=RECIPIENT))  # the first loads the scripts (once per Redis)
+    counted.round_trips = 0
+    message = welcome(recipient=RECIPIENT)
+    actors.send_welcome.fn(message)
+    assert counted.round_trips == 2  # check and claim; then the sent marker and the release
+    assert redis_client(redis_url).exists(SENT_MARKER.format(message["email_id"]))
+    assert not redis_client(redis_url).exists(f"notifier:sending:{message['email_id']}")
+    actors.send_welcome.fn(message)  # redelivered: dropped after one
+    assert counted.round_trips == 3
+
+
+def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: type[CountingRedis]) -> None:
+    sent: list[Email] = []
+    ctx = actors.context()
+    ctx.transport.send = lambda email: sent.append(email) or "ok"  # type: ignore[method-assign]
+    actors.send_welcome.fn(welcome(recipient=RECIPIENT))  # auth is unreachable: a lookup would raise
+    [email] = sent
+    assert (email.to_email, email.to_name) == ("jane@example.com", "Jane Doe")
+
+
+def test_a_message_of_the_old_shape_is_looked_up(counted: type[CountingRedis], monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[int] = []
+
+    def lookup(user_id: int) -> dict[str, Any]:
+        looked_up.append(user_id)
+        return RECIPIENT
+
+    monkeypatch.setattr(actors, "recipient", lookup)
+    actors.send_welcome.fn(welcome())  # queued before the deploy: no recipient field
+    assert looked_up == [7]
+
+
+def email(email_id: str) -> Email:
+    return Email(email_id=email_id, to_email="j@example.com", to_name="J", subject="s", html="h", text="t")
+
+
+def test_the_brevo_transport_keeps_its_connections_alive_across_emails_and_threads(
+    brevo_url: str, stub: httpx.Client
+) -> None:
+    transport = BrevoTransport(
+        base_url=brevo_url, api_key=API_KEY, sender_email="s@example.com", sender_name="S", timeout_s=5
+    )
+
+    def send_ten() -> None:
+        for _ in range(10):
+            transport.send(email(uuid.uuid4().hex))
+
+    threads = [threading.Thread(target=send_ten) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = stub.get("/_stub/received").json()
+    assert state["calls"] == 40
+    assert transport.connections.opened <= 4  # at most one per thread, not one per email
+    assert state["connections"] <= 4 + 1  # the stub saw the same (plus this test's own client)
+    transport.close()
