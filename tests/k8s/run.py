@@ -737,10 +737,23 @@ class Cluster:
     def cleanup(self) -> None:
         self.stop.set()
         with self.launch:
+            # One container at a time, each with its own deadline: on a loaded host one `rm`
+            # of them all outlasted 120 s (seen in CI), and a cleanup that raises hides the
+            # run's verdict. What is still left after a retry is reported, not raised.
             ids = docker("ps", "-aq", "--filter", f"label={LABEL}={self.run}", check=False).split()
-            if ids:
-                docker("rm", "-f", "-v", *ids, check=False)
-            docker("network", "rm", self.network, check=False)
+            left = []
+            for cid in ids:
+                for attempt in range(2):
+                    try:
+                        docker("rm", "-f", "-v", cid, check=False, timeout=120)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if attempt:
+                            left.append(cid)
+            if left:
+                self.warnings.append(f"cleanup: containers not removed in time: {' '.join(left)}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                docker("network", "rm", self.network, check=False)
 
 
 # Images ----------------------------------------------------------------------------------
