@@ -140,5 +140,6 @@ def test_the_postgres_connection_budget_holds_at_the_autoscalers_maximum() -> No
     comment = (K8S / "config.yaml").read_text()
     assert f"total  = {steady}" in comment, f"config.yaml's budget comment is stale: the workloads hold {steady}"
     assert f"surge  = {surge}" in comment, f"config.yaml's budget comment is stale: a rollout adds {surge}"
-    budget = int(CONFIG["POSTGRES_MAX_CONNECTIONS_BUDGET"])
+    config = next(d for d in DOCS if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "platform-config")
+    budget = int(config["metadata"]["annotations"]["wallet-platform/postgres-max-connections"])
     assert steady + surge <= budget - 10, (steady, surge, budget)  # 10: superuser_reserved_connections and admins

@@ -12,25 +12,15 @@ from pathlib import Path
 
 import pytest
 from pydantic_settings import SettingsConfigDict
-from sqlalchemy import Column, MetaData, String, Table, Text
 
 from svckit import heartbeat
-from svckit.db import UTCDateTime, make_engine
+from svckit.db import make_engine
 from svckit.outbox import Relay, relay_main
 from svckit.settings import BaseServiceSettings
+from svckit.testing import outbox_table
 
-metadata = MetaData()
-OUTBOX = Table(
-    "outbox",
-    metadata,
-    Column("id", String(32), primary_key=True),
-    Column("actor_name", String(60), nullable=False),
-    Column("payload", Text, nullable=False),
-    Column("created_at", UTCDateTime(), nullable=False),
-    Column("published_at", UTCDateTime(), nullable=True),
-    Column("confirmed_at", UTCDateTime(), nullable=True),
-    Column("outcome", String(16), nullable=True),
-)
+OUTBOX = outbox_table()  # the relay's loop needs one to go round
+metadata = OUTBOX.metadata
 MAX_AGE = 1.0  # seconds: small, so a stuck loop shows soon (yet above a round on a busy machine)
 
 

@@ -13,27 +13,17 @@ from uuid import uuid4
 
 import pytest
 import redis
-from sqlalchemy import Column, Engine, MetaData, String, Table, Text, select
+from sqlalchemy import Engine, select
 
-from svckit.db import UTCDateTime, make_engine
+from svckit.db import make_engine
 from svckit.deadletters import list_dead_letters, replay_dead_letters
 from svckit.messages import DEAD_MARKER, SENT_MARKER, Receipt, WelcomeEmail, new_email_id
 from svckit.outbox import Relay, outbox_row
 from svckit.redis import redis_client
-from svckit.testing import fresh_database, redis_server
+from svckit.testing import fresh_database, outbox_table, redis_server
 
-metadata = MetaData()
-OUTBOX = Table(
-    "outbox",
-    metadata,
-    Column("id", String(32), primary_key=True),
-    Column("actor_name", String(60), nullable=False),
-    Column("payload", Text, nullable=False),
-    Column("created_at", UTCDateTime(), nullable=False),
-    Column("published_at", UTCDateTime(), nullable=True),
-    Column("confirmed_at", UTCDateTime(), nullable=True),
-    Column("outcome", String(16), nullable=True),
-)
+OUTBOX = outbox_table()
+metadata = OUTBOX.metadata
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,9 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
+@contextmanager
+def app_client(settings: Settings) -> Iterator[TestClient]:
+    """A client of the auth app on these settings; its users, outbox and Redis are emptied after."""
     app = create_app(settings)
     with TestClient(app) as c:
         yield c
@@ -50,3 +52,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
             conn.execute(text("DELETE FROM outbox"))
             conn.execute(text("DELETE FROM users"))
     redis.Redis.from_url(settings.redis_url).flushdb()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with app_client(settings) as c:
+        yield c

@@ -7,17 +7,15 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import text
 from starlette.requests import Request
 
 from auth.config import Settings
-from auth.main import create_app
 from auth.ratelimit import IpRateLimit, client_ip
 from svckit.redis import redis_client
 from svckit.testing import free_port
 
+from .conftest import app_client
 from .factories import login, signup
 
 BURST = 3
@@ -25,13 +23,8 @@ BURST = 3
 
 @pytest.fixture
 def limited(settings: Settings) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"token_rate_average": 1, "token_rate_burst": BURST}))
-    with TestClient(app) as c:
+    with app_client(settings.model_copy(update={"token_rate_average": 1, "token_rate_burst": BURST})) as c:
         yield c
-        with app.state.engine.begin() as conn:
-            conn.execute(text("DELETE FROM outbox"))
-            conn.execute(text("DELETE FROM users"))
-    redis.Redis.from_url(settings.redis_url).flushdb()
 
 
 def from_ip(client: TestClient, forwarded: str, **kw: str) -> int:

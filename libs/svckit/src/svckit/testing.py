@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import Column, MetaData, String, Table, Text, create_engine, text
 from sqlalchemy.engine import make_url
 
 
@@ -262,3 +262,21 @@ def check_relay_probe_is_light(service: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     _check(out.stdout.strip() == "[]")
+
+
+def outbox_table() -> Table:
+    """The outbox table as the services declare it (auth's and wallet's models), on a
+    MetaData of its own: for svckit's relay tests, which have no service of their own."""
+    from svckit.db import UTCDateTime
+
+    return Table(
+        "outbox",
+        MetaData(),
+        Column("id", String(32), primary_key=True),
+        Column("actor_name", String(60), nullable=False),
+        Column("payload", Text, nullable=False),
+        Column("created_at", UTCDateTime(), nullable=False),
+        Column("published_at", UTCDateTime(), nullable=True),
+        Column("confirmed_at", UTCDateTime(), nullable=True),
+        Column("outcome", String(16), nullable=True),
+    )
