@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from wallet import service
 from wallet.audit import audit
-from wallet.repository import Booking
+from wallet.domain import Booking
 
 from .factories import AuthFake, Signer, call, move, new_user, open_wallet, run_all
 

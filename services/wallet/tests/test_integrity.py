@@ -12,6 +12,7 @@ from svckit.db import make_engine, utcnow
 from svckit.testing import alembic
 from wallet import repository
 from wallet.audit import audit, main
+from wallet.domain import Booking
 from wallet.ledger import postings
 
 from .conftest import INI
@@ -164,7 +165,7 @@ class TestBookingGuard:
             with Session(state.engine) as session, session.begin():
                 locked = repository.lock_for_movement(session, user_id=user.id, other_id=system)
                 source, destination = postings(source=system, destination=wallet, amount=5)
-                booking = repository.Booking(
+                booking = Booking(
                     transaction_id=locked.transaction_id,
                     type="deposit",
                     amount=5,

@@ -29,6 +29,7 @@ from sqlmodel import Session
 from svckit.db import utcnow
 from svckit.problems import ProblemError
 from wallet import repository
+from wallet.domain import Booking
 from wallet.errors import (
     IdempotencyInProgress,
     IdempotencyKeyInvalid,
@@ -164,7 +165,7 @@ class IdempotencyCache:
 # A movement: locks and checks in the caller's transaction, and returns (response body, the
 # booking to write); the booking is written together with the idempotency record. Its time
 # is the booking's, read once the wallets were locked (see repository.lock_for_movement).
-Operation = Callable[[Session], tuple[BaseModel, repository.Booking]]
+Operation = Callable[[Session], tuple[BaseModel, Booking]]
 # Postgres: serialization failure, deadlock; both mean "run the transaction again".
 _RETRYABLE_PGCODES = {"40001", "40P01"}
 # Postgres: lock_timeout (lock_not_available), statement_timeout (query_canceled).
@@ -217,7 +218,7 @@ def _execute(
                     outcome = Outcome(found.status_code, found.response_body, found.fingerprint)
                     return outcome, found.request_token != request_token
             with session.begin():
-                booking: repository.Booking | None
+                booking: Booking | None
                 try:
                     result, booking = operation(session)
                     outcome = Outcome(200, result.model_dump_json(by_alias=True), request_fp)

@@ -2,38 +2,42 @@
 
 The money-moving path uses Core statements rather than the ORM's unit of work. A movement
 locks both wallets (SELECT ... FOR UPDATE) and then draws its transaction id and time, and
-once the rules are checked writes everything as one `Booking`: on Postgres a single statement (balances,
-transaction, ledger entries, outbox rows and the idempotency record), so the row locks are
-held for one round trip and the commit.
+once the rules are checked writes everything as one `Booking` (wallet.domain): on Postgres a
+single statement of named data-modifying CTEs (balances, transaction, ledger entries, outbox
+rows and the idempotency record), so the row locks are held for one round trip and the commit.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     BindParameter,
+    Executable,
+    Insert,
     Select,
     Table,
-    TextClause,
     bindparam,
+    case,
     func,
     insert,
     literal_column,
     or_,
     select,
-    text,
     true,
+    union_all,
+    update,
 )
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
 from svckit.db import UTCDateTime, utcnow
-from wallet.ledger import Posting, signed
+from wallet.domain import Booking, Locked, LockedWallet
+from wallet.ledger import signed
 from wallet.models import (
     CLOSED,
     OPEN,
@@ -46,22 +50,11 @@ from wallet.models import (
     Wallet,
 )
 
-W = Wallet.__table__  # type: ignore[attr-defined]
-T = Transaction.__table__  # type: ignore[attr-defined]
-L = LedgerEntry.__table__  # type: ignore[attr-defined]
-I = IdempotencyRecord.__table__  # type: ignore[attr-defined]  # noqa: E741
-Outbox = OutboxMessage.__table__  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class LockedWallet:
-    id: int
-    user_id: int | None
-    kind: str
-    status: str
-    currency: str
-    balance: int
-    owner_name: str
+W: Table = Wallet.__table__  # type: ignore[attr-defined]
+T: Table = Transaction.__table__  # type: ignore[attr-defined]
+L: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
+I: Table = IdempotencyRecord.__table__  # type: ignore[attr-defined]  # noqa: E741
+Outbox: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
 
 
 def open_wallet_of(session: Session, user_id: int, *, lock: bool = False) -> Wallet | None:
@@ -106,51 +99,6 @@ def add_system_wallet(session: Session, currency: str, shard: int) -> None:
             updated_at=now,
         )
     )
-
-
-@dataclass(frozen=True)
-class Booking:
-    """Every row one money movement writes, worked out in full while the wallets are locked
-    (their balances are known, and the transaction id and time are drawn), so that all of
-    it goes to the database in one statement just before the commit. The locks are then
-    held for one round trip instead of five."""
-
-    transaction_id: int
-    type: str
-    amount: int
-    currency: str
-    source: Posting
-    destination: Posting
-    snapshots: dict[int, int]  # each wallet's balance after the movement
-    initiated_by: int
-    now: datetime
-    outbox: list[dict[str, Any]] = field(default_factory=list)
-
-    def transaction_row(self) -> dict[str, Any]:
-        return {
-            "id": self.transaction_id,
-            "type": self.type,
-            "amount": self.amount,
-            "currency": self.currency,
-            "from_wallet_id": self.source.wallet_id,
-            "to_wallet_id": self.destination.wallet_id,
-            "initiated_by": self.initiated_by,
-            "created_at": self.now,
-        }
-
-    def entry_rows(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "transaction_id": self.transaction_id,
-                "wallet_id": p.wallet_id,
-                "entry_type": p.entry_type,
-                "amount": p.amount,
-                "currency": self.currency,
-                "balance_snapshot": self.snapshots[p.wallet_id],
-                "created_at": self.now,
-            }
-            for p in (self.source, self.destination)
-        ]
 
 
 _LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
@@ -229,49 +177,56 @@ def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
     return {prefix + key: value for key, value in row.items()}
 
 
-_Part = tuple[str, list[BindParameter[Any]]]  # SQL with :name placeholders, its typed binds
+def _bind(table: Table, column: str, name: str) -> BindParameter[Any]:
+    """A bind parameter typed like the column it fills (psycopg renders each as a cast)."""
+    return bindparam(name, type_=table.c[column].type)
 
 
-def _insert(table: Table, rows: list[tuple[str, list[str]]]) -> _Part:
-    """An INSERT of one row per (bind prefix, columns); each value a bind parameter typed like
-    its column, so values are stored exactly as Core stores them (datetimes on SQLite)."""
-    columns = rows[0][1]
-    values = ", ".join(f"({', '.join(':' + prefix + c for c in cols)})" for prefix, cols in rows)
-    binds = [bindparam(prefix + c, type_=table.c[c].type) for prefix, cols in rows for c in cols]
-    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}", binds  # noqa: S608  # nosec B608
+def _row_binds(table: Table, prefix: str, columns: Sequence[str]) -> dict[str, BindParameter[Any]]:
+    return {c: _bind(table, c, prefix + c) for c in columns}
+
+
+def _insert_rows(table: Table, prefixes: Sequence[str], columns: Sequence[str]) -> Insert:
+    rows = [select(*(_bind(table, c, prefix + c).label(c) for c in columns)) for prefix in prefixes]
+    return insert(table).from_select(list(columns), rows[0] if len(rows) == 1 else union_all(*rows))
 
 
 _ENTRY_COLUMNS = [c.name for c in L.c if c.name != "id"]
 _RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
-_MOVE_BALANCES: _Part = (
-    "UPDATE wallets SET balance = balance + CASE WHEN id = :a THEN :delta_a ELSE :delta_b END,"
-    " updated_at = :now WHERE id IN (:a, :b) RETURNING id, balance",
-    [bindparam("now", type_=W.c.updated_at.type)],
-)
 
 
 @functools.cache
-def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[TextClause]:
-    """The booking's statements, built once per shape. The first moves the balances and
-    returns the new ones; the others insert the transaction, its two entries, its outbox
-    rows and the record. On Postgres they are one statement of data-modifying CTEs: one
-    round trip while the rows are locked (foreign keys are checked at its end, when the
-    transaction row exists). On SQLite, in process, they run one by one."""
-    parts = [
-        _MOVE_BALANCES,
-        _insert(T, [("t_", list(T.c.keys()))]),
-        _insert(L, [("e0_", _ENTRY_COLUMNS), ("e1_", _ENTRY_COLUMNS)]),
-    ]
+def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[Executable]:
+    """The booking's statements, built once per shape, in Core with typed binds. The first
+    moves the balances and returns the new ones; the others insert the transaction, its two
+    entries, its outbox rows and the record. On Postgres they are one statement of named
+    data-modifying CTEs: one round trip while the rows are locked (foreign keys are checked
+    at its end, when the transaction row exists). On SQLite, in process, they run one by one."""
+    a, b = _bind(W, "id", "a"), _bind(W, "id", "b")
+    delta = case(
+        (W.c.id == a, bindparam("delta_a", type_=BigInteger())), else_=bindparam("delta_b", type_=BigInteger())
+    )
+    moved = (
+        update(W)
+        .where(W.c.id.in_([a, b]))
+        .values(balance=W.c.balance + delta, updated_at=_bind(W, "updated_at", "now"))
+        .returning(W.c.id, W.c.balance)
+    )
+    # Several rows as INSERT ... SELECT of a UNION ALL, in order (the debit first): SQLAlchemy
+    # caches the compiled form of that, not of a multi-row VALUES.
+    inserts: dict[str, Any] = {
+        "booked_transaction": insert(T).values(_row_binds(T, "t_", list(T.c.keys()))),
+        "booked_entries": _insert_rows(L, [f"e{i}_" for i in range(2)], _ENTRY_COLUMNS),
+    }
     if outbox_rows:
-        parts.append(_insert(Outbox, [(f"o{i}_", list(Outbox.c.keys())) for i in range(outbox_rows)]))
+        inserts["booked_receipts"] = _insert_rows(Outbox, [f"o{i}_" for i in range(outbox_rows)], list(Outbox.c.keys()))
     if with_record:
-        parts.append(_insert(I, [("r_", _RECORD_COLUMNS)]))
+        inserts["booked_record"] = insert(I).values(_row_binds(I, "r_", _RECORD_COLUMNS))
     if dialect == "postgresql":
-        ctes = ", ".join(f"part{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
-        binds = [bind for _, part_binds in parts for bind in part_binds]
-        statement = f"WITH {ctes} SELECT id, balance FROM part0"  # noqa: S608  # nosec B608 (no values)
-        return [text(statement).bindparams(*binds)]
-    return [text(sql).bindparams(*binds) for sql, binds in parts]
+        balances = moved.cte("moved_balances")
+        ctes = [statement.cte(name) for name, statement in inserts.items()]
+        return [select(balances.c.id, balances.c.balance).add_cte(*ctes)]
+    return [moved, *inserts.values()]
 
 
 def get_idempotency_record(session: Session, *, user_id: int, endpoint: str, key: str) -> IdempotencyRecord | None:
@@ -375,17 +330,6 @@ def ledger_entries(
     if own_only:
         query = query.where(col(LedgerEntry.wallet_id).in_(visible_to))
     return list(session.execute(query.order_by(col(LedgerEntry.id))).scalars())
-
-
-@dataclass(frozen=True)
-class Locked:
-    wallets: dict[int, LockedWallet]
-    transaction_id: int  # the id this movement's transaction row will have
-    now: datetime  # the movement's time, read once both locks were held
-
-    @property
-    def balances(self) -> dict[int, int]:
-        return {w.id: w.balance for w in self.wallets.values()}
 
 
 def lock_for_movement(session: Session, *, user_id: int, other_id: int) -> Locked:

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from svckit.db import READ_ONLY
-from svckit.messages import Receipt, new_email_id
-from svckit.outbox import outbox_row
-from wallet import ledger, repository
+from wallet import repository
+from wallet.domain import (
+    EXTERNAL_DESTINATION,
+    EXTERNAL_SOURCE,
+    Booking,
+    LockedWallet,
+    Party,
+    SystemWallets,
+    book,
+)
 from wallet.errors import (
     CurrencyMismatch,
     InsufficientFunds,
@@ -41,26 +47,10 @@ from wallet.schemas import (
 
 log = logging.getLogger("wallet.service")
 
-EXTERNAL_SOURCE = "External Source"
-EXTERNAL_DESTINATION = "External Destination"
-
 
 def check_currency(currency: str, allowed: frozenset[str]) -> None:
     if currency not in allowed:
         raise UnsupportedCurrency(f"{currency} is not a supported currency ({', '.join(sorted(allowed))}).")
-
-
-@dataclass(frozen=True)
-class SystemWallets:
-    """Each currency's outside world: `shards` system wallets. A user's deposits and
-    withdrawals always use the same shard, and different users spread over all of them, so
-    they do not queue for one row lock (the audit sums the shards like any wallets)."""
-
-    ids: dict[str, list[int]]
-
-    def for_user(self, currency: str, user_id: int) -> int:
-        shards = self.ids[currency]
-        return shards[user_id % len(shards)]
 
 
 def ensure_system_wallets(session: Session, currencies: frozenset[str], *, shards: int) -> SystemWallets:
@@ -108,9 +98,9 @@ def create_wallet(
             if balance:
                 # The opening balance is an ordinary deposit: in the history and the ledger.
                 locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
-                booking = _book(
+                booking = book(
                     kind="deposit",
-                    source=external(system_wallet_id, EXTERNAL_SOURCE),
+                    source=Party.external(system_wallet_id, EXTERNAL_SOURCE),
                     destination=Party(wallet.id, user_id, name),
                     amount=balance,
                     currency=currency,
@@ -157,84 +147,7 @@ def close_wallet(session: Session, *, user_id: int) -> Message:
 # --- money movement --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Party:
-    """A side of a movement: its wallet, and its owner (None for the outside world)."""
-
-    wallet_id: int
-    user_id: int | None
-    name: str
-
-
-def external(wallet_id: int, name: str) -> Party:
-    return Party(wallet_id, None, name)
-
-
-def party(wallet: repository.LockedWallet) -> Party:
-    return Party(wallet.id, wallet.user_id if wallet.kind == USER else None, wallet.owner_name)
-
-
-# (transaction type, is the receipt's owner the source?) -> receipt kind
-_RECEIPT_KIND = {
-    ("deposit", False): "deposit",
-    ("withdrawal", True): "withdrawal",
-    ("transfer", True): "transfer_sent",
-    ("transfer", False): "transfer_received",
-}
-
-
-def _book(
-    *,
-    kind: str,
-    source: Party,
-    destination: Party,
-    amount: int,
-    currency: str,
-    locked: repository.Locked,
-    user_id: int,
-) -> repository.Booking:
-    """Work out a movement in full from the `locked` wallets' balances, and the id and time
-    drawn once they were locked: the transaction, its balanced ledger entries with their
-    snapshots, and a receipt in the outbox for each user involved. Nothing is written yet
-    (see repository.write_booking)."""
-    source_posting, destination_posting = ledger.postings(
-        source=source.wallet_id, destination=destination.wallet_id, amount=amount
-    )
-    if not ledger.is_balanced((source_posting, destination_posting)):  # checked even under python -O
-        raise RuntimeError("unbalanced postings")
-    balances = locked.balances
-    after = {p.wallet_id: ledger.apply(balances[p.wallet_id], p) for p in (source_posting, destination_posting)}
-    txn_id = locked.transaction_id
-    receipts = [
-        Receipt(
-            email_id=new_email_id(),
-            user_id=me.user_id,
-            transaction_id=txn_id,
-            kind=_RECEIPT_KIND[(kind, is_source)],  # type: ignore[arg-type]
-            amount=amount,
-            currency=currency,
-            balance_after=after[me.wallet_id],
-            counterparty=other.name,
-            occurred_at=locked.now,
-        )
-        for me, other, is_source in ((source, destination, True), (destination, source, False))
-        if me.user_id is not None
-    ]
-    return repository.Booking(
-        transaction_id=txn_id,
-        type=kind,
-        amount=amount,
-        currency=currency,
-        source=source_posting,
-        destination=destination_posting,
-        snapshots=after,
-        initiated_by=user_id,
-        now=locked.now,  # read once the wallets were locked, like the id
-        outbox=[outbox_row(r) for r in receipts],
-    )
-
-
-def _own_wallet(locked: dict[int, repository.LockedWallet], user_id: int, currency: str) -> repository.LockedWallet:
+def _own_wallet(locked: dict[int, LockedWallet], user_id: int, currency: str) -> LockedWallet:
     own = next((w for w in locked.values() if w.user_id == user_id and w.status == OPEN), None)
     if own is None:
         raise WalletNotFound()
@@ -248,16 +161,16 @@ def _external_op(*, kind: str, user_id: int, amount: int, currency: str, system_
     wallet is the other side."""
     deposit = kind == "deposit"
 
-    def run(session: Session) -> tuple[BaseModel, repository.Booking]:
+    def run(session: Session) -> tuple[BaseModel, Booking]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
         own = _own_wallet(locked.wallets, user_id, currency)
         if not deposit and own.balance < amount:
             raise InsufficientFunds()
-        outside = external(system_wallet_id, EXTERNAL_SOURCE if deposit else EXTERNAL_DESTINATION)
-        booking = _book(
+        outside = Party.external(system_wallet_id, EXTERNAL_SOURCE if deposit else EXTERNAL_DESTINATION)
+        booking = book(
             kind=kind,
-            source=outside if deposit else party(own),
-            destination=party(own) if deposit else outside,
+            source=outside if deposit else Party.of(own),
+            destination=Party.of(own) if deposit else outside,
             amount=amount,
             currency=currency,
             locked=locked,
@@ -282,7 +195,7 @@ def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: i
 
 
 def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) -> Operation:
-    def run(session: Session) -> tuple[BaseModel, repository.Booking]:
+    def run(session: Session) -> tuple[BaseModel, Booking]:
         locked = repository.lock_for_movement(session, user_id=user_id, other_id=to_wallet_id)
         own = _own_wallet(locked.wallets, user_id, currency)
         if to_wallet_id == own.id:
@@ -294,10 +207,10 @@ def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) 
             raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
         if own.balance < amount:
             raise InsufficientFunds()
-        booking = _book(
+        booking = book(
             kind="transfer",
-            source=party(own),
-            destination=party(recipient),
+            source=Party.of(own),
+            destination=Party.of(recipient),
             amount=amount,
             currency=currency,
             locked=locked,
