@@ -64,7 +64,7 @@ def test_thirty_requests_with_one_key_move_money_once(client: TestClient, signer
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 100
 
 
-CONNECTIONS = (aiodb._PgConnection, aiodb._EngineConnection)
+CONNECTIONS = (aiodb._PgConnection, aiodb._SqliteConnection)
 
 
 def test_a_movement_whose_connection_dies_is_run_again_once(
