@@ -235,6 +235,11 @@ class TestBesideTheRelay:
 
 
 class TestTheCommand:
+    @pytest.fixture(autouse=True)
+    def _keep_pytests_logging(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """purge_main sets up the process's logging, as a command does: not this one's."""
+        monkeypatch.setattr("svckit.logging.configure_logging", lambda *args: None)
+
     class Settings:
         log_level = "WARNING"
         retention_batch_size = 2

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Table, delete, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, Connection, Engine, Table, bindparam, delete, func, or_, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
-from svckit.db import SessionLimits, make_engine, utcnow
+from svckit.db import READ_ONLY, SessionLimits, make_engine, utcnow
 
 log = logging.getLogger("svckit.retention")
 
@@ -128,7 +128,9 @@ def candidates(
     when = t.c[target.time_column]
     query = select(t.c.id).where(when < cutoff, *target.where)
     if after is not None:
-        query = query.where(tuple_(when, t.c.id) > tuple_(*after))
+        # Bound with the columns' own types (UTCDateTime: the same text on SQLite as stored).
+        cursor = tuple_(bindparam(None, after[0], type_=when.type), bindparam(None, after[1], type_=t.c.id.type))
+        query = query.where(tuple_(when, t.c.id) > cursor)
     query = query.order_by(when, t.c.id).limit(limit)
     if target.skip_locked and dialect == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -152,7 +154,7 @@ def purge_batch(
 def count(engine: Engine, target: Target, *, cutoff: datetime) -> int:
     """How many rows a purge with this cutoff would delete now."""
     t = target.table
-    with engine.connect() as conn:
+    with engine.execution_options(**READ_ONLY).connect() as conn:
         query = select(func.count()).select_from(t).where(t.c[target.time_column] < cutoff, *target.where)
         return int(conn.execute(query).scalar_one())
 
@@ -168,7 +170,7 @@ def purge(
 ) -> Result:
     """Delete every row of `target` older than its age, `batch_size` rows per transaction
     with `pause_s` between transactions, until a batch comes back short."""
-    with engine.connect() as conn:
+    with engine.execution_options(**READ_ONLY).connect() as conn:
         cutoff = cutoff_for(conn, target.max_age_s)
     result = Result(target=target.name, cutoff=cutoff, dry_run=dry_run)
     if dry_run:
@@ -189,7 +191,6 @@ def purge(
             break
         sleep(pause_s)
     result.elapsed_s = time.perf_counter() - started
-    log.info("%s", result.render())
     return result
 
 
