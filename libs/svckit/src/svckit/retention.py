@@ -10,12 +10,12 @@ Each batch is one short transaction of one statement:
     DELETE FROM t WHERE id IN (SELECT id FROM t WHERE <age and state> AND (time, id) > :cursor
                                ORDER BY time, id LIMIT :n [FOR UPDATE SKIP LOCKED])
 
-then a pause, so the purge never holds many row locks, never holds them long, and leaves
-the database room between batches (WAL, replicas, vacuum). On Postgres the subselect
-skips rows another session holds (the relay's claims), so it never queues behind them,
-and rows it inserts or locks never queue behind the purge for longer than one batch;
-the service's session limits (lock_timeout, statement_timeout) bound anything else. A
-skipped row is left for the next run. The cursor on (time, id), served by an index of
+then a pause, so the purge never holds many row locks nor holds them long, and leaves
+the database room between batches (WAL, replicas, vacuum). No writer waits on it: new
+rows are never among those it deletes, and on Postgres the outbox's subselect skips the
+rows another session holds (the relay's claims) instead of queueing behind them, leaving
+them for the next run (nobody locks an idempotency record). The service's session
+limits (lock_timeout, statement_timeout) bound anything else. The cursor on (time, id), served by an index of
 each table on exactly those columns (migrations wallet 0007, auth 0005), starts every
 batch where the last one stopped instead of stepping again over the index entries of
 rows already deleted, which stay until vacuum removes them (and longer while an old
@@ -47,7 +47,7 @@ from svckit.db import READ_ONLY, SessionLimits, make_engine, utcnow
 log = logging.getLogger("svckit.retention")
 
 # The outbox's `outcome` values (svckit.outbox: SENT, DEAD_LETTERED), repeated here so a
-# purge imports neither Redis nor Dramatiq; tests/ hold them together.
+# purge imports neither Redis nor Dramatiq; a test holds them together.
 SENT = "sent"
 DEAD_LETTERED = "dead_lettered"
 OUTBOX_INDEX = "ix_outbox_confirmed"
