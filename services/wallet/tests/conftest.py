@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine
 
-from svckit.http import service_client
+from svckit.http import async_service_client
 from svckit.jwt import JWKSVerifier
 from svckit.testing import alembic, fresh_database, redis_server
 from wallet.config import Settings
@@ -59,7 +59,7 @@ def app_client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Itera
     with TestClient(app) as c:
         # Fakes only at the process edge: the auth service's JWKS and its user lookup.
         app.state.verifier = JWKSVerifier(signer.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-        app.state.auth_client = service_client(
+        app.state.auth_client = async_service_client(
             "http://auth", service_token="test-service-token", transport=httpx.MockTransport(auth_fake), backoff_s=0
         )
         yield c

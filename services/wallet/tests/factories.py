@@ -11,13 +11,13 @@ from typing import Any
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import Response
 from fastapi.testclient import TestClient
 from jwt.algorithms import OKPAlgorithm
-from sqlmodel import Session
+from sqlalchemy import Engine
 
+from svckit.db import make_engine
 from svckit.problems import ProblemError
-from wallet.idempotency import Operation, run_idempotent
+from wallet import service
 
 _ids = itertools.count(1_000)
 
@@ -99,26 +99,37 @@ def move(client: TestClient, user: User, kind: str, *, idem: str | None = None, 
     return client.patch(f"/transaction/{kind}", json=body, headers=headers)
 
 
-def call(
-    client: TestClient, user: User, endpoint: str, key: str, payload: dict[str, object], operation: Operation
-) -> tuple[int, bytes]:
-    """One request, as the route would run it, in its own session (its own connection)."""
-    state = client.app.state  # type: ignore[attr-defined]
-    with Session(state.engine) as session:
+_MOVEMENTS = {"deposit": service.deposit, "withdraw": service.withdraw, "transfer": service.transfer}
+
+
+def call(client: TestClient, user: User, endpoint: str, key: str, **body: Any) -> tuple[int, bytes]:
+    """One movement through the service function the route calls, on the app's event loop
+    (from any thread: each call is a task there, so many run at once)."""
+    uow = client.app.state.uow  # type: ignore[attr-defined]
+    body.setdefault("currency", "USD")
+    if "to_account_id" in body:
+        body["to_wallet_id"] = body.pop("to_account_id")
+
+    async def run() -> tuple[int, bytes]:
         try:
-            response: Response = run_idempotent(
-                session,
-                cache=state.idempotency,
-                user_id=user.id,
-                endpoint=endpoint,
-                key=key,
-                payload=payload,
-                operation=operation,
-                retries=state.settings.db_retries,
-            )
+            answer = await _MOVEMENTS[endpoint](uow, user_id=user.id, key=key, **body)
         except ProblemError as refusal:
             return refusal.status, refusal.code.encode()
+        response = answer.response()
         return response.status_code, bytes(response.body)
+
+    return client.portal.call(run)  # type: ignore[union-attr]
+
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def sync_engine(client: TestClient) -> Engine:
+    """A plain (sync) engine on the app's database, for audits and checks beside the app."""
+    url = client.app.state.settings.database_url  # type: ignore[attr-defined]
+    if url not in _ENGINES:
+        _ENGINES[url] = make_engine(url)
+    return _ENGINES[url]
 
 
 def run_all(jobs: list[Callable[[], tuple[int, bytes]]], workers: int = 16) -> list[tuple[int, bytes]]:

@@ -3,26 +3,24 @@ and one idempotency key moves money once. Real threads, real database, real Redi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from pydantic import BaseModel
-from sqlalchemy import Engine, event
-from sqlalchemy.engine import ExceptionContext
-from sqlmodel import Session
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from wallet import service
+from svckit import aiodb
 from wallet.audit import audit
-from wallet.repository import Booking
 
-from .factories import AuthFake, Signer, call, move, new_user, open_wallet, run_all
+from .factories import AuthFake, Signer, call, move, new_user, open_wallet, run_all, sync_engine
 
 
 def test_sixty_withdrawals_of_50_from_1000_exactly_twenty_succeed(
@@ -30,14 +28,11 @@ def test_sixty_withdrawals_of_50_from_1000_exactly_twenty_succeed(
 ) -> None:
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=1000)
-    system = client.app.state.system_wallets.for_user("USD", user.id)  # type: ignore[attr-defined]
-    op = service.withdraw_op(user_id=user.id, amount=50, currency="USD", system_wallet_id=system)
-    payload = {"amount": 50, "currency": "USD"}
-    results = run_all([lambda: call(client, user, "withdraw", uuid.uuid4().hex, payload, op) for _ in range(60)])
+    results = run_all([lambda: call(client, user, "withdraw", uuid.uuid4().hex, amount=50) for _ in range(60)])
     codes = Counter(status for status, _ in results)
     assert codes == {200: 20, 422: 40}
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 0
-    assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
+    assert audit(sync_engine(client)).violations == []
 
 
 def test_crossed_transfers_conserve_the_total_without_errors(
@@ -48,93 +43,102 @@ def test_crossed_transfers_conserve_the_total_without_errors(
     jobs = []
     for i in range(40):
         sender, to = (a, wb) if i % 2 else (b, wa)
-        op = service.transfer_op(user_id=sender.id, to_wallet_id=to, amount=7, currency="USD")
-        payload = {"amount": 7, "currency": "USD", "to_account_id": to}
         jobs.append(
-            lambda sender=sender, op=op, payload=payload: call(
-                client, sender, "transfer", uuid.uuid4().hex, payload, op
-            )
+            lambda sender=sender, to=to: call(client, sender, "transfer", uuid.uuid4().hex, amount=7, to_account_id=to)
         )
     results = run_all(jobs)
     assert {status for status, _ in results} == {200}
     balances = [client.get("/wallet", headers=u.headers).json()["balance"] for u in (a, b)]
     assert balances == [500, 500]  # 20 each way
-    assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
+    assert audit(sync_engine(client)).violations == []
 
 
 def test_thirty_requests_with_one_key_move_money_once(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
     user = new_user(signer, auth_fake)
     open_wallet(client, user)
-    system = client.app.state.system_wallets.for_user("USD", user.id)  # type: ignore[attr-defined]
-    op = service.deposit_op(user_id=user.id, amount=100, currency="USD", system_wallet_id=system)
     key = uuid.uuid4().hex
-    results = run_all([lambda: call(client, user, "deposit", key, {"amount": 100, "currency": "USD"}, op)] * 30)
+    results = run_all([lambda: call(client, user, "deposit", key, amount=100)] * 30)
     successes = {body for status, body in results if status == 200}
     assert len(successes) == 1  # every 200 is the same bytes
     assert {status for status, _ in results} <= {200, 409}
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 100
 
 
+CONNECTIONS = (aiodb._PgConnection, aiodb._EngineConnection)
+
+
 def test_a_movement_whose_connection_dies_is_run_again_once(
-    client: TestClient, signer: Signer, auth_fake: AuthFake
+    client: TestClient, signer: Signer, auth_fake: AuthFake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = client.app.state.engine  # type: ignore[attr-defined]
-    if engine.dialect.name != "postgresql":
+    if client.app.state.db.dialect_name != "postgresql":  # type: ignore[attr-defined]
         pytest.skip("needs Postgres (TEST_DATABASE_URL): a server that can drop our connection")
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=100)
-    system = client.app.state.system_wallets.for_user("USD", user.id)  # type: ignore[attr-defined]
-    withdraw = service.withdraw_op(user_id=user.id, amount=30, currency="USD", system_wallet_id=system)
-    attempts: list[int] = []
+    locks: list[int] = []
+    real_execute = aiodb._PgConnection.execute
 
-    def dropped_once(session: Session) -> tuple[BaseModel, Booking]:
-        attempts.append(len(attempts) + 1)
-        if len(attempts) == 1:  # the server kills this backend half way through the request
-            session.connection().exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
-        return withdraw(session)
+    async def dropped_once(self: Any, statement: Any, params: Any = None) -> Any:
+        if "FOR UPDATE" in aiodb.compile_for_asyncpg(statement).sql:
+            locks.append(len(locks) + 1)
+            if len(locks) == 1:  # the server kills this backend half way through the request
+                with contextlib.suppress(OperationalError):  # the kill ends its own statement too
+                    await real_execute(self, text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return await real_execute(self, statement, params)
 
-    status, body = call(client, user, "withdraw", uuid.uuid4().hex, {"amount": 30, "currency": "USD"}, dropped_once)
-    assert (status, len(attempts)) == (200, 2)
+    monkeypatch.setattr(aiodb._PgConnection, "execute", dropped_once)
+    status, body = call(client, user, "withdraw", uuid.uuid4().hex, amount=30)
+    monkeypatch.undo()
+    assert (status, len(locks)) == (200, 2)
     assert json.loads(body)["current_balance"] == 70
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
-    assert audit(engine).violations == []
+    assert audit(sync_engine(client)).violations == []
 
 
 @contextmanager
-def first_record_commit_answer_lost(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Exception]]:
+def first_record_commit_answer_lost(
+    monkeypatch: pytest.MonkeyPatch, on_lost: Callable[[], None] = lambda: None
+) -> Iterator[list[Exception]]:
     """The first COMMIT of a transaction that wrote an idempotency record reaches the
-    database, but its connection dies before the answer arrives: the driver raises, and
-    SQLAlchemy sees a disconnect (connection_invalidated), as when the server or the
-    network goes away at that moment."""
-    dialect = engine.dialect
-    real_commit = dialect.do_commit
-    wrote_record: list[bool] = []
+    database, but its connection dies before the answer arrives: the driver raises a lost
+    connection (connection_invalidated), as when the server or the network goes away at
+    that moment. `on_lost` runs just before."""
+    wrote_record: set[int] = set()
     lost: list[Exception] = []
 
-    def note_record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "INSERT INTO idempotency_records" in statement:
-            wrote_record.append(True)
+    def patch(cls: Any) -> None:
+        real_execute, real_commit = cls.execute, cls.commit
 
-    def commit(dbapi_connection: Any) -> None:
-        real_commit(dbapi_connection)  # committed, for good
-        if wrote_record and not lost:
-            lost.append(dialect.loaded_dbapi.OperationalError("server closed the connection unexpectedly"))
-            raise lost[0]
-        wrote_record.clear()
+        async def execute(self: Any, statement: Any, params: Any = None) -> Any:
+            if getattr(statement, "table", None) is not None and statement.table.name == "idempotency_records":
+                wrote_record.add(id(self))
+            if "booked_record" in str(statement.compile()):
+                wrote_record.add(id(self))
+            return await real_execute(self, statement, params)
 
-    def is_disconnect(context: ExceptionContext) -> None:
-        if lost and context.original_exception is lost[0]:
-            context.is_disconnect = True
+        async def commit(self: Any) -> None:
+            await real_commit(self)  # committed, for good
+            if id(self) in wrote_record and not lost:
+                on_lost()
+                lost.append(
+                    OperationalError(
+                        "COMMIT",
+                        None,
+                        ConnectionResetError("server closed the connection"),
+                        connection_invalidated=True,
+                    )
+                )  # type: ignore[arg-type]
+                raise lost[0]
+            wrote_record.discard(id(self))
 
-    monkeypatch.setattr(dialect, "do_commit", commit)
-    event.listen(engine, "before_cursor_execute", note_record)
-    event.listen(engine, "handle_error", is_disconnect)
+        monkeypatch.setattr(cls, "execute", execute)
+        monkeypatch.setattr(cls, "commit", commit)
+
+    for cls in CONNECTIONS:
+        patch(cls)
     try:
         yield lost
     finally:
-        event.remove(engine, "handle_error", is_disconnect)
-        event.remove(engine, "before_cursor_execute", note_record)
-        monkeypatch.setattr(dialect, "do_commit", real_commit)
+        monkeypatch.undo()
 
 
 def _counted(name: str, **labels: str) -> float:
@@ -147,13 +151,12 @@ def test_a_movement_whose_commit_answer_is_lost_answers_once_as_a_first_answer(
     """The re-run finds the record the lost COMMIT wrote: it is this request's own, so the
     client gets a first answer (no Idempotent-Replayed), counted as a movement; money
     moved once; the next request with the key is the replay."""
-    engine = client.app.state.engine  # type: ignore[attr-defined]
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=100)
     k = uuid.uuid4().hex
     ok = {"name": "wallet_movements_total", "type": "withdrawal", "outcome": "ok"}
     movements, replays = _counted(**ok), _counted("wallet_idempotency_events_total", event="replay")
-    with first_record_commit_answer_lost(engine, monkeypatch) as lost:
+    with first_record_commit_answer_lost(monkeypatch) as lost:
         first = move(client, user, "withdraw", idem=k, amount=30)
     assert len(lost) == 1  # the commit's answer was lost once, after the commit
     assert (first.status_code, first.json()["current_balance"]) == (200, 70)
@@ -163,4 +166,4 @@ def test_a_movement_whose_commit_answer_is_lost_answers_once_as_a_first_answer(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
-    assert audit(engine).violations == []
+    assert audit(sync_engine(client)).violations == []

@@ -6,16 +6,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlmodel import Session
 
+from svckit.aiodb import transaction
 from svckit.db import make_engine, utcnow
 from svckit.testing import alembic
 from wallet import repository
 from wallet.audit import audit, main
+from wallet.domain import Booking
 from wallet.ledger import postings
 
 from .conftest import INI
-from .factories import AuthFake, Signer, move, new_user, open_wallet
+from .factories import AuthFake, Signer, move, new_user, open_wallet, sync_engine
 
 
 class TestAppendOnly:
@@ -158,13 +159,13 @@ class TestBookingGuard:
         wallet = open_wallet(client, user, balance=100)["id"]
         state = client.app.state  # type: ignore[attr-defined]
         system = state.system_wallets.for_user("USD", user.id)
-        before = audit(state.engine)
+        before = audit(sync_engine(client))
 
-        def book_with_a_wrong_snapshot() -> None:
-            with Session(state.engine) as session, session.begin():
-                locked = repository.lock_for_movement(session, user_id=user.id, other_id=system)
+        async def book_with_a_wrong_snapshot() -> None:
+            async with transaction(state.db) as conn:
+                locked = await repository.lock_for_movement(conn, user_id=user.id, other_id=system)
                 source, destination = postings(source=system, destination=wallet, amount=5)
-                booking = repository.Booking(
+                booking = Booking(
                     transaction_id=locked.transaction_id,
                     type="deposit",
                     amount=5,
@@ -175,10 +176,10 @@ class TestBookingGuard:
                     initiated_by=user.id,
                     now=utcnow(),
                 )
-                repository.write_booking(session, booking)
+                await repository.write_booking(conn, booking)
 
         with pytest.raises(RuntimeError, match="differ"):
-            book_with_a_wrong_snapshot()
-        after = audit(state.engine)
+            client.portal.call(book_with_a_wrong_snapshot)  # type: ignore[union-attr]
+        after = audit(sync_engine(client))
         assert (after.transactions, after.entries, after.violations) == (before.transactions, before.entries, [])
         assert client.get("/wallet", headers=user.headers).json()["balance"] == 100

@@ -15,7 +15,7 @@ from wallet.config import Settings
 from wallet.models import Base
 
 from .conftest import INI, app_client
-from .factories import AuthFake, Signer, move, new_user, open_wallet
+from .factories import AuthFake, Signer, move, new_user, open_wallet, sync_engine
 
 
 def test_upgrade_downgrade_upgrade(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -93,4 +93,4 @@ def test_ledger_ids_are_64_bit_on_postgres(
             assert [t["id"] for t in history] == [2**31 + 12, 2**31 + 11]
             ledger = client.get(f"/transaction/{history[0]['id']}/ledger", headers=user.headers).json()
             assert [(e["id"] > 2**31, e["wallet_id"] == wallet["id"]) for e in ledger] == [(True, True), (True, False)]
-            assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
+            assert audit(sync_engine(client)).violations == []

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from wallet.audit import audit
 from wallet.config import Settings
 
-from .factories import AuthFake, Signer, User, key, move, new_user, open_wallet
+from .factories import AuthFake, Signer, User, key, move, new_user, open_wallet, sync_engine
 
 
 def balance(client: TestClient, user: User) -> int:
@@ -85,7 +85,7 @@ class TestSystemWalletShards:
             assert self.outside_wallet(client, user) == deposit_side
             seen.add(deposit_side)
         assert len(seen) == shards  # consecutive user ids land on distinct shards
-        assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
+        assert audit(sync_engine(client)).violations == []
 
 
 class TestWithdraw:
@@ -311,7 +311,7 @@ class TestIdempotency:
 
 class TestReceiptsAreStaged:
     def receipts_of(self, client: TestClient, transaction_id: int) -> list[dict[str, Any]]:
-        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+        with sync_engine(client).connect() as conn:
             rows = [json.loads(p)["kwargs"]["message"] for (p,) in conn.execute(text("SELECT payload FROM outbox"))]
         return [r for r in rows if r.get("transaction_id") == transaction_id]
 
@@ -332,10 +332,10 @@ class TestReceiptsAreStaged:
         assert [r["counterparty"] for r in self.receipts_of(client, withdrawal["id"])] == ["External Destination"]
 
     def test_a_refusal_commits_no_receipt(self, client: TestClient, jane: User) -> None:
-        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+        with sync_engine(client).connect() as conn:
             before = conn.execute(text("SELECT count(*) FROM outbox")).scalar_one()
         assert move(client, jane, "withdraw", amount=10**6).status_code == 422
-        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
+        with sync_engine(client).connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM outbox")).scalar_one() == before
 
 

@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, text
 
-from wallet import service
 from wallet.config import Settings
 
 from .factories import AuthFake, Signer, User, call, move, new_user, open_wallet
@@ -89,12 +88,9 @@ class TestAMovementThatWaitsForALock:
         # Something else holds the shard x's deposits use.
         holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": shard})
         holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        deposit = service.deposit_op(user_id=x.id, amount=10, currency="USD", system_wallet_id=shard)
         answers: list[tuple[int, bytes]] = []
         blocked = threading.Thread(
-            target=lambda: answers.append(
-                call(client, x, "deposit", uuid.uuid4().hex, {"amount": 10, "currency": "USD"}, deposit)
-            )
+            target=lambda: answers.append(call(client, x, "deposit", uuid.uuid4().hex, amount=10))
         )
         blocked.start()
         try:

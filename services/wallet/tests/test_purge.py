@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import Engine, func, insert, select, update
@@ -148,9 +149,12 @@ class TestIdempotencyRecords:
 
 def expire_cached_outcomes(client: TestClient, user: User) -> None:
     """What WALLET_IDEMPOTENCY_TTL_S does to Redis's copy of the user's outcomes."""
-    cache = client.app.state.redis  # type: ignore[attr-defined]
-    for name in cache.scan_iter(f"idem:resp:{user.id}:*"):
-        cache.delete(name)
+    cache = redis.Redis.from_url(client.app.state.settings.redis_url)  # type: ignore[attr-defined]
+    try:
+        for name in cache.scan_iter(f"idem:resp:{user.id}:*"):
+            cache.delete(name)
+    finally:
+        cache.close()
 
 
 class TestTheCommand:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -9,16 +10,15 @@ from collections import Counter
 import redis
 from fastapi.testclient import TestClient
 
-from svckit.db import make_engine
-from svckit.redis import redis_client
+from svckit.aiodb import make_database
+from svckit.redis import async_redis_client
 from svckit.testing import free_port, redis_server
-from wallet import service
 from wallet.audit import audit
 from wallet.config import Settings
 from wallet.idempotency import IdempotencyCache
 
 from .conftest import app_client
-from .factories import AuthFake, Signer, call, key, move, new_user, open_wallet, run_all
+from .factories import AuthFake, Signer, call, key, move, new_user, open_wallet, run_all, sync_engine
 
 
 def test_redis_flushed_between_a_request_and_its_retry(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
@@ -26,20 +26,20 @@ def test_redis_flushed_between_a_request_and_its_retry(client: TestClient, signe
     open_wallet(client, user, balance=100)
     k = key()
     first = move(client, user, "withdraw", idem=k, amount=60)
-    client.app.state.redis.flushall()  # type: ignore[attr-defined]
+    redis.Redis.from_url(client.app.state.settings.redis_url).flushall()  # type: ignore[attr-defined]
     retry = move(client, user, "withdraw", idem=k, amount=60)
     assert retry.content == first.content
     assert retry.headers["idempotent-replayed"] == "true"
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 40
-    assert audit(client.app.state.engine).violations == []  # type: ignore[attr-defined]
+    assert audit(sync_engine(client)).violations == []
 
 
 def test_money_moves_correctly_with_redis_down(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=100)
     state = client.app.state  # type: ignore[attr-defined]
-    dead = redis_client(f"redis://127.0.0.1:{free_port()}/0")
-    state.idempotency = IdempotencyCache(dead, ttl_s=60, lock_ttl_ms=1000)
+    dead = async_redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    state.uow = dataclasses.replace(state.uow, idempotency=IdempotencyCache(dead, ttl_s=60, lock_ttl_ms=1000))
     k = key()
     first = move(client, user, "withdraw", idem=k, amount=30)
     assert first.status_code == 200
@@ -49,7 +49,7 @@ def test_money_moves_correctly_with_redis_down(client: TestClient, signer: Signe
     assert move(client, user, "withdraw", idem=k, amount=31).json()["code"] == "idempotency_key_reused"
     assert move(client, user, "withdraw", amount=80).json()["code"] == "insufficient_funds"
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
-    assert audit(state.engine).violations == []
+    assert audit(sync_engine(client)).violations == []
 
 
 def test_an_expired_lock_cannot_double_move(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
@@ -61,12 +61,13 @@ def test_an_expired_lock_cannot_double_move(client: TestClient, signer: Signer, 
     k = key()
     first = move(client, user, "withdraw", idem=k, amount=10)
     # Drop the cached response and the lock, as if both had expired before the retry.
-    for redis_key in state.redis.scan_iter(f"idem:*:{user.id}:withdraw:{k}"):
-        state.redis.delete(redis_key)
+    cache = redis.Redis.from_url(state.settings.redis_url)
+    for redis_key in cache.scan_iter(f"idem:*:{user.id}:withdraw:{k}"):
+        cache.delete(redis_key)
     retry = move(client, user, "withdraw", idem=k, amount=10)
     assert retry.content == first.content
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 90
-    assert audit(state.engine).violations == []
+    assert audit(sync_engine(client)).violations == []
 
 
 def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
@@ -75,18 +76,16 @@ def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fak
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=1000)
     state = client.app.state  # type: ignore[attr-defined]
-    system = state.system_wallets.for_user("USD", user.id)
-    op = service.withdraw_op(user_id=user.id, amount=50, currency="USD", system_wallet_id=system)
     with redis_server() as url:
-        victim = redis_client(url)
-        state.idempotency = IdempotencyCache(victim, ttl_s=60, lock_ttl_ms=5000)
+        victim = async_redis_client(url)
+        state.uow = dataclasses.replace(state.uow, idempotency=IdempotencyCache(victim, ttl_s=60, lock_ttl_ms=5000))
         count = itertools.count()
 
         def until_definitive(k: str) -> tuple[int, bytes]:
             for _ in range(200):
                 if next(count) == 25:
                     redis.Redis.from_url(url).shutdown(nosave=True)  # mid-run
-                status, body = call(client, user, "withdraw", k, {"amount": 50, "currency": "USD"}, op)
+                status, body = call(client, user, "withdraw", k, amount=50)
                 if status != 409:
                     return status, body
                 time.sleep(0.01)
@@ -99,7 +98,7 @@ def test_redis_stopped_during_a_run(client: TestClient, signer: Signer, auth_fak
     assert Counter(s for s, _ in results) == {200: 20, 422: 40}
     assert replays == results
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 0
-    assert audit(state.engine).violations == []
+    assert audit(sync_engine(client)).violations == []
 
 
 class TestReadiness:
@@ -123,13 +122,14 @@ class TestReadiness:
     def test_the_database_down_is_503(self, client: TestClient) -> None:
         state = client.app.state  # type: ignore[attr-defined]
         assert client.get("/readyz").json()["status"] == "ok"
-        live = state.engine
-        state.engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/wallet")  # refused
+        live = state.db
+        refused = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/wallet"
+        state.db = client.portal.call(make_database, refused)  # type: ignore[union-attr]
         try:
             ready = client.get("/readyz")
         finally:
-            state.engine.dispose()
-            state.engine = live
+            client.portal.call(state.db.dispose)  # type: ignore[union-attr]
+            state.db = live
         assert ready.status_code == 503
         assert ready.json()["status"] == "unavailable"
         assert ready.json()["checks"] == {"database": "OperationalError", "redis": "ok"}

@@ -6,10 +6,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, event, text
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy import Connection, text
 
+from svckit.aiodb import transaction
 from wallet.config import Settings
 
 from .factories import AuthFake, Signer, move, new_user, open_wallet
@@ -35,9 +36,13 @@ def settings(request: pytest.FixtureRequest, database_url: str, redis_url: str) 
 
 class TestEngineSessions:
     def test_carry_the_configured_limits_and_keepalives(self, client: TestClient, settings: Settings) -> None:
-        with client.app.state.engine.connect() as conn:  # type: ignore[attr-defined]
-            shown = {name: conn.exec_driver_sql(f"SHOW {name}").scalar_one() for name in LIMITS + KEEPALIVES}
-            libpq = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        db = client.app.state.db  # type: ignore[attr-defined]
+
+        async def session_settings() -> dict[str, str]:
+            async with transaction(db, read_only=True) as conn:
+                return {name: (await conn.execute(text(f"SHOW {name}"))).scalar_one() for name in LIMITS + KEEPALIVES}
+
+        shown = client.portal.call(session_settings)  # type: ignore[union-attr]
         assert shown == {
             "lock_timeout": "2s",
             "statement_timeout": "10s",
@@ -47,10 +52,11 @@ class TestEngineSessions:
             "tcp_keepalives_count": "3",
         }
         assert (settings.db_lock_timeout_ms, settings.db_statement_timeout_ms) == (2_000, 10_000)  # the defaults
-        assert {k: libpq.get(k) for k in ("keepalives", "connect_timeout")} == {
-            "keepalives": "1",
-            "connect_timeout": "5",
-        }
+        # The client gives up too, a little after the server's statement timeout (a dead
+        # server cannot hold a request), and waits at most the connect timeout to connect.
+        pool = db.pool
+        assert pool._connect_kwargs["command_timeout"] == 15
+        assert pool._connect_kwargs["timeout"] == settings.db_connect_timeout_s == 5
 
 
 BUSY_CASES = [
@@ -92,7 +98,7 @@ class TestAMovementOnALockedWallet:
             text("SELECT count(*) FROM idempotency_records WHERE user_id = :u AND key = :k"), {"u": user.id, "k": key}
         ).scalar_one()
         assert kept == 0
-        cache = client.app.state.redis  # type: ignore[attr-defined]
+        cache = redis.Redis.from_url(client.app.state.settings.redis_url)  # type: ignore[attr-defined]
         assert cache.exists(f"idem:lock:{user.id}:withdraw:{key}", f"idem:resp:{user.id}:withdraw:{key}") == 0
 
         holder.rollback()  # the stuck session ends
@@ -129,21 +135,15 @@ def test_a_lost_commit_answers_first_even_when_the_wallet_is_locked_for_the_retr
     """The COMMIT reaches the database but its answer is lost, and before the retry another
     session locks the wallet: the retry finds its own record without waiting on that lock,
     so the client gets the movement's first answer, not a 503 'nothing was done'."""
-    engine = client.app.state.engine  # type: ignore[attr-defined]
     user = new_user(signer, auth_fake)
     wallet_id = open_wallet(client, user, balance=100)["id"]
     key = uuid.uuid4().hex
-    with first_record_commit_answer_lost(engine, monkeypatch) as lost:
 
-        def lock_the_wallet(context: ExceptionContext) -> None:
-            if lost and context.original_exception is lost[0] and not holder.in_transaction():
-                holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
+    def lock_the_wallet() -> None:
+        holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
 
-        event.listen(engine, "handle_error", lock_the_wallet)
-        try:
-            first = move(client, user, "withdraw", idem=key, amount=30)
-        finally:
-            event.remove(engine, "handle_error", lock_the_wallet)
+    with first_record_commit_answer_lost(monkeypatch, on_lost=lock_the_wallet) as lost:
+        first = move(client, user, "withdraw", idem=key, amount=30)
     assert len(lost) == 1
     assert holder.in_transaction()  # the retry ran with the wallet locked
     assert first.status_code == 200, first.text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import inspect
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -15,7 +17,7 @@ from svckit.logging import configure_logging
 from svckit.problems import document_problems, install_problem_handlers
 from svckit.requestid import RequestMiddleware
 
-HealthCheck = Callable[[], None]
+HealthCheck = Callable[[], None] | Callable[[], Awaitable[None]]  # async ones run on the event loop
 
 
 def base_app(
@@ -68,11 +70,14 @@ def add_health_routes(
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         results: dict[str, str] = {}
         for name, check in checks.items():
             try:
-                check()
+                if inspect.iscoroutinefunction(check):
+                    await check()
+                else:
+                    await run_in_threadpool(check)
                 results[name] = "ok"
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
                 results[name] = type(exc).__name__

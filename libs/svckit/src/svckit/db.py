@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 if TYPE_CHECKING:
     from svckit.settings import BaseServiceSettings
@@ -88,6 +89,38 @@ def make_engine(
         max_overflow=max_overflow,
         pool_pre_ping=True,
         connect_args=connect_args,
+        hide_parameters=True,
+    )
+
+
+def async_url(url: str) -> URL:
+    """The same database through an asyncio driver: psycopg's async connection for Postgres
+    (one driver, both ways), aiosqlite for a SQLite file."""
+    parsed = make_url(url)
+    driver = "aiosqlite" if parsed.get_backend_name() == "sqlite" else "psycopg"
+    return parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}")
+
+
+def make_async_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, limits: SessionLimits | None = None
+) -> AsyncEngine:
+    """make_engine's twin for code on the event loop: the same limits, keepalives, pragmas,
+    BEGIN IMMEDIATE on SQLite and hidden parameters; no worker thread between a request and
+    Postgres. Events go on its `sync_engine`."""
+    parsed = async_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed, connect_args={"timeout": 30}, hide_parameters=True)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        return engine
+    return create_async_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=False,  # a dead connection fails its statement, and the movement is retried
+        connect_args=(limits or SessionLimits()).connect_args(parsed),
         hide_parameters=True,
     )
 

@@ -8,6 +8,7 @@ path with a fallback, so a failure must surface at once.
 from __future__ import annotations
 
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -18,6 +19,18 @@ def redis_client(url: str, *, timeout_s: float = 0.5, decode_responses: bool = F
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
+        decode_responses=decode_responses,
+        health_check_interval=30,
+    )
+
+
+def async_redis_client(url: str, *, timeout_s: float = 0.5, decode_responses: bool = False) -> redis.asyncio.Redis:
+    """redis_client's twin for the event loop (redis.asyncio), with the same settings."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
         decode_responses=decode_responses,
         health_check_interval=30,
     )

@@ -20,11 +20,6 @@ class Settings(BaseServiceSettings):
     system_wallet_shards: int = Field(default=8, ge=1, le=64)
     # Serialization/deadlock losers are retried this many times before a 503.
     db_retries: int = 3
-    # Requests that run at once in the worker threads. Each one holds the GIL between its
-    # round trips to Postgres and Redis; past a handful of threads they only queue for it
-    # (and hold row locks meanwhile). bench/: 8 threads served about a quarter more
-    # transfers than Starlette's default of 40. Keep db_pool_size at least this large.
-    worker_threads: int = 8
     # GET /transaction/{id}/ledger shows both sides of a transfer, as the contract's example
     # does; the other side's balance_snapshot is then the other wallet's balance. False
     # shows the caller only their own entries.

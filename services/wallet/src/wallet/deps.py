@@ -1,16 +1,21 @@
-"""FastAPI dependencies of the wallet service: the idempotency key (the session and the
-caller come from svckit.deps)."""
+"""FastAPI dependencies of the wallet service: the unit of work and the idempotency key
+(the caller comes from svckit.deps)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 
-from svckit.deps import SessionDep, UserDep
+from svckit.deps import UserDep
 from wallet.idempotency import parse_key
+from wallet.uow import UnitOfWork
 
-__all__ = ["KeyDep", "SessionDep", "UserDep"]
+__all__ = ["KeyDep", "UowDep", "UserDep"]
+
+
+async def unit_of_work(request: Request) -> UnitOfWork:
+    return request.app.state.uow  # type: ignore[no-any-return]
 
 
 async def idempotency_key(  # async: pure parsing, no worker-thread hop
@@ -31,3 +36,4 @@ async def idempotency_key(  # async: pure parsing, no worker-thread hop
 
 
 KeyDep = Annotated[str, Depends(idempotency_key)]
+UowDep = Annotated[UnitOfWork, Depends(unit_of_work)]

@@ -10,25 +10,28 @@ twice. Every Redis failure degrades to "ask the database".
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import redis
+import redis.asyncio
 from fastapi import Response
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import Session
 
+from svckit.aiodb import Connection, transaction
 from svckit.db import utcnow
 from svckit.problems import ProblemError
 from wallet import repository
+from wallet.domain import Booking
 from wallet.errors import (
     IdempotencyInProgress,
     IdempotencyKeyInvalid,
@@ -36,7 +39,10 @@ from wallet.errors import (
     IdempotencyKeyReused,
     WalletBusy,
 )
-from wallet.metrics import IDEMPOTENCY, MONEY_MOVED, MOVEMENTS
+from wallet.metrics import IDEMPOTENCY
+
+if TYPE_CHECKING:
+    from wallet.uow import UnitOfWork
 
 log = logging.getLogger("wallet.idempotency")
 
@@ -93,11 +99,6 @@ class Outcome:
         headers = {REPLAYED_HEADER: "true"} if replayed else None
         return Response(content=self.body, status_code=self.status_code, media_type=media, headers=headers)
 
-    def replay_for(self, request_fingerprint: str) -> Response:
-        if request_fingerprint != self.fingerprint:
-            raise IdempotencyKeyReused()
-        return self.response(replayed=True)
-
     def dumps(self) -> str:
         return json.dumps({"s": self.status_code, "b": self.body, "f": self.fingerprint})
 
@@ -113,11 +114,13 @@ UNAVAILABLE = "unavailable"
 
 
 class IdempotencyCache:
+    """The Redis fast path (redis.asyncio): a stored outcome or the key's lock, in one round trip."""
+
     # After a Redis failure, go straight to the database for a while instead of paying a
     # connection timeout on every request (a minimal circuit breaker).
     PAUSE_AFTER_FAILURE_S = 2.0
 
-    def __init__(self, client: redis.Redis, *, ttl_s: int, lock_ttl_ms: int) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, ttl_s: int, lock_ttl_ms: int) -> None:
         self.redis = client
         self._paused_until = 0.0
         self.ttl_s = ttl_s
@@ -130,14 +133,14 @@ class IdempotencyCache:
     def _keys(scope: str) -> list[str]:
         return [f"idem:resp:{scope}", f"idem:lock:{scope}"]
 
-    def begin(self, scope: str) -> tuple[str, Outcome | None, str]:
+    async def begin(self, scope: str) -> tuple[str, Outcome | None, str]:
         """(state, stored outcome, lock token): state is stored, locked, busy or unavailable."""
         if time.monotonic() < self._paused_until:
             return UNAVAILABLE, None, ""
         token = secrets.token_hex(16)
         try:
-            state, stored = self._begin(keys=self._keys(scope), args=[token, self.lock_ttl_ms])
-        except redis.RedisError as exc:
+            state, stored = await self._begin(keys=self._keys(scope), args=[token, self.lock_ttl_ms])
+        except (redis.RedisError, OSError) as exc:
             log.warning("idempotency cache unavailable, using the database only: %s", type(exc).__name__)
             self._paused_until = time.monotonic() + self.PAUSE_AFTER_FAILURE_S
             return UNAVAILABLE, None, ""
@@ -146,25 +149,21 @@ class IdempotencyCache:
             return state, Outcome.loads(stored), ""
         return state, None, token
 
-    def finish(self, scope: str, token: str, outcome: Outcome) -> None:
+    async def finish(self, scope: str, token: str, outcome: Outcome) -> None:
         try:
-            self._finish(keys=self._keys(scope), args=[token, outcome.dumps(), self.ttl_s])
-        except redis.RedisError as exc:
+            await self._finish(keys=self._keys(scope), args=[token, outcome.dumps(), self.ttl_s])
+        except (redis.RedisError, OSError) as exc:
             log.warning("could not cache idempotent outcome: %s", type(exc).__name__)
 
-    def release(self, scope: str, token: str) -> None:
+    async def release(self, scope: str, token: str) -> None:
         try:
-            self._release(keys=self._keys(scope)[1:], args=[token])
-        except redis.RedisError as exc:
+            await self._release(keys=self._keys(scope)[1:], args=[token])
+        except (redis.RedisError, OSError) as exc:
             log.warning("could not release idempotency lock: %s", type(exc).__name__)
 
 
 # --- at most once, in the database ----------------------------------------------------
 
-# A movement: locks and checks in the caller's transaction, and returns (response body, the
-# booking to write); the booking is written together with the idempotency record. Its time
-# is the booking's, read once the wallets were locked (see repository.lock_for_movement).
-Operation = Callable[[Session], tuple[BaseModel, repository.Booking]]
 # Postgres: serialization failure, deadlock; both mean "run the transaction again".
 _RETRYABLE_PGCODES = {"40001", "40P01"}
 # Postgres: lock_timeout (lock_not_available), statement_timeout (query_canceled).
@@ -193,143 +192,202 @@ def _retryable(exc: OperationalError) -> bool:
     return _sqlstate(exc) in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
 
 
-def _execute(
-    session: Session, *, user_id: int, endpoint: str, key: str, request_fp: str, operation: Operation, retries: int
-) -> tuple[Outcome, bool]:
-    """Run the operation and record its outcome under the key, in one database transaction.
+@dataclass(frozen=True)
+class Answer:
+    """What a request under a key is answered: the outcome, first sent or replayed."""
 
-    Returns (outcome, replayed). A business refusal is recorded too (nothing moved). If the
-    key's unique constraint fires, another request with this key won: its outcome is the
-    answer, and everything this attempt did is rolled back. Unless the record carries this
-    request's token: then an earlier attempt of this very request committed before its
-    connection died (at COMMIT, say), and the outcome is this request's first answer.
+    outcome: Outcome
+    replayed: bool
+
+    def response(self) -> Response:
+        return self.outcome.response(replayed=self.replayed)
+
+
+class Once:
+    """A money movement at most once per (user, endpoint, key), the same answer byte for byte
+    ever after. Iterate it for attempts, and run the movement in each attempt's transaction:
+
+        once = Once(uow, user_id=..., endpoint="transfer", key=key, payload=body)
+        async for attempt in once:
+            async with attempt as conn:
+                ...  # lock, check (raise a ProblemError to refuse), then:
+                attempt.booked(result, booking)
+        return once.answer
+
+    There is no attempt when Redis or the database already knows the key's outcome (a
+    replay), and another one only when the last was lost to a dead connection, a deadlock or
+    a busy SQLite: before it runs, the key's record is looked up, since the lost attempt may
+    have committed. An attempt commits the booking with the key's record, or a refusal's
+    record alone (the movement checks everything before it books anything, so nothing
+    moved). If the key's unique constraint fires, another request with this key won: its
+    outcome is the answer. Unless the record carries this request's token: then an earlier
+    attempt of this very request committed before its connection died (at COMMIT, say), and
+    the outcome is this request's first answer. A lock or statement timeout is a retryable
+    503 at once (WalletBusy): nothing was recorded, so the client's retry runs afresh.
     """
-    request_token = secrets.token_hex(16)  # the same for every attempt of this request
-    for attempt in range(retries + 1):
-        try:
-            if attempt:
-                # The last attempt may have committed before its connection died: look for
-                # the key's record first (no row lock), so a retry never queues behind the
-                # wallet's lock, times out and answers "nothing was done" for money that moved.
-                with session.begin():
-                    found = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
-                if found is not None:
-                    outcome = Outcome(found.status_code, found.response_body, found.fingerprint)
-                    return outcome, found.request_token != request_token
-            with session.begin():
-                booking: repository.Booking | None
-                try:
-                    result, booking = operation(session)
-                    outcome = Outcome(200, result.model_dump_json(by_alias=True), request_fp)
-                except ProblemError as refusal:
-                    # Operations check everything before they book anything, so nothing moved.
-                    outcome, booking = Outcome(refusal.status, _problem_json(refusal), request_fp), None
-                record = repository.idempotency_record(
-                    user_id=user_id,
-                    endpoint=endpoint,
-                    key=key,
-                    fingerprint=request_fp,
-                    status_code=outcome.status_code,
-                    response_body=outcome.body,
-                    transaction_id=booking.transaction_id if booking else None,
-                    now=booking.now if booking else utcnow(),
-                    request_token=request_token,
-                )
-                if booking is None:
-                    repository.add_idempotency_record(session, record)
-                else:
-                    repository.write_booking(session, booking, record)
-            return outcome, False
-        except IntegrityError:
-            with session.begin():
-                record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
-            if record is None:
-                raise  # not the key's constraint: a real bug, answered as a 500
-            outcome = Outcome(record.status_code, record.response_body, record.fingerprint)
-            return outcome, record.request_token != request_token
-        except OperationalError as exc:
-            if timed_out(exc):
-                # A wallet stayed locked past lock_timeout (or a statement ran past
-                # statement_timeout): its holder is stuck or the wallet is swamped. Waiting
-                # again here would hold one of the few worker threads for another timeout,
-                # so answer a retryable 503 at once. The transaction rolled back and recorded
-                # nothing under the key, so the client's retry with the same key runs afresh.
-                log.warning("%s timed out in the database (%s)", endpoint, _sqlstate(exc))
-                MOVEMENTS.labels(_kind(endpoint), WalletBusy.code).inc()
-                raise WalletBusy() from exc
-            if attempt == retries or not _retryable(exc):
-                raise
-            log.warning("retrying %s after %s (attempt %d)", endpoint, type(exc.orig).__name__, attempt + 1)
-            time.sleep(0.01 * 2**attempt)
-    raise AssertionError("unreachable")
 
+    def __init__(self, uow: UnitOfWork, *, user_id: int, endpoint: str, key: str, payload: dict[str, Any]) -> None:
+        self.uow = uow
+        self.user_id, self.endpoint, self.key = user_id, endpoint, key
+        self.fingerprint = fingerprint(payload)
+        self.scope = f"{user_id}:{endpoint}:{key}"
+        self.token = secrets.token_hex(16)  # the same for every attempt of this request
+        self.attempts = 0
+        self._answer: Answer | None = None
+        self._cache_state = ""
+        self._lock_id = ""
 
-def run_idempotent(
-    session: Session,
-    *,
-    cache: IdempotencyCache,
-    user_id: int,
-    endpoint: str,
-    key: str,
-    payload: dict[str, object],
-    operation: Operation,
-    retries: int,
-) -> Response:
-    """At most once per (user, endpoint, key); the same answer, byte for byte, ever after."""
-    request_fp = fingerprint(payload)
-    scope = f"{user_id}:{endpoint}:{key}"
-    state, stored, token = cache.begin(scope)
-    if stored is not None:
-        return _replay(stored, request_fp)
-    if state == BUSY:
-        # Another request holds the lock. The database may know its outcome already
-        # (the lock can outlive the cached response only briefly); else tell the client to wait.
-        with session.begin():
-            record = repository.get_idempotency_record(session, user_id=user_id, endpoint=endpoint, key=key)
-        if record is None:
+    @property
+    def answer(self) -> Answer:
+        if self._answer is None:
+            raise RuntimeError("the movement ran no attempt to its end")
+        return self._answer
+
+    def __aiter__(self) -> Once:
+        return self
+
+    async def __anext__(self) -> Attempt:
+        if self._answer is not None:
+            raise StopAsyncIteration
+        if self.attempts == 0:
+            await self._start()
+        else:
+            await asyncio.sleep(0.01 * 2 ** (self.attempts - 1))
+            # The last attempt may have committed before its connection died: look for the
+            # key's record first (no row lock), so a retry never queues behind the wallet's
+            # lock, times out and answers "nothing was done" for money that moved.
+            await self._answer_from_record(own_is_first=True)
+        if self._answer is not None:
+            raise StopAsyncIteration
+        self.attempts += 1
+        return Attempt(self)
+
+    async def _start(self) -> None:
+        cache = self.uow.idempotency
+        state, stored, self._lock_id = await cache.begin(self.scope)
+        self._cache_state = state
+        if stored is not None:
+            self._replay(stored)
+        # Another request holds the lock. The database may know its outcome already (the
+        # lock can outlive the cached response only briefly); else tell the client to wait.
+        elif state == BUSY and not await self._answer_from_record(own_is_first=False):
             IDEMPOTENCY.labels("in_progress").inc()
             raise IdempotencyInProgress()
-        return _replay(Outcome(record.status_code, record.response_body, record.fingerprint), request_fp)
-    try:
-        outcome, replayed = _execute(
-            session,
-            user_id=user_id,
-            endpoint=endpoint,
-            key=key,
-            request_fp=request_fp,
-            operation=operation,
-            retries=retries,
+
+    async def _answer_from_record(self, *, own_is_first: bool) -> bool:
+        async with transaction(self.uow.db, read_only=True) as conn:
+            record = await repository.get_idempotency_record(
+                conn, user_id=self.user_id, endpoint=self.endpoint, key=self.key
+            )
+        if record is None:
+            return False
+        outcome = Outcome(record.status_code, record.response_body, record.fingerprint)
+        await self._done(outcome)
+        if not (own_is_first and record.request_token == self.token):
+            self._replay(outcome)  # another request's outcome (or a reused key's refusal)
+        return True
+
+    def _replay(self, outcome: Outcome) -> None:
+        if outcome.fingerprint != self.fingerprint:
+            IDEMPOTENCY.labels("reused").inc()
+            raise IdempotencyKeyReused()
+        IDEMPOTENCY.labels("replay").inc()
+        self._answer = Answer(outcome, replayed=True)
+
+    async def _done(self, outcome: Outcome) -> None:
+        """The key's outcome is known: answer it, and leave it in Redis for replays."""
+        self._answer = Answer(outcome, replayed=False)
+        if self._cache_state == LOCKED:
+            self._cache_state = ""
+            await self.uow.idempotency.finish(self.scope, self._lock_id, outcome)
+
+    async def _abandon(self) -> None:
+        """No outcome (a failure escapes): free the key's lock for the client's retry."""
+        if self._cache_state == LOCKED:
+            self._cache_state = ""
+            await self.uow.idempotency.release(self.scope, self._lock_id)
+
+    def _record(self, outcome: Outcome, booking: Booking | None) -> dict[str, Any]:
+        return repository.idempotency_record(
+            user_id=self.user_id,
+            endpoint=self.endpoint,
+            key=self.key,
+            fingerprint=self.fingerprint,
+            status_code=outcome.status_code,
+            response_body=outcome.body,
+            transaction_id=booking.transaction_id if booking else None,
+            now=booking.now if booking else utcnow(),
+            request_token=self.token,
         )
-    except BaseException:
-        if state == LOCKED:
-            cache.release(scope, token)
-        raise
-    if state == LOCKED:
-        cache.finish(scope, token, outcome)
-    if replayed:
-        return _replay(outcome, request_fp)
-    _count(endpoint, payload, outcome)
-    return outcome.response(replayed=False)
 
 
-def _replay(outcome: Outcome, request_fp: str) -> Response:
-    try:
-        response = outcome.replay_for(request_fp)
-    except IdempotencyKeyReused:
-        IDEMPOTENCY.labels("reused").inc()
-        raise
-    IDEMPOTENCY.labels("replay").inc()
-    return response
+class Attempt:
+    """One run of the movement in one database transaction (see Once)."""
 
+    def __init__(self, once: Once) -> None:
+        self.once = once
+        self._conn: Connection | None = None
+        self._booked: tuple[BaseModel, Booking] | None = None
 
-def _kind(endpoint: str) -> str:
-    return {"withdraw": "withdrawal"}.get(endpoint, endpoint)
+    def booked(self, result: BaseModel, booking: Booking) -> None:
+        """The movement's response body and its rows: written with the key's record on exit."""
+        self._booked = result, booking
 
+    async def __aenter__(self) -> Connection:
+        self._conn = await self.once.uow.db.connect()
+        return self._conn
 
-def _count(endpoint: str, payload: dict[str, object], outcome: Outcome) -> None:
-    kind = _kind(endpoint)
-    if outcome.status_code == 200:
-        MOVEMENTS.labels(kind, "ok").inc()
-        MONEY_MOVED.labels(kind, str(payload["currency"])).inc(int(payload["amount"]))  # type: ignore[call-overload]
-    else:
-        MOVEMENTS.labels(kind, json.loads(outcome.body).get("code", "refused")).inc()
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        once = self.once
+        try:
+            try:
+                outcome = await self._commit(exc)
+            finally:
+                if self._conn is not None:
+                    await self._conn.close()  # rolls back whatever did not commit, frees the locks
+        except IntegrityError:
+            if await once._answer_from_record(own_is_first=True):
+                return True
+            await once._abandon()
+            raise  # not the key's constraint: a real bug, answered as a 500
+        except OperationalError as failure:
+            if timed_out(failure):
+                # A wallet stayed locked past lock_timeout (or a statement ran past
+                # statement_timeout): its holder is stuck or the wallet is swamped. Waiting
+                # again would hold a connection for another timeout, so answer a retryable
+                # 503 at once. Nothing was recorded under the key: the client's retry runs afresh.
+                log.warning("%s timed out in the database (%s)", once.endpoint, _sqlstate(failure))
+                await once._abandon()
+                raise WalletBusy() from failure
+            if once.attempts > once.uow.retries or not _retryable(failure):
+                await once._abandon()
+                raise
+            log.warning("retrying %s after %s (attempt %d)", once.endpoint, type(failure.orig).__name__, once.attempts)
+            return True  # the next attempt
+        except BaseException:
+            await once._abandon()
+            raise
+        await once._done(outcome)
+        return True
+
+    async def _commit(self, exc: BaseException | None) -> Outcome:
+        """Record the outcome under the key (with the booking, if it moved money) and commit."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("attempt not entered")
+        once = self.once
+        if exc is None:
+            if self._booked is None:
+                raise RuntimeError(f"{once.endpoint}: the attempt ended without a booking or a refusal")
+            result, booking = self._booked
+            outcome = Outcome(200, result.model_dump_json(by_alias=True), once.fingerprint)
+            await repository.write_booking(conn, booking, once._record(outcome, booking))
+        elif isinstance(exc, ProblemError):
+            outcome = Outcome(exc.status, _problem_json(exc), once.fingerprint)
+            await repository.add_idempotency_record(conn, once._record(outcome, None))
+        else:
+            raise exc
+        await conn.commit()
+        return outcome

@@ -1,28 +1,36 @@
-"""Wallet service app factory: `uvicorn wallet.main:create_app --factory`."""
+"""Wallet service app factory: `uvicorn wallet.main:create_app --factory`.
+
+Everything on the event loop: the database through svckit.aiodb (asyncpg on Postgres,
+aiosqlite for the default SQLite file), Redis through redis.asyncio, the auth service
+through httpx.AsyncClient. No request waits for a worker thread.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
 
+from svckit.aiodb import make_database, transaction
 from svckit.app import add_health_routes, base_app
-from svckit.db import SessionLimits, make_engine
-from svckit.http import service_client
+from svckit.db import SessionLimits
+from svckit.http import async_service_client, service_client
 from svckit.jwt import JWKSVerifier, http_jwks_source
 from svckit.metrics import serve_metrics
 from svckit.problems import problem_response
-from svckit.redis import redis_client
+from svckit.redis import async_redis_client
 from wallet import service
 from wallet.config import Settings, get_settings
 from wallet.errors import WalletBusy
 from wallet.idempotency import IdempotencyCache, timed_out
 from wallet.routes import require_idempotency_key_in_docs, router
+from wallet.uow import UnitOfWork
+
+_PING = text("SELECT 1")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,39 +41,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         state.settings = settings
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
-        state.engine = make_engine(
+        state.db = await make_database(
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
             limits=SessionLimits.from_settings(settings),
         )
-        state.redis = redis_client(settings.redis_url)
-        state.auth_client = service_client(
+        state.redis = async_redis_client(settings.redis_url)
+        state.auth_client = async_service_client(
             settings.auth_url,
             service_token=settings.service_token.get_secret_value(),
             timeout_s=settings.http_timeout_s,
             retries=settings.http_retries,
         )
-        # Tokens are checked locally against the auth service's JWKS (fetched, cached).
+        # Tokens are checked locally against the auth service's JWKS (fetched, cached; the
+        # fetch, on a first sight of a key, is the one call made from a worker thread).
+        jwks_client = service_client(
+            settings.auth_url,
+            service_token=settings.service_token.get_secret_value(),
+            timeout_s=settings.http_timeout_s,
+            retries=settings.http_retries,
+        )
         state.verifier = JWKSVerifier(
-            http_jwks_source("/.well-known/jwks.json", state.auth_client),
+            http_jwks_source("/.well-known/jwks.json", jwks_client),
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             max_lifetime_s=settings.jwt_max_lifetime_s,
         )
-        state.idempotency = IdempotencyCache(
+        idempotency = IdempotencyCache(
             state.redis, ttl_s=settings.idempotency_ttl_s, lock_ttl_ms=settings.idempotency_lock_ttl_ms
         )
-        with Session(state.engine) as session:
-            state.system_wallets = service.ensure_system_wallets(
-                session, settings.currency_set, shards=settings.system_wallet_shards
-            )
+        state.system_wallets = await service.ensure_system_wallets(
+            state.db, settings.currency_set, shards=settings.system_wallet_shards
+        )
+        state.uow = UnitOfWork(state.db, idempotency, state.system_wallets, retries=settings.db_retries)
         serve_metrics(settings.metrics_port)
         yield
-        state.auth_client.close()
-        state.redis.close()
-        state.engine.dispose()
+        jwks_client.close()
+        await state.auth_client.aclose()
+        await state.redis.aclose()
+        await state.db.dispose()
+
+    async def database() -> None:
+        async with transaction(app.state.db, read_only=True) as conn:
+            await conn.execute(_PING)
+
+    async def redis_ping() -> None:
+        await app.state.redis.ping()
 
     app = base_app("wallet", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
@@ -73,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     require_idempotency_key_in_docs(app)
     # Money moves without Redis (idempotency falls back to the database's unique key, see
     # wallet.idempotency): Redis down is degraded, not unready. Only the database is required.
-    add_health_routes(app, optional={"redis"})
+    add_health_routes(app, {"database": database, "redis": redis_ping}, optional={"redis"})
     return app
 
 

@@ -1,39 +1,50 @@
-"""Every query of the wallet service.
+"""Every query of the wallet service, in SQLAlchemy Core, run on the event loop
+(svckit.aiodb: asyncpg on Postgres, aiosqlite on SQLite). Every statement is built once, at
+import, with a bind for each value, so it is compiled once (a list is one array bind on
+Postgres).
 
-The money-moving path uses Core statements rather than the ORM's unit of work. A movement
-locks both wallets (SELECT ... FOR UPDATE) and then draws its transaction id and time, and
-once the rules are checked writes everything as one `Booking`: on Postgres a single statement (balances,
-transaction, ledger entries, outbox rows and the idempotency record), so the row locks are
-held for one round trip and the commit.
+A movement locks both wallets (SELECT ... FOR UPDATE) and then draws its transaction id and
+time (`lock_for_movement`), and once the rules are checked writes everything as one
+`Booking` (`write_booking`): on Postgres a single statement of named data-modifying CTEs
+(balances, transaction, ledger entries, outbox rows and the idempotency record), so the row
+locks are held for one round trip and the commit. Every bind is typed like its column, so
+the driver never guesses (psycopg renders each as a cast).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     BindParameter,
+    Executable,
+    Insert,
+    Integer,
     Select,
     Table,
-    TextClause,
+    any_,
     bindparam,
+    case,
     func,
     insert,
     literal_column,
     or_,
     select,
-    text,
     true,
+    union_all,
+    update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import aliased
-from sqlmodel import Session, col
 
+from svckit.aiodb import Connection
 from svckit.db import UTCDateTime, utcnow
-from wallet.ledger import Posting, signed
+from wallet.domain import Booking, Locked, LockedWallet
+from wallet.ledger import signed
 from wallet.models import (
     CLOSED,
     OPEN,
@@ -46,115 +57,93 @@ from wallet.models import (
     Wallet,
 )
 
-W = Wallet.__table__  # type: ignore[attr-defined]
-T = Transaction.__table__  # type: ignore[attr-defined]
-L = LedgerEntry.__table__  # type: ignore[attr-defined]
-I = IdempotencyRecord.__table__  # type: ignore[attr-defined]  # noqa: E741
-Outbox = OutboxMessage.__table__  # type: ignore[attr-defined]
+W: Table = Wallet.__table__  # type: ignore[attr-defined]
+T: Table = Transaction.__table__  # type: ignore[attr-defined]
+L: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
+I: Table = IdempotencyRecord.__table__  # type: ignore[attr-defined]  # noqa: E741
+Outbox: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
-class LockedWallet:
-    id: int
-    user_id: int | None
-    kind: str
-    status: str
-    currency: str
-    balance: int
-    owner_name: str
+def _bind(table: Table, column: str, name: str | None = None) -> BindParameter[Any]:
+    """A bind parameter typed like the column it fills."""
+    return bindparam(name or column, type_=table.c[column].type)
 
 
-def open_wallet_of(session: Session, user_id: int, *, lock: bool = False) -> Wallet | None:
-    query = select(Wallet).where(col(Wallet.user_id) == user_id, col(Wallet.status) == OPEN)
-    if lock:
-        query = query.with_for_update()
-    return session.execute(query).scalars().first()
+def _row_binds(table: Table, prefix: str, columns: Sequence[str]) -> dict[str, BindParameter[Any]]:
+    return {c: _bind(table, c, prefix + c) for c in columns}
 
 
-def add_wallet(session: Session, wallet: Wallet) -> Wallet:
-    session.add(wallet)
-    session.flush()
-    return wallet
+def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + key: value for key, value in row.items()}
 
 
-def close_wallet(session: Session, wallet: Wallet) -> None:
+# --- wallets ------------------------------------------------------------------------------
+
+_WALLET_COLUMNS = (
+    W.c.id,
+    W.c.user_id,
+    W.c.currency,
+    W.c.balance,
+    W.c.owner_name,
+    W.c.created_at,
+    W.c.updated_at,
+)
+
+
+_OPEN_WALLET = select(*_WALLET_COLUMNS).where(W.c.user_id == _bind(W, "user_id"), W.c.status == OPEN)
+_OPEN_WALLET_LOCKED = _OPEN_WALLET.with_for_update()
+_ADD_WALLET = insert(W).values(_row_binds(W, "w_", ["user_id", "currency", "owner_name", "created_at", "updated_at"]))
+_ADD_WALLET = _ADD_WALLET.values(kind=USER, status=OPEN, balance=0).returning(*_WALLET_COLUMNS)
+_CLOSE_WALLET = (
+    update(W)
+    .where(W.c.id == _bind(W, "id", "wallet_id"))
+    .values(status=CLOSED, closed_at=_bind(W, "closed_at", "now"), updated_at=_bind(W, "updated_at", "now"))
+)
+_SYSTEM_WALLETS = select(W.c.currency, W.c.shard, W.c.id).where(W.c.kind == SYSTEM)
+_ADD_SYSTEM_WALLET = insert(W).values(
+    user_id=None,
+    kind=SYSTEM,
+    status=OPEN,
+    currency=_bind(W, "currency", "w_currency"),
+    balance=0,
+    owner_name="External",
+    shard=_bind(W, "shard", "w_shard"),
+    created_at=_bind(W, "created_at", "now"),
+    updated_at=_bind(W, "updated_at", "now"),
+)
+
+
+async def open_wallet_of(conn: Connection, user_id: int, *, lock: bool = False) -> Any:
+    return (await conn.execute(_OPEN_WALLET_LOCKED if lock else _OPEN_WALLET, {"user_id": user_id})).first()
+
+
+async def add_wallet(conn: Connection, *, user_id: int, currency: str, owner_name: str) -> Any:
     now = utcnow()
-    wallet.status = CLOSED
-    wallet.closed_at = now
-    wallet.updated_at = now
-    session.flush()
+    params = {"user_id": user_id, "currency": currency, "owner_name": owner_name, "created_at": now, "updated_at": now}
+    return (await conn.execute(_ADD_WALLET, _prefixed("w_", params))).one()
 
 
-def system_wallet_ids(session: Session) -> dict[tuple[str, int], int]:
+async def close_wallet(conn: Connection, wallet_id: int) -> None:
+    await conn.execute(_CLOSE_WALLET, {"wallet_id": wallet_id, "now": utcnow()})
+
+
+async def system_wallet_ids(conn: Connection) -> dict[tuple[str, int], int]:
     """The system wallets' ids, by (currency, shard)."""
-    rows = session.execute(select(W.c.currency, W.c.shard, W.c.id).where(W.c.kind == SYSTEM))
+    rows = (await conn.execute(_SYSTEM_WALLETS)).all()
     return {(currency, shard): wallet_id for currency, shard, wallet_id in rows}
 
 
-def add_system_wallet(session: Session, currency: str, shard: int) -> None:
-    now = utcnow()
-    session.execute(
-        insert(W).values(
-            user_id=None,
-            kind=SYSTEM,
-            status=OPEN,
-            currency=currency,
-            balance=0,
-            owner_name="External",
-            shard=shard,
-            created_at=now,
-            updated_at=now,
-        )
-    )
+async def add_system_wallet(conn: Connection, currency: str, shard: int) -> None:
+    await conn.execute(_ADD_SYSTEM_WALLET, {"w_currency": currency, "w_shard": shard, "now": utcnow()})
 
 
-@dataclass(frozen=True)
-class Booking:
-    """Every row one money movement writes, worked out in full while the wallets are locked
-    (their balances are known, and the transaction id and time are drawn), so that all of
-    it goes to the database in one statement just before the commit. The locks are then
-    held for one round trip instead of five."""
-
-    transaction_id: int
-    type: str
-    amount: int
-    currency: str
-    source: Posting
-    destination: Posting
-    snapshots: dict[int, int]  # each wallet's balance after the movement
-    initiated_by: int
-    now: datetime
-    outbox: list[dict[str, Any]] = field(default_factory=list)
-
-    def transaction_row(self) -> dict[str, Any]:
-        return {
-            "id": self.transaction_id,
-            "type": self.type,
-            "amount": self.amount,
-            "currency": self.currency,
-            "from_wallet_id": self.source.wallet_id,
-            "to_wallet_id": self.destination.wallet_id,
-            "initiated_by": self.initiated_by,
-            "created_at": self.now,
-        }
-
-    def entry_rows(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "transaction_id": self.transaction_id,
-                "wallet_id": p.wallet_id,
-                "entry_type": p.entry_type,
-                "amount": p.amount,
-                "currency": self.currency,
-                "balance_snapshot": self.snapshots[p.wallet_id],
-                "created_at": self.now,
-            }
-            for p in (self.source, self.destination)
-        ]
-
+# --- money movement -----------------------------------------------------------------------
 
 _LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
-_LOCK_WHERE = or_((W.c.user_id == bindparam("user_id")) & (W.c.status == OPEN), W.c.id == bindparam("other_id"))
+_LOCK_WHERE = or_(
+    (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
+    W.c.id == _bind(W, "id", "other_id"),
+)
 
 
 def _lock_then_draw_postgres() -> Select[Any]:
@@ -189,7 +178,7 @@ def _lock_then_draw_postgres() -> Select[Any]:
 def _lock_then_draw_sqlite() -> Select[Any]:
     # Every writer holds the database write lock for its whole transaction (BEGIN
     # IMMEDIATE), so max + 1 is ours, and the time is read after this statement.
-    next_id = literal_column("(SELECT coalesce(max(id), 0) + 1 FROM transactions)")
+    next_id = select(func.coalesce(func.max(T.c.id), 0) + 1).scalar_subquery()
     columns = (*_LOCKED_COLUMNS, next_id.label("next_transaction_id"))
     return select(*columns).where(_LOCK_WHERE).order_by(W.c.id).with_for_update()
 
@@ -199,16 +188,71 @@ def _lock_then_draw_sqlite() -> Select[Any]:
 _LOCK_FOR_MOVEMENT = {"postgresql": _lock_then_draw_postgres(), "sqlite": _lock_then_draw_sqlite()}
 
 
-def write_booking(session: Session, booking: Booking, record: dict[str, Any] | None = None) -> None:
+async def lock_for_movement(conn: Connection, *, user_id: int, other_id: int) -> Locked:
+    """Lock the caller's open wallet and the other wallet, then draw the movement's
+    transaction id and time, in one round trip (see _lock_then_draw_postgres)."""
+    result = await conn.execute(_LOCK_FOR_MOVEMENT[conn.dialect_name], {"user_id": user_id, "other_id": other_id})
+    rows = result.all()
+    first = rows[0]._mapping if rows else {}
+    return Locked(
+        wallets={row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows},
+        transaction_id=int(first.get("next_transaction_id", 0)),
+        now=first.get("now") or utcnow(),
+    )
+
+
+def _insert_rows(table: Table, prefixes: Sequence[str], columns: Sequence[str]) -> Insert:
+    rows = [select(*(_bind(table, c, prefix + c).label(c) for c in columns)) for prefix in prefixes]
+    return insert(table).from_select(list(columns), rows[0] if len(rows) == 1 else union_all(*rows))
+
+
+_ENTRY_COLUMNS = [c.name for c in L.c if c.name != "id"]
+_RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
+
+
+@functools.cache
+def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[Executable]:
+    """The booking's statements, built once per shape. The first moves the balances and
+    returns the new ones; the others insert the transaction, its two entries, its outbox
+    rows and the record. On Postgres they are one statement of named data-modifying CTEs:
+    one round trip while the rows are locked (foreign keys are checked at its end, when the
+    transaction row exists). On SQLite, in process, they run one by one."""
+    a, b = _bind(W, "id", "a"), _bind(W, "id", "b")
+    delta = case(
+        (W.c.id == a, bindparam("delta_a", type_=BigInteger())), else_=bindparam("delta_b", type_=BigInteger())
+    )
+    moved = (
+        update(W)
+        .where(W.c.id.in_([a, b]))
+        .values(balance=W.c.balance + delta, updated_at=_bind(W, "updated_at", "now"))
+        .returning(W.c.id, W.c.balance)
+    )
+    # Several rows as INSERT ... SELECT of a UNION ALL, in order (the debit first): SQLAlchemy
+    # caches the compiled form of that, not of a multi-row VALUES.
+    inserts: dict[str, Any] = {
+        "booked_transaction": insert(T).values(_row_binds(T, "t_", list(T.c.keys()))),
+        "booked_entries": _insert_rows(L, [f"e{i}_" for i in range(2)], _ENTRY_COLUMNS),
+    }
+    if outbox_rows:
+        inserts["booked_receipts"] = _insert_rows(Outbox, [f"o{i}_" for i in range(outbox_rows)], list(Outbox.c.keys()))
+    if with_record:
+        inserts["booked_record"] = insert(I).values(_row_binds(I, "r_", _RECORD_COLUMNS))
+    if dialect == "postgresql":
+        balances = moved.cte("moved_balances")
+        ctes = [statement.cte(name) for name, statement in inserts.items()]
+        return [select(balances.c.id, balances.c.balance).add_cte(*ctes)]
+    return [moved, *inserts.values()]
+
+
+async def write_booking(conn: Connection, booking: Booking, record: dict[str, Any] | None = None) -> None:
     """Write the movement (and the idempotency record that answers for it) in the caller's
     transaction: balances, the transaction row, its ledger entries, its outbox rows."""
-    conn = session.connection()
-    a, b = booking.source, booking.destination
+    source, destination = booking.source, booking.destination
     params: dict[str, Any] = {
-        "a": a.wallet_id,
-        "b": b.wallet_id,
-        "delta_a": signed(a),
-        "delta_b": signed(b),
+        "a": source.wallet_id,
+        "b": destination.wallet_id,
+        "delta_a": signed(source),
+        "delta_b": signed(destination),
         "now": booking.now,
         **_prefixed("t_", booking.transaction_row()),
         **_prefixed("r_", record or {}),
@@ -217,75 +261,24 @@ def write_booking(session: Session, booking: Booking, record: dict[str, Any] | N
         params.update(_prefixed(f"e{i}_", row))
     for i, row in enumerate(booking.outbox):
         params.update(_prefixed(f"o{i}_", row))
-    first, *rest = _booking_statements(conn.dialect.name, len(booking.outbox), record is not None)
-    balances = dict(conn.execute(first, params).all())
+    first, *rest = _booking_statements(conn.dialect_name, len(booking.outbox), record is not None)
+    balances = {wallet_id: balance for wallet_id, balance in (await conn.execute(first, params)).all()}
     for statement in rest:
-        conn.execute(statement, params)
+        await conn.execute(statement, params)
     if balances != booking.snapshots:  # the locks make this impossible; refuse to commit if not
         raise RuntimeError(f"balances {balances} differ from the booked snapshots {booking.snapshots}")
 
 
-def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
-    return {prefix + key: value for key, value in row.items()}
+# --- idempotency records ------------------------------------------------------------------
 
-
-_Part = tuple[str, list[BindParameter[Any]]]  # SQL with :name placeholders, its typed binds
-
-
-def _insert(table: Table, rows: list[tuple[str, list[str]]]) -> _Part:
-    """An INSERT of one row per (bind prefix, columns); each value a bind parameter typed like
-    its column, so values are stored exactly as Core stores them (datetimes on SQLite)."""
-    columns = rows[0][1]
-    values = ", ".join(f"({', '.join(':' + prefix + c for c in cols)})" for prefix, cols in rows)
-    binds = [bindparam(prefix + c, type_=table.c[c].type) for prefix, cols in rows for c in cols]
-    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}", binds  # noqa: S608  # nosec B608
-
-
-_ENTRY_COLUMNS = [c.name for c in L.c if c.name != "id"]
-_RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
-_MOVE_BALANCES: _Part = (
-    "UPDATE wallets SET balance = balance + CASE WHEN id = :a THEN :delta_a ELSE :delta_b END,"
-    " updated_at = :now WHERE id IN (:a, :b) RETURNING id, balance",
-    [bindparam("now", type_=W.c.updated_at.type)],
+_RECORD_LOOKUP = select(I.c.status_code, I.c.response_body, I.c.fingerprint, I.c.request_token).where(
+    I.c.user_id == _bind(I, "user_id"), I.c.endpoint == _bind(I, "endpoint"), I.c.key == _bind(I, "key")
 )
 
 
-@functools.cache
-def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[TextClause]:
-    """The booking's statements, built once per shape. The first moves the balances and
-    returns the new ones; the others insert the transaction, its two entries, its outbox
-    rows and the record. On Postgres they are one statement of data-modifying CTEs: one
-    round trip while the rows are locked (foreign keys are checked at its end, when the
-    transaction row exists). On SQLite, in process, they run one by one."""
-    parts = [
-        _MOVE_BALANCES,
-        _insert(T, [("t_", list(T.c.keys()))]),
-        _insert(L, [("e0_", _ENTRY_COLUMNS), ("e1_", _ENTRY_COLUMNS)]),
-    ]
-    if outbox_rows:
-        parts.append(_insert(Outbox, [(f"o{i}_", list(Outbox.c.keys())) for i in range(outbox_rows)]))
-    if with_record:
-        parts.append(_insert(I, [("r_", _RECORD_COLUMNS)]))
-    if dialect == "postgresql":
-        ctes = ", ".join(f"part{i} AS ({sql})" for i, (sql, _) in enumerate(parts))
-        binds = [bind for _, part_binds in parts for bind in part_binds]
-        statement = f"WITH {ctes} SELECT id, balance FROM part0"  # noqa: S608  # nosec B608 (no values)
-        return [text(statement).bindparams(*binds)]
-    return [text(sql).bindparams(*binds) for sql, binds in parts]
-
-
-def get_idempotency_record(session: Session, *, user_id: int, endpoint: str, key: str) -> IdempotencyRecord | None:
-    return (
-        session.execute(
-            select(IdempotencyRecord).where(
-                col(IdempotencyRecord.user_id) == user_id,
-                col(IdempotencyRecord.endpoint) == endpoint,
-                col(IdempotencyRecord.key) == key,
-            )
-        )
-        .scalars()
-        .first()
-    )
+async def get_idempotency_record(conn: Connection, *, user_id: int, endpoint: str, key: str) -> Any:
+    """(status_code, response_body, fingerprint, request_token) under the key, if any."""
+    return (await conn.execute(_RECORD_LOOKUP, {"user_id": user_id, "endpoint": endpoint, "key": key})).first()
 
 
 def idempotency_record(
@@ -315,15 +308,60 @@ def idempotency_record(
     }
 
 
-def add_idempotency_record(session: Session, record: dict[str, Any]) -> None:
-    session.execute(insert(I), record)
+_ADD_RECORD = insert(I).values(_row_binds(I, "r_", _RECORD_COLUMNS))
 
 
-def user_wallet_ids(session: Session, user_id: int) -> list[int]:
-    return list(session.execute(select(W.c.id).where(W.c.user_id == user_id, W.c.kind == USER)).scalars())
+async def add_idempotency_record(conn: Connection, record: dict[str, Any]) -> None:
+    await conn.execute(_ADD_RECORD, _prefixed("r_", record))
 
 
-def history(session: Session, *, wallet_ids: Sequence[int], limit: int, offset: int) -> list[tuple]:  # type: ignore[type-arg]
+# --- reads --------------------------------------------------------------------------------
+
+
+_USER_WALLETS = select(W.c.id).where(W.c.user_id == _bind(W, "user_id"), W.c.kind == USER)
+
+
+async def user_wallet_ids(conn: Connection, user_id: int) -> list[int]:
+    return list((await conn.execute(_USER_WALLETS, {"user_id": user_id})).scalars())
+
+
+def _among(column: Any, name: str, dialect: str) -> Any:
+    """`column` is one of the list bound as `name`: one array bind on Postgres (a static
+    statement), an expanding IN on SQLite."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def _history(dialect: str) -> Select[Any]:
+    source, destination = aliased(W, name="source"), aliased(W, name="destination")
+    return (
+        select(
+            T.c.id,
+            T.c.amount,
+            T.c.currency,
+            T.c.type,
+            T.c.created_at,
+            source.c.owner_name,
+            source.c.kind,
+            destination.c.owner_name,
+            destination.c.kind,
+        )
+        .select_from(L)
+        .join(T, T.c.id == L.c.transaction_id)
+        .join(source, source.c.id == T.c.from_wallet_id)
+        .join(destination, destination.c.id == T.c.to_wallet_id)
+        .where(_among(L.c.wallet_id, "wallet_ids", dialect))
+        .order_by(L.c.transaction_id.desc())
+        .limit(bindparam("limit", type_=Integer()))
+        .offset(bindparam("offset", type_=BigInteger()))
+    )
+
+
+_HISTORY = {dialect: _history(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+async def history(conn: Connection, *, wallet_ids: Sequence[int], limit: int, offset: int) -> list[Any]:
     """The transactions touching these wallets, newest first, with both sides' names.
 
     Driven by the (wallet_id, transaction_id) index of ledger_entries, read backwards, so a
@@ -332,70 +370,37 @@ def history(session: Session, *, wallet_ids: Sequence[int], limit: int, offset: 
     """
     if not wallet_ids:
         return []
-    src, dst = aliased(W), aliased(W)
-    query = (
-        select(
-            T.c.id,
-            T.c.amount,
-            T.c.currency,
-            T.c.type,
-            T.c.created_at,
-            src.c.owner_name,
-            src.c.kind,
-            dst.c.owner_name,
-            dst.c.kind,
+    params = {"wallet_ids": list(wallet_ids), "limit": limit, "offset": offset}
+    return list((await conn.execute(_HISTORY[conn.dialect_name], params)).all())
+
+
+def _ledger(dialect: str) -> tuple[Select[Any], Select[Any], Select[Any]]:
+    txn = _bind(T, "id", "transaction_id")
+    part_of = (
+        select(func.count())
+        .select_from(T)
+        .where(
+            T.c.id == txn,
+            or_(_among(T.c.from_wallet_id, "visible_to", dialect), _among(T.c.to_wallet_id, "visible_to", dialect)),
         )
-        .select_from(L)
-        .join(T, T.c.id == L.c.transaction_id)
-        .join(src, src.c.id == T.c.from_wallet_id)
-        .join(dst, dst.c.id == T.c.to_wallet_id)
-        .where(L.c.wallet_id.in_(wallet_ids))
-        .order_by(L.c.transaction_id.desc())
-        .limit(limit)
-        .offset(offset)
     )
-    return [tuple(row) for row in session.execute(query)]
+    entries = select(L).where(L.c.transaction_id == _bind(L, "transaction_id")).order_by(L.c.id)
+    own = entries.where(_among(L.c.wallet_id, "visible_to", dialect))
+    return part_of, entries, own
 
 
-def ledger_entries(
-    session: Session, *, transaction_id: int, visible_to: Sequence[int], own_only: bool = False
-) -> list[LedgerEntry]:
+_LEDGER = {dialect: _ledger(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+async def ledger_entries(
+    conn: Connection, *, transaction_id: int, visible_to: Sequence[int], own_only: bool = False
+) -> list[Any]:
     """The transaction's entries, if one of `visible_to`'s wallets is part of it: all of
     them, or with `own_only` only those of `visible_to`'s wallets."""
     if not visible_to:
         return []
-    part_of = session.execute(
-        select(func.count())
-        .select_from(T)
-        .where(T.c.id == transaction_id, or_(T.c.from_wallet_id.in_(visible_to), T.c.to_wallet_id.in_(visible_to)))
-    ).scalar_one()
-    if not part_of:
+    part_of, entries, own = _LEDGER[conn.dialect_name]
+    params = {"transaction_id": transaction_id, "visible_to": list(visible_to)}
+    if not (await conn.execute(part_of, params)).scalar_one():
         return []
-    query = select(LedgerEntry).where(col(LedgerEntry.transaction_id) == transaction_id)
-    if own_only:
-        query = query.where(col(LedgerEntry.wallet_id).in_(visible_to))
-    return list(session.execute(query.order_by(col(LedgerEntry.id))).scalars())
-
-
-@dataclass(frozen=True)
-class Locked:
-    wallets: dict[int, LockedWallet]
-    transaction_id: int  # the id this movement's transaction row will have
-    now: datetime  # the movement's time, read once both locks were held
-
-    @property
-    def balances(self) -> dict[int, int]:
-        return {w.id: w.balance for w in self.wallets.values()}
-
-
-def lock_for_movement(session: Session, *, user_id: int, other_id: int) -> Locked:
-    """Lock the caller's open wallet and the other wallet, then draw the movement's
-    transaction id and time, in one round trip (see _lock_then_draw_postgres)."""
-    conn = session.connection()
-    rows = conn.execute(_LOCK_FOR_MOVEMENT[conn.dialect.name], {"user_id": user_id, "other_id": other_id}).all()
-    first = rows[0]._mapping if rows else {}
-    return Locked(
-        wallets={row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows},
-        transaction_id=int(first.get("next_transaction_id", 0)),
-        now=first.get("now") or utcnow(),
-    )
+    return list((await conn.execute(own if own_only else entries, params)).all())

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 
 from svckit.money import MAX_ID
 from svckit.problems import Unauthorized, problem_responses
-from wallet import idempotency, service
-from wallet.deps import KeyDep, SessionDep, UserDep
+from wallet import service
+from wallet.deps import KeyDep, UowDep, UserDep
 from wallet.errors import (
     AuthUnavailable,
     CurrencyMismatch,
@@ -26,6 +28,8 @@ from wallet.errors import (
     WalletNotEmpty,
     WalletNotFound,
 )
+from wallet.idempotency import Answer
+from wallet.metrics import MONEY_MOVED, MOVEMENTS
 from wallet.schemas import (
     History,
     LedgerEntryRead,
@@ -61,6 +65,25 @@ _REPLAY_HEADERS: dict[str, Any] = {
 }
 
 
+async def _answered(kind: str, amount: int, currency: str, movement: Awaitable[Answer]) -> Response:
+    """The movement's answer as the response, counted here at the edge: first answers by
+    outcome (and money moved), a timeout's 503 by its code. Replays are counted as
+    idempotency events, where they are found."""
+    try:
+        answer = await movement
+    except WalletBusy:
+        MOVEMENTS.labels(kind, WalletBusy.code).inc()
+        raise
+    if not answer.replayed:
+        outcome = answer.outcome
+        if outcome.status_code == 200:
+            MOVEMENTS.labels(kind, "ok").inc()
+            MONEY_MOVED.labels(kind, currency).inc(amount)
+        else:
+            MOVEMENTS.labels(kind, json.loads(outcome.body).get("code", "refused")).inc()
+    return answer.response()
+
+
 @router.post(
     "/wallet",
     status_code=201,
@@ -68,17 +91,16 @@ _REPLAY_HEADERS: dict[str, Any] = {
     tags=["wallet"],
     responses=problem_responses(Unauthorized, WalletExists, UnsupportedCurrency, AuthUnavailable),
 )
-def create_wallet(body: WalletCreate, session: SessionDep, caller: UserDep, request: Request) -> WalletCreated:
+async def create_wallet(body: WalletCreate, uow: UowDep, caller: UserDep, request: Request) -> WalletCreated:
     """Open your wallet; a non-zero opening balance is booked as a deposit."""
     state = request.app.state
     service.check_currency(body.currency, state.settings.currency_set)
-    return service.create_wallet(
-        session,
+    return await service.create_wallet(
+        uow,
         user_id=caller.user_id,
         currency=body.currency,
         balance=body.balance,
         full_name=lambda: full_name(state.auth_client, caller.user_id),
-        system_wallet_id=state.system_wallets.for_user(body.currency, caller.user_id),
     )
 
 
@@ -89,9 +111,9 @@ def create_wallet(body: WalletCreate, session: SessionDep, caller: UserDep, requ
     tags=["wallet"],
     responses=problem_responses(Unauthorized, WalletNotFound),
 )
-def get_wallet(session: SessionDep, caller: UserDep) -> WalletRead:
+async def get_wallet(uow: UowDep, caller: UserDep) -> WalletRead:
     """Your open wallet."""
-    return service.get_wallet(session, user_id=caller.user_id)
+    return await service.get_wallet(uow, user_id=caller.user_id)
 
 
 @router.delete(
@@ -100,31 +122,9 @@ def get_wallet(session: SessionDep, caller: UserDep) -> WalletRead:
     tags=["wallet"],
     responses=problem_responses(Unauthorized, WalletNotFound, WalletNotEmpty, WalletBusy),
 )
-def close_wallet(session: SessionDep, caller: UserDep) -> Message:
+async def close_wallet(uow: UowDep, caller: UserDep) -> Message:
     """Close your wallet (its balance must be zero). History and ledger stay."""
-    return service.close_wallet(session, user_id=caller.user_id)
-
-
-def _move(
-    request: Request,
-    session: SessionDep,
-    caller: UserDep,
-    key: str,
-    endpoint: str,
-    body: MoneyIn,
-    operation: idempotency.Operation,
-) -> Response:
-    settings = request.app.state.settings
-    return idempotency.run_idempotent(
-        session,
-        cache=request.app.state.idempotency,
-        user_id=caller.user_id,
-        endpoint=endpoint,
-        key=key,
-        payload=body.model_dump(mode="json"),
-        operation=operation,
-        retries=settings.db_retries,
-    )
+    return await service.close_wallet(uow, user_id=caller.user_id)
 
 
 @router.patch(
@@ -133,17 +133,11 @@ def _move(
     tags=["transaction"],
     responses={**problem_responses(*_IDEMPOTENT, WalletNotFound, CurrencyMismatch), 200: {"headers": _REPLAY_HEADERS}},
 )
-def deposit(body: MoneyIn, session: SessionDep, caller: UserDep, key: KeyDep, request: Request) -> Response:
+async def deposit(body: MoneyIn, uow: UowDep, caller: UserDep, key: KeyDep, request: Request) -> Response:
     """Add money to your wallet from outside. Idempotent: send an Idempotency-Key."""
-    state = request.app.state
-    service.check_currency(body.currency, state.settings.currency_set)
-    operation = service.deposit_op(
-        user_id=caller.user_id,
-        amount=body.amount,
-        currency=body.currency,
-        system_wallet_id=state.system_wallets.for_user(body.currency, caller.user_id),
-    )
-    return _move(request, session, caller, key, "deposit", body, operation)
+    service.check_currency(body.currency, request.app.state.settings.currency_set)
+    movement = service.deposit(uow, user_id=caller.user_id, key=key, amount=body.amount, currency=body.currency)
+    return await _answered("deposit", body.amount, body.currency, movement)
 
 
 @router.patch(
@@ -155,17 +149,11 @@ def deposit(body: MoneyIn, session: SessionDep, caller: UserDep, key: KeyDep, re
         200: {"headers": _REPLAY_HEADERS},
     },
 )
-def withdraw(body: MoneyIn, session: SessionDep, caller: UserDep, key: KeyDep, request: Request) -> Response:
+async def withdraw(body: MoneyIn, uow: UowDep, caller: UserDep, key: KeyDep, request: Request) -> Response:
     """Take money out of your wallet. Idempotent: send an Idempotency-Key."""
-    state = request.app.state
-    service.check_currency(body.currency, state.settings.currency_set)
-    operation = service.withdraw_op(
-        user_id=caller.user_id,
-        amount=body.amount,
-        currency=body.currency,
-        system_wallet_id=state.system_wallets.for_user(body.currency, caller.user_id),
-    )
-    return _move(request, session, caller, key, "withdraw", body, operation)
+    service.check_currency(body.currency, request.app.state.settings.currency_set)
+    movement = service.withdraw(uow, user_id=caller.user_id, key=key, amount=body.amount, currency=body.currency)
+    return await _answered("withdrawal", body.amount, body.currency, movement)
 
 
 @router.patch(
@@ -179,26 +167,31 @@ def withdraw(body: MoneyIn, session: SessionDep, caller: UserDep, key: KeyDep, r
         200: {"headers": _REPLAY_HEADERS},
     },
 )
-def transfer(body: TransferIn, session: SessionDep, caller: UserDep, key: KeyDep, request: Request) -> Response:
+async def transfer(body: TransferIn, uow: UowDep, caller: UserDep, key: KeyDep, request: Request) -> Response:
     """Send money to another wallet (`to_account_id`). Idempotent: send an Idempotency-Key."""
     service.check_currency(body.currency, request.app.state.settings.currency_set)
-    operation = service.transfer_op(
-        user_id=caller.user_id, to_wallet_id=body.to_account_id, amount=body.amount, currency=body.currency
+    movement = service.transfer(
+        uow,
+        user_id=caller.user_id,
+        key=key,
+        to_wallet_id=body.to_account_id,
+        amount=body.amount,
+        currency=body.currency,
     )
-    return _move(request, session, caller, key, "transfer", body, operation)
+    return await _answered("transfer", body.amount, body.currency, movement)
 
 
 @router.get(
     "/transaction/history", response_model=History, tags=["transaction"], responses=problem_responses(Unauthorized)
 )
-def history(
-    session: SessionDep,
+async def history(
+    uow: UowDep,
     caller: UserDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> History:
     """Your transactions, newest first, across all your wallets (closed ones included)."""
-    return service.history(session, user_id=caller.user_id, limit=limit, offset=offset)
+    return await service.history(uow, user_id=caller.user_id, limit=limit, offset=offset)
 
 
 @router.get(
@@ -207,15 +200,15 @@ def history(
     tags=["transaction"],
     responses=problem_responses(Unauthorized, TransactionNotFound),
 )
-def ledger(
+async def ledger(
     transaction_id: Annotated[int, Path(ge=1, le=MAX_TRANSACTION_ID)],
-    session: SessionDep,
+    uow: UowDep,
     caller: UserDep,
     request: Request,
 ) -> list[LedgerEntryRead]:
     """The double-entry ledger lines of one of your transactions."""
-    return service.ledger_of(
-        session,
+    return await service.ledger_of(
+        uow,
         user_id=caller.user_id,
         transaction_id=transaction_id,
         show_counterparty=request.app.state.settings.ledger_show_counterparty,

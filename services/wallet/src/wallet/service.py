@@ -1,20 +1,17 @@
-"""Use cases of the wallet service. Each opens and commits its own transaction before the
-response is built, so a failed commit can never follow a 200."""
+"""Use cases of the wallet service, one function each, unit of work first. Each commits its
+own transaction before it returns, so a failed commit can never follow a 200. A money
+movement reads top to bottom: under its idempotency key, lock, check, book (the receipts
+go in the outbox with the booking), and the outcome is recorded with it."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
-from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
 
-from svckit.db import READ_ONLY
-from svckit.messages import Receipt, new_email_id
-from svckit.outbox import outbox_row
-from wallet import ledger, repository
+from svckit.aiodb import Database, transaction
+from wallet import repository
+from wallet.domain import EXTERNAL_DESTINATION, EXTERNAL_SOURCE, Locked, LockedWallet, Party, SystemWallets, book
 from wallet.errors import (
     CurrencyMismatch,
     InsufficientFunds,
@@ -26,8 +23,8 @@ from wallet.errors import (
     WalletNotEmpty,
     WalletNotFound,
 )
-from wallet.idempotency import Operation
-from wallet.models import OPEN, USER, Wallet
+from wallet.idempotency import Answer, Once
+from wallet.models import OPEN, USER
 from wallet.schemas import (
     History,
     HistoryItem,
@@ -38,11 +35,7 @@ from wallet.schemas import (
     WalletCreated,
     WalletRead,
 )
-
-log = logging.getLogger("wallet.service")
-
-EXTERNAL_SOURCE = "External Source"
-EXTERNAL_DESTINATION = "External Destination"
+from wallet.uow import UnitOfWork
 
 
 def check_currency(currency: str, allowed: frozenset[str]) -> None:
@@ -50,33 +43,19 @@ def check_currency(currency: str, allowed: frozenset[str]) -> None:
         raise UnsupportedCurrency(f"{currency} is not a supported currency ({', '.join(sorted(allowed))}).")
 
 
-@dataclass(frozen=True)
-class SystemWallets:
-    """Each currency's outside world: `shards` system wallets. A user's deposits and
-    withdrawals always use the same shard, and different users spread over all of them, so
-    they do not queue for one row lock (the audit sums the shards like any wallets)."""
-
-    ids: dict[str, list[int]]
-
-    def for_user(self, currency: str, user_id: int) -> int:
-        shards = self.ids[currency]
-        return shards[user_id % len(shards)]
-
-
-def ensure_system_wallets(session: Session, currencies: frozenset[str], *, shards: int) -> SystemWallets:
+async def ensure_system_wallets(db: Database, currencies: frozenset[str], *, shards: int) -> SystemWallets:
     """Create whichever system wallets are missing (race-safe: replicas start together)."""
     wanted = sorted((currency, shard) for currency in currencies for shard in range(shards))
     for _ in range(3):
-        with session.begin():
-            session.connection(execution_options=READ_ONLY)
-            existing = repository.system_wallet_ids(session)
+        async with transaction(db, read_only=True) as conn:
+            existing = await repository.system_wallet_ids(conn)
         missing = [pair for pair in wanted if pair not in existing]
         if not missing:
             return SystemWallets({c: [existing[(c, shard)] for shard in range(shards)] for c in currencies})
         try:
-            with session.begin():
+            async with transaction(db) as conn:
                 for currency, shard in missing:
-                    repository.add_system_wallet(session, currency, shard)
+                    await repository.add_system_wallet(conn, currency, shard)
         except IntegrityError:
             continue  # another replica created them meanwhile
     raise RuntimeError("could not create the system wallets")
@@ -85,157 +64,69 @@ def ensure_system_wallets(session: Session, currencies: frozenset[str], *, shard
 # --- wallets -------------------------------------------------------------------------
 
 
-def create_wallet(
-    session: Session,
-    *,
-    user_id: int,
-    currency: str,
-    balance: int,
-    full_name: Callable[[], str],
-    system_wallet_id: int,
+async def create_wallet(
+    uow: UnitOfWork, *, user_id: int, currency: str, balance: int, full_name: Callable[[], Awaitable[str]]
 ) -> WalletCreated:
-    with session.begin():
-        if repository.open_wallet_of(session, user_id) is not None:
+    async with transaction(uow.db, read_only=True) as conn:
+        if await repository.open_wallet_of(conn, user_id) is not None:
             raise WalletExists()
-    name = full_name()  # over HTTP to the auth service: outside any database transaction
+    name = await full_name()  # over HTTP to the auth service: outside any database transaction
+    system_wallet_id = uow.system_wallets.for_user(currency, user_id)
     try:
-        with session.begin():
-            wallet = repository.add_wallet(
-                session, Wallet(user_id=user_id, currency=currency, balance=0, owner_name=name)
-            )
-            if wallet.id is None:  # the flush assigns it
-                raise RuntimeError("wallet id not assigned")
+        async with transaction(uow.db) as conn:
+            wallet = await repository.add_wallet(conn, user_id=user_id, currency=currency, owner_name=name)
             if balance:
                 # The opening balance is an ordinary deposit: in the history and the ledger.
-                locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
-                booking = _book(
+                locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
+                booking = book(
                     kind="deposit",
-                    source=external(system_wallet_id, EXTERNAL_SOURCE),
+                    source=Party.external(system_wallet_id, EXTERNAL_SOURCE),
                     destination=Party(wallet.id, user_id, name),
                     amount=balance,
                     currency=currency,
                     locked=locked,
                     user_id=user_id,
                 )
-                repository.write_booking(session, booking)
-            session.refresh(wallet)
+                await repository.write_booking(conn, booking)
     except IntegrityError as exc:  # a concurrent create won the one-open-wallet race
         raise WalletExists() from exc
     return WalletCreated(
-        id=wallet.id, user_id=user_id, balance=wallet.balance, created_at=wallet.created_at, currency=wallet.currency
+        id=wallet.id, user_id=user_id, balance=balance, created_at=wallet.created_at, currency=wallet.currency
     )
 
 
-def get_wallet(session: Session, *, user_id: int) -> WalletRead:
-    with session.begin():
-        wallet = repository.open_wallet_of(session, user_id)
-        if wallet is None or wallet.id is None:
-            raise WalletNotFound()
-        return WalletRead(
-            id=wallet.id,
-            user_id=user_id,
-            balance=wallet.balance,
-            created_at=wallet.created_at,
-            updated_at=wallet.updated_at,
-            currency=wallet.currency,
-            full_name=wallet.owner_name,
-        )
+async def get_wallet(uow: UnitOfWork, *, user_id: int) -> WalletRead:
+    async with transaction(uow.db, read_only=True) as conn:
+        wallet = await repository.open_wallet_of(conn, user_id)
+    if wallet is None:
+        raise WalletNotFound()
+    return WalletRead(
+        id=wallet.id,
+        user_id=user_id,
+        balance=wallet.balance,
+        created_at=wallet.created_at,
+        updated_at=wallet.updated_at,
+        currency=wallet.currency,
+        full_name=wallet.owner_name,
+    )
 
 
-def close_wallet(session: Session, *, user_id: int) -> Message:
-    with session.begin():
-        wallet = repository.open_wallet_of(session, user_id, lock=True)
+async def close_wallet(uow: UnitOfWork, *, user_id: int) -> Message:
+    async with transaction(uow.db) as conn:
+        wallet = await repository.open_wallet_of(conn, user_id, lock=True)
         if wallet is None:
             raise WalletNotFound()
         if wallet.balance != 0:
             raise WalletNotEmpty()
-        repository.close_wallet(session, wallet)
-        name = wallet.owner_name
-    return Message(message=f"wallet belonging to {name} deleted successfully")
+        await repository.close_wallet(conn, wallet.id)
+    return Message(message=f"wallet belonging to {wallet.owner_name} deleted successfully")
 
 
 # --- money movement --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Party:
-    """A side of a movement: its wallet, and its owner (None for the outside world)."""
-
-    wallet_id: int
-    user_id: int | None
-    name: str
-
-
-def external(wallet_id: int, name: str) -> Party:
-    return Party(wallet_id, None, name)
-
-
-def party(wallet: repository.LockedWallet) -> Party:
-    return Party(wallet.id, wallet.user_id if wallet.kind == USER else None, wallet.owner_name)
-
-
-# (transaction type, is the receipt's owner the source?) -> receipt kind
-_RECEIPT_KIND = {
-    ("deposit", False): "deposit",
-    ("withdrawal", True): "withdrawal",
-    ("transfer", True): "transfer_sent",
-    ("transfer", False): "transfer_received",
-}
-
-
-def _book(
-    *,
-    kind: str,
-    source: Party,
-    destination: Party,
-    amount: int,
-    currency: str,
-    locked: repository.Locked,
-    user_id: int,
-) -> repository.Booking:
-    """Work out a movement in full from the `locked` wallets' balances, and the id and time
-    drawn once they were locked: the transaction, its balanced ledger entries with their
-    snapshots, and a receipt in the outbox for each user involved. Nothing is written yet
-    (see repository.write_booking)."""
-    source_posting, destination_posting = ledger.postings(
-        source=source.wallet_id, destination=destination.wallet_id, amount=amount
-    )
-    if not ledger.is_balanced((source_posting, destination_posting)):  # checked even under python -O
-        raise RuntimeError("unbalanced postings")
-    balances = locked.balances
-    after = {p.wallet_id: ledger.apply(balances[p.wallet_id], p) for p in (source_posting, destination_posting)}
-    txn_id = locked.transaction_id
-    receipts = [
-        Receipt(
-            email_id=new_email_id(),
-            user_id=me.user_id,
-            transaction_id=txn_id,
-            kind=_RECEIPT_KIND[(kind, is_source)],  # type: ignore[arg-type]
-            amount=amount,
-            currency=currency,
-            balance_after=after[me.wallet_id],
-            counterparty=other.name,
-            occurred_at=locked.now,
-        )
-        for me, other, is_source in ((source, destination, True), (destination, source, False))
-        if me.user_id is not None
-    ]
-    return repository.Booking(
-        transaction_id=txn_id,
-        type=kind,
-        amount=amount,
-        currency=currency,
-        source=source_posting,
-        destination=destination_posting,
-        snapshots=after,
-        initiated_by=user_id,
-        now=locked.now,  # read once the wallets were locked, like the id
-        outbox=[outbox_row(r) for r in receipts],
-    )
-
-
-def _own_wallet(locked: dict[int, repository.LockedWallet], user_id: int, currency: str) -> repository.LockedWallet:
-    own = next((w for w in locked.values() if w.user_id == user_id and w.status == OPEN), None)
+def _own_wallet(locked: Locked, user_id: int, currency: str) -> LockedWallet:
+    own = next((w for w in locked.wallets.values() if w.user_id == user_id and w.status == OPEN), None)
     if own is None:
         raise WalletNotFound()
     if own.currency != currency:
@@ -243,84 +134,95 @@ def _own_wallet(locked: dict[int, repository.LockedWallet], user_id: int, curren
     return own
 
 
-def _external_op(*, kind: str, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
-    """A deposit (from the outside world) or a withdrawal (to it): the currency's system
-    wallet is the other side."""
-    deposit = kind == "deposit"
-
-    def run(session: Session) -> tuple[BaseModel, repository.Booking]:
-        locked = repository.lock_for_movement(session, user_id=user_id, other_id=system_wallet_id)
-        own = _own_wallet(locked.wallets, user_id, currency)
-        if not deposit and own.balance < amount:
-            raise InsufficientFunds()
-        outside = external(system_wallet_id, EXTERNAL_SOURCE if deposit else EXTERNAL_DESTINATION)
-        booking = _book(
-            kind=kind,
-            source=outside if deposit else party(own),
-            destination=party(own) if deposit else outside,
-            amount=amount,
-            currency=currency,
-            locked=locked,
-            user_id=user_id,
-        )
-        result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
-        return result, booking
-
-    return run
+async def deposit(uow: UnitOfWork, *, user_id: int, key: str, amount: int, currency: str) -> Answer:
+    """Money in from the outside world (the currency's system wallet, the user's shard)."""
+    system_wallet_id = uow.system_wallets.for_user(currency, user_id)
+    once = Once(uow, user_id=user_id, endpoint="deposit", key=key, payload={"amount": amount, "currency": currency})
+    async for attempt in once:
+        async with attempt as conn:
+            locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
+            own = _own_wallet(locked, user_id, currency)
+            booking = book(
+                kind="deposit",
+                source=Party.external(system_wallet_id, EXTERNAL_SOURCE),
+                destination=Party.of(own),
+                amount=amount,
+                currency=currency,
+                locked=locked,
+                user_id=user_id,
+            )
+            result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
+            attempt.booked(result, booking)
+    return once.answer
 
 
-def deposit_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
-    return _external_op(
-        kind="deposit", user_id=user_id, amount=amount, currency=currency, system_wallet_id=system_wallet_id
-    )
+async def withdraw(uow: UnitOfWork, *, user_id: int, key: str, amount: int, currency: str) -> Answer:
+    """Money out to the outside world (the currency's system wallet, the user's shard)."""
+    system_wallet_id = uow.system_wallets.for_user(currency, user_id)
+    once = Once(uow, user_id=user_id, endpoint="withdraw", key=key, payload={"amount": amount, "currency": currency})
+    async for attempt in once:
+        async with attempt as conn:
+            locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
+            own = _own_wallet(locked, user_id, currency)
+            if own.balance < amount:
+                raise InsufficientFunds()
+            booking = book(
+                kind="withdrawal",
+                source=Party.of(own),
+                destination=Party.external(system_wallet_id, EXTERNAL_DESTINATION),
+                amount=amount,
+                currency=currency,
+                locked=locked,
+                user_id=user_id,
+            )
+            result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
+            attempt.booked(result, booking)
+    return once.answer
 
 
-def withdraw_op(*, user_id: int, amount: int, currency: str, system_wallet_id: int) -> Operation:
-    return _external_op(
-        kind="withdrawal", user_id=user_id, amount=amount, currency=currency, system_wallet_id=system_wallet_id
-    )
-
-
-def transfer_op(*, user_id: int, to_wallet_id: int, amount: int, currency: str) -> Operation:
-    def run(session: Session) -> tuple[BaseModel, repository.Booking]:
-        locked = repository.lock_for_movement(session, user_id=user_id, other_id=to_wallet_id)
-        own = _own_wallet(locked.wallets, user_id, currency)
-        if to_wallet_id == own.id:
-            raise SelfTransfer()
-        recipient = locked.wallets.get(to_wallet_id)
-        if recipient is None or recipient.kind != USER or recipient.status != OPEN:
-            raise RecipientNotFound()
-        if recipient.currency != currency:
-            raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
-        if own.balance < amount:
-            raise InsufficientFunds()
-        booking = _book(
-            kind="transfer",
-            source=party(own),
-            destination=party(recipient),
-            amount=amount,
-            currency=currency,
-            locked=locked,
-            user_id=user_id,
-        )
-        result = TransferResult(
-            wallet_id=own.id,
-            recipient_wallet_id=to_wallet_id,
-            amount=amount,
-            current_balance=booking.snapshots[own.id],
-        )
-        return result, booking
-
-    return run
+async def transfer(uow: UnitOfWork, *, user_id: int, key: str, to_wallet_id: int, amount: int, currency: str) -> Answer:
+    """Money from the caller's wallet to another user's open wallet of the same currency."""
+    payload = {"amount": amount, "currency": currency, "to_account_id": to_wallet_id}
+    once = Once(uow, user_id=user_id, endpoint="transfer", key=key, payload=payload)
+    async for attempt in once:
+        async with attempt as conn:
+            locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=to_wallet_id)
+            own = _own_wallet(locked, user_id, currency)
+            if to_wallet_id == own.id:
+                raise SelfTransfer()
+            recipient = locked.wallets.get(to_wallet_id)
+            if recipient is None or recipient.kind != USER or recipient.status != OPEN:
+                raise RecipientNotFound()
+            if recipient.currency != currency:
+                raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
+            if own.balance < amount:
+                raise InsufficientFunds()
+            booking = book(
+                kind="transfer",
+                source=Party.of(own),
+                destination=Party.of(recipient),
+                amount=amount,
+                currency=currency,
+                locked=locked,
+                user_id=user_id,
+            )
+            result = TransferResult(
+                wallet_id=own.id,
+                recipient_wallet_id=to_wallet_id,
+                amount=amount,
+                current_balance=booking.snapshots[own.id],
+            )
+            attempt.booked(result, booking)
+    return once.answer
 
 
 # --- reads -------------------------------------------------------------------------------
 
 
-def history(session: Session, *, user_id: int, limit: int, offset: int) -> History:
-    with session.begin():
-        wallet_ids = repository.user_wallet_ids(session, user_id)
-        rows = repository.history(session, wallet_ids=wallet_ids, limit=limit, offset=offset)
+async def history(uow: UnitOfWork, *, user_id: int, limit: int, offset: int) -> History:
+    async with transaction(uow.db, read_only=True) as conn:
+        wallet_ids = await repository.user_wallet_ids(conn, user_id)
+        rows = await repository.history(conn, wallet_ids=wallet_ids, limit=limit, offset=offset)
     items = [
         HistoryItem(
             id=txn_id,
@@ -336,17 +238,17 @@ def history(session: Session, *, user_id: int, limit: int, offset: int) -> Histo
     return History(transactions=items, limit=limit, offset=offset)
 
 
-def ledger_of(
-    session: Session, *, user_id: int, transaction_id: int, show_counterparty: bool = True
+async def ledger_of(
+    uow: UnitOfWork, *, user_id: int, transaction_id: int, show_counterparty: bool = True
 ) -> list[LedgerEntryRead]:
     """A transaction's entries, for a user whose wallet is part of it: both sides, or with
     `show_counterparty` off only the user's own (the other side's snapshot is the other
     wallet's balance)."""
-    with session.begin():
-        wallet_ids = repository.user_wallet_ids(session, user_id)
-        entries = repository.ledger_entries(
-            session, transaction_id=transaction_id, visible_to=wallet_ids, own_only=not show_counterparty
+    async with transaction(uow.db, read_only=True) as conn:
+        wallet_ids = await repository.user_wallet_ids(conn, user_id)
+        entries = await repository.ledger_entries(
+            conn, transaction_id=transaction_id, visible_to=wallet_ids, own_only=not show_counterparty
         )
     if not entries:
         raise TransactionNotFound()
-    return [LedgerEntryRead.model_validate(e, from_attributes=True) for e in entries]
+    return [LedgerEntryRead.model_validate(e._mapping) for e in entries]

@@ -11,10 +11,10 @@ from wallet.errors import AuthUnavailable, UnknownUser
 log = logging.getLogger("wallet.users")
 
 
-def full_name(client: httpx.Client, user_id: int) -> str:
+async def full_name(client: httpx.AsyncClient, user_id: int) -> str:
     """'First Last' of a user, from the auth service's internal batch lookup."""
     try:
-        response = client.get("/internal/users", params={"ids": user_id})
+        response = await client.get("/internal/users", params={"ids": user_id})
         response.raise_for_status()
         users = response.json()["users"]
     except (httpx.HTTPError, KeyError, ValueError) as exc:

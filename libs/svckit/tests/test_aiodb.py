@@ -1,0 +1,116 @@
+"""svckit.aiodb on both databases (Postgres in the Postgres pass): the same Core statement
+runs on each, rows read by position and name, errors come back as SQLAlchemy's, and an
+exhausted Postgres pool is a bounded wait, not a hang."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from svckit.aiodb import Database, make_database, transaction
+from svckit.db import SessionLimits
+from svckit.testing import fresh_database
+
+META = MetaData()
+ITEMS = Table("aiodb_items", META, Column("id", Integer, primary_key=True), Column("name", String(20), unique=True))
+ADD = insert(ITEMS).values(id=bindparam("item_id", type_=Integer()), name=bindparam("item_name", type_=String()))
+BY_ID = select(ITEMS.c.id, ITEMS.c.name).where(ITEMS.c.id == bindparam("item_id", type_=Integer()))
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    with fresh_database("aiodb", tmp_path) as database_url:
+        yield database_url
+
+
+async def _db(url: str, **kwargs: object) -> Database:
+    db = await make_database(url, **kwargs)  # type: ignore[arg-type]
+    async with transaction(db) as conn:
+        await conn.execute(text("CREATE TABLE aiodb_items (id INTEGER PRIMARY KEY, name VARCHAR(20) UNIQUE)"))
+    return db
+
+
+def test_rows_by_position_and_name_and_commit_or_rollback(url: str) -> None:
+    async def scenario() -> None:
+        db = await _db(url)
+        async with transaction(db) as conn:
+            await conn.execute(ADD, {"item_id": 1, "item_name": "one"})
+
+        async def fails() -> None:
+            async with transaction(db) as conn:
+                await conn.execute(ADD, {"item_id": 2, "item_name": "two"})
+                raise RuntimeError("the block failed: nothing it did stays")
+
+        with pytest.raises(RuntimeError):
+            await fails()
+        async with transaction(db, read_only=True) as conn:
+            row = (await conn.execute(BY_ID, {"item_id": 1})).one()
+            assert (row.id, row.name, row[1], tuple(row), row._mapping) == (
+                1,
+                "one",
+                "one",
+                (1, "one"),
+                {"id": 1, "name": "one"},
+            )
+            assert (await conn.execute(BY_ID, {"item_id": 2})).first() is None
+        await db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_a_constraint_is_an_integrity_error_and_the_connection_stays_usable(url: str) -> None:
+    async def scenario() -> None:
+        db = await _db(url)
+        async with transaction(db) as conn:
+            await conn.execute(ADD, {"item_id": 1, "item_name": "one"})
+        with pytest.raises(IntegrityError):
+            async with transaction(db) as conn:
+                await conn.execute(ADD, {"item_id": 2, "item_name": "one"})
+        async with transaction(db, read_only=True) as conn:
+            assert (await conn.execute(select(ITEMS.c.id))).scalar_one() == 1
+        await db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_an_exhausted_pool_waits_at_most_the_lock_timeout(url: str) -> None:
+    if not url.startswith("postgresql"):
+        pytest.skip("needs Postgres (TEST_DATABASE_URL): SQLite has no connection pool limit here")
+
+    async def scenario() -> None:
+        db = await _db(url, pool_size=1, max_overflow=0, limits=SessionLimits(lock_timeout_ms=200))
+        held = await db.connect()
+        try:
+            with pytest.raises(OperationalError) as caught:
+                await db.connect()
+            assert caught.value.orig.sqlstate == "55P03"  # type: ignore[union-attr]  # the lock-timeout code
+        finally:
+            await held.close()
+        async with transaction(db, read_only=True) as conn:  # free again
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        await db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_connection_is_invalidated_and_the_pool_recovers(url: str) -> None:
+    if not url.startswith("postgresql"):
+        pytest.skip("needs Postgres (TEST_DATABASE_URL): a server that can drop our connection")
+
+    async def scenario() -> None:
+        db = await _db(url, pool_size=1, max_overflow=0)
+        conn = await db.connect()
+        with pytest.raises(OperationalError) as caught:
+            await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        assert caught.value.connection_invalidated
+        await conn.close()
+        async with transaction(db, read_only=True) as again:  # a fresh connection
+            assert (await again.execute(text("SELECT 1"))).scalar_one() == 1
+        await db.dispose()
+
+    asyncio.run(scenario())
