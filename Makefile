@@ -88,7 +88,7 @@ test-e2e: $(STAMP)
 # The service tests again on Postgres: TEST_DATABASE_URL, else a testcontainers Postgres
 # when a Docker engine answers, else skipped with the reason.
 test-postgres: $(STAMP)
-	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) libs/svckit/tests/test_outbox.py libs/svckit/tests/test_db.py libs/svckit/tests/test_db_sessions.py libs/svckit/tests/test_aiodb.py $(SERVICE_TESTS)
+	$(BIN)/python tests/tools/with_postgres.py $(PYTEST) libs/svckit/tests/test_outbox.py libs/svckit/tests/test_retention.py libs/svckit/tests/test_db.py libs/svckit/tests/test_db_sessions.py libs/svckit/tests/test_aiodb.py $(SERVICE_TESTS)
 
 # Fuzzing the public API through the gateway: a bounded pass here, a long one in `make fuzz`.
 test-fuzz: $(STAMP)

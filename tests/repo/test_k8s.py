@@ -59,7 +59,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard() -> None:
     namespace = next(d for d in DOCS if d["kind"] == "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     pods = pod_specs()
-    assert len(pods) == 11
+    assert len(pods) == 13
     for name, pod in pods:
         sc = pod["securityContext"]
         assert sc["runAsNonRoot"] is True, name
@@ -125,7 +125,7 @@ def test_the_postgres_connection_budget_holds_at_the_autoscalers_maximum() -> No
             continue
         prefix = urls[0].removesuffix("_DATABASE_URL")
         if doc["kind"] != "Deployment":
-            steady += 1  # a migration or an audit: one session
+            steady += 1  # a migration, the audit or a purge: one session
             continue
         replicas = hpa_max[name] if name in hpa_max else doc["spec"].get("replicas", 1)
         if "command" in container:  # a relay: its loop and its measurements

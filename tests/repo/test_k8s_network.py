@@ -36,7 +36,7 @@ NS = M.namespace
 # platform-config goes to every pod through envFrom, so a variable being there does not
 # make it the pod's; each service reads its own prefix (pydantic env_prefix), and:
 # - the relays (svckit.outbox) connect only to the database and Redis;
-# - wallet-audit and the migration Jobs only to the database (their URLs are Secrets);
+# - wallet-audit, the purges and the migration Jobs only to the database (their URLs are Secrets);
 # - docs reads DOCS_SOURCES, Traefik the GATEWAY_* of gateway/dynamic/routes.yml.
 READS: dict[str, tuple[str, ...]] = {
     "auth": ("AUTH_*",),
@@ -50,6 +50,8 @@ READS: dict[str, tuple[str, ...]] = {
     "migrate-auth": (),
     "migrate-wallet": (),
     "wallet-audit": (),
+    "wallet-purge": (),
+    "auth-purge": (),
 }
 
 # --- the world outside the namespace (cannot be derived from the manifests) ------------

@@ -84,6 +84,30 @@ class TestTheServiceRole:
             engine.dispose()
         assert len(published) == 1  # the welcome email, claimed and stamped published
 
+    def test_the_purge_runs_as_it(self, db: RoleDatabase) -> None:
+        """auth-purge connects as the service's role: it may DELETE confirmed outbox rows."""
+        owner = make_engine(db.migration_url)
+        try:
+            with owner.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO outbox (id, actor_name, payload, created_at, published_at, confirmed_at, outcome)"
+                        " VALUES ('old-email', 'a', '{}', now() - interval '9 days', now() - interval '9 days',"
+                        " now() - interval '8 days', 'sent')"
+                    )
+                )
+        finally:
+            owner.dispose()
+        purge = subprocess.run(
+            [str(ALEMBIC.parent / "auth-purge")],
+            env={**os.environ, "AUTH_DATABASE_URL": db.app_url},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert purge.returncode == 0, purge.stderr
+        assert "outbox: purged 1 rows" in purge.stdout
+
     @pytest.mark.parametrize(
         ("statement", "message"),
         [
@@ -91,7 +115,6 @@ class TestTheServiceRole:
             ("DELETE FROM users", "permission denied for table users"),
             ("TRUNCATE users", "permission denied for table users"),
             ("ALTER TABLE users DROP CONSTRAINT users_pkey CASCADE", "must be owner of table users"),
-            ("DELETE FROM outbox", "permission denied for table outbox"),
             ("UPDATE alembic_version SET version_num = '0001'", "permission denied for table alembic_version"),
             ("DELETE FROM alembic_version", "permission denied for table alembic_version"),
             ("SET session_replication_role = replica", 'permission denied to set parameter "session_replication_role"'),

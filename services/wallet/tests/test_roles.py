@@ -152,9 +152,11 @@ class TestTheServiceRole:
             ("SET session_replication_role = replica", 'permission denied to set parameter "session_replication_role"'),
             ("ALTER TABLE wallets DROP CONSTRAINT ck_wallets_user_balance_not_negative", "must be owner of table"),
             ("DELETE FROM wallets", "permission denied for table wallets"),
-            ("DELETE FROM idempotency_records", "permission denied for table idempotency_records"),
+            # It may DELETE records (wallet-purge), but never age one to get past the trigger.
+            ("UPDATE idempotency_records SET created_at = created_at - interval '2 days'", "permission denied"),
             ("UPDATE idempotency_records SET status_code = 200", "permission denied for table idempotency_records"),
-            ("DELETE FROM outbox", "permission denied for table outbox"),
+            ("ALTER TABLE idempotency_records DISABLE TRIGGER idempotency_records_retention", "must be owner of"),
+            ("DROP FUNCTION refuse_young_idempotency_delete() CASCADE", "must be owner of function"),
             ("SELECT setval('transactions_id_seq', 1)", "permission denied for sequence transactions_id_seq"),
             ("CREATE TABLE shadow (id int)", "permission denied for schema public"),
             ("UPDATE alembic_version SET version_num = '0001'", "permission denied for table alembic_version"),
@@ -166,6 +168,41 @@ class TestTheServiceRole:
         error = refused(db.app_url, statement)
         assert error.sqlstate == "42501", error  # insufficient_privilege, not the triggers
         assert message in str(error)
+
+    def test_the_purge_runs_as_it_and_the_trigger_keeps_young_records(self, db: RoleDatabase) -> None:
+        """wallet-purge connects as the service's role: DELETE is granted, and the owner's
+        trigger still refuses a record younger than 24 hours."""
+        owner = make_engine(db.migration_url)
+        try:
+            with owner.begin() as conn:  # a record written three days ago, and an old confirmed email
+                conn.execute(
+                    text(
+                        "INSERT INTO idempotency_records (user_id, endpoint, key, fingerprint, status_code,"
+                        " response_body, created_at) VALUES (1, 'deposit', 'old', '', 200, '{}', now() - interval '3 days')"
+                    )
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO outbox (id, actor_name, payload, created_at, published_at, confirmed_at, outcome)"
+                        " VALUES ('old-email', 'a', '{}', now() - interval '9 days', now() - interval '9 days',"
+                        " now() - interval '8 days', 'sent')"
+                    )
+                )
+        finally:
+            owner.dispose()
+        purge = subprocess.run(
+            [str(ALEMBIC.parent / "wallet-purge")],
+            env={**os.environ, "WALLET_DATABASE_URL": db.app_url},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert purge.returncode == 0, purge.stderr
+        assert "idempotency_records: purged 1 rows" in purge.stdout
+        assert "outbox: purged 1 rows" in purge.stdout
+        error = refused(db.app_url, "DELETE FROM idempotency_records")  # the suite's young records
+        assert error.sqlstate == "23001", error  # restrict_violation: the trigger, not privileges
+        assert "kept at least 24 hours" in str(error)
 
     def test_it_cannot_become_the_owner(self, db: RoleDatabase) -> None:
         error = refused(db.app_url, f'SET ROLE "{db.owner}"')

@@ -68,6 +68,11 @@ class BaseServiceSettings(BaseSettings):
     relay_heartbeat_file: str = ""
     # An outbox message not confirmed delivered this long after publishing is published again.
     outbox_republish_after_s: float = 60.0
+    # `<service>-purge` (svckit.retention): rows per transaction, the pause between two, and
+    # how long an outbox row stays after the notifier confirmed its email sent.
+    retention_batch_size: int = Field(default=1_000, ge=1, le=10_000)
+    retention_pause_ms: int = Field(default=20, ge=0)
+    retention_outbox_age_s: int = Field(default=7 * 86_400, ge=0)
 
     def require_service_token(self) -> None:
         """Refuse to start with a guessable service credential (called by every service's start-up).

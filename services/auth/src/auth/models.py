@@ -48,8 +48,9 @@ class OutboxMessage(Base, table=True):
 
 
 # What the service's database role may do (applied by every migration run, see
-# svckit.migrate): accounts are created and read, never changed or removed.
+# svckit.migrate): accounts are created and read, never changed or removed; outbox rows
+# are deleted by auth-purge once confirmed.
 GRANTS = {
     "users": ("SELECT", "INSERT"),
-    "outbox": OUTBOX_GRANTS,
+    "outbox": (*OUTBOX_GRANTS, "DELETE"),
 }

@@ -146,7 +146,11 @@ class IdempotencyRecord(Base, table=True):
     """
 
     __tablename__ = "idempotency_records"
-    __table_args__ = (UniqueConstraint("user_id", "endpoint", "key", name="uq_idempotency_user_endpoint_key"),)
+    __table_args__ = (
+        UniqueConstraint("user_id", "endpoint", "key", name="uq_idempotency_user_endpoint_key"),
+        # wallet-purge's cursor (migration 0007).
+        Index("ix_idempotency_records_created_at", "created_at", "id"),
+    )
 
     id: int | None = Field(default=None, sa_column=_long_id())
     user_id: int
@@ -180,11 +184,13 @@ class OutboxMessage(Base, table=True):
 
 # What the service's database role may do (applied by every migration run, see
 # svckit.migrate): the ledger is SELECT and INSERT only, so history cannot be rewritten
-# whatever the triggers; wallets change balance and status; records are written once.
+# whatever the triggers; wallets change balance and status; records are written once and
+# deleted by wallet-purge (a trigger refuses it before 24 hours, migration 0007), and so
+# are outbox rows once confirmed.
 GRANTS = {
     "wallets": ("SELECT", "INSERT", "UPDATE"),
     "transactions": ("SELECT", "INSERT"),
     "ledger_entries": ("SELECT", "INSERT"),
-    "idempotency_records": ("SELECT", "INSERT"),
-    "outbox": OUTBOX_GRANTS,
+    "idempotency_records": ("SELECT", "INSERT", "DELETE"),
+    "outbox": (*OUTBOX_GRANTS, "DELETE"),
 }
