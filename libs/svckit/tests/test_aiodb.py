@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from svckit.aiodb import Database, make_database, transaction
+from svckit.aiodb import Database, _asyncpg_dsn, _translated, make_database, transaction
 from svckit.db import SessionLimits
 from svckit.testing import fresh_database
 
@@ -111,6 +112,43 @@ def test_a_lost_connection_is_invalidated_and_the_pool_recovers(url: str) -> Non
         await conn.close()
         async with transaction(db, read_only=True) as again:  # a fresh connection
             assert (await again.execute(text("SELECT 1"))).scalar_one() == 1
+        await db.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_the_url_keeps_its_tls_and_session_parameters_for_asyncpg() -> None:
+    url = make_url(
+        "postgresql+psycopg://u:p@db:5432/wallet?sslmode=verify-full&sslrootcert=/ca.pem"
+        "&options=-c%20search_path%3Dledger&connect_timeout=3"
+    )
+    dsn, settings, connect_timeout = _asyncpg_dsn(url, SessionLimits(lock_timeout_ms=2000))
+    assert make_url(dsn).query == {"sslmode": "verify-full", "sslrootcert": "/ca.pem"}
+    assert make_url(dsn).drivername == "postgresql"
+    assert (settings["search_path"], settings["lock_timeout"], connect_timeout) == ("ledger", "2000", 3.0)
+    with pytest.raises(ValueError, match="only -c name=value"):
+        _asyncpg_dsn(make_url("postgresql://db/wallet?options=--single"), SessionLimits())
+
+
+def test_a_client_timeout_is_a_timeout_not_a_lost_connection() -> None:
+    error = _translated(TimeoutError(), "SELECT 1")
+    assert (error.connection_invalidated, error.orig.sqlstate) == (False, "57014")  # type: ignore[union-attr]
+
+
+def test_a_commit_of_a_failed_transaction_is_refused(url: str) -> None:
+    if not url.startswith("postgresql"):
+        pytest.skip("needs Postgres (TEST_DATABASE_URL): SQLAlchemy refuses this itself on SQLite")
+
+    async def scenario() -> None:
+        db = await _db(url)
+        conn = await db.connect()
+        try:
+            with pytest.raises(OperationalError):
+                await conn.execute(text("SELECT 1 / 0"))
+            with pytest.raises(OperationalError, match="not committed"):
+                await conn.commit()
+        finally:
+            await conn.close()
         await db.dispose()
 
     asyncio.run(scenario())

@@ -151,3 +151,27 @@ def test_a_lost_commit_answers_first_even_when_the_wallet_is_locked_for_the_retr
     assert first.json()["current_balance"] == 70
     holder.rollback()
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 70
+
+
+@pytest.mark.parametrize(
+    "settings", [{"db_pool_size": 1, "db_max_overflow": 0, "db_lock_timeout_ms": 300}], indirect=True
+)
+def test_a_taken_pool_is_a_503_that_leaves_the_key_free(
+    client: TestClient, signer: Signer, auth_fake: AuthFake
+) -> None:
+    """Every pooled connection taken: the movement waits the lock timeout, answers 503
+    wallet_busy, and leaves its key's Redis lock free, so the retry runs at once (no 409)."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    db = client.app.state.db  # type: ignore[attr-defined]
+    held = client.portal.call(db.connect)  # type: ignore[union-attr]
+    key = uuid.uuid4().hex
+    try:
+        busy = move(client, user, "withdraw", idem=key, amount=30)
+    finally:
+        client.portal.call(held.close)  # type: ignore[union-attr]
+    assert (busy.status_code, busy.json()["code"], busy.headers["retry-after"]) == (503, "wallet_busy", "1")
+    again = move(client, user, "withdraw", idem=key, amount=30)
+    assert again.status_code == 200, again.text
+    assert "idempotent-replayed" not in again.headers
+    assert again.json()["current_balance"] == 70

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl as ssl_module
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -30,7 +30,7 @@ import asyncpg
 from sqlalchemy import Connection as SyncConnection
 from sqlalchemy import Engine, Executable, event
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from svckit.db import READ_ONLY, SessionLimits, make_engine
@@ -230,6 +230,8 @@ _LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionErro
 def _translated(exc: BaseException, sql: str) -> DBAPIError:
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return IntegrityError(sql, None, exc)  # type: ignore[arg-type]
+    if isinstance(exc, TimeoutError):  # asyncpg's command_timeout; an OSError, but not a lost connection
+        return OperationalError(sql, None, TimedOut("57014", "the client's command timeout"))  # type: ignore[arg-type]
     if isinstance(exc, _LOST):
         return OperationalError(sql, None, exc, connection_invalidated=True)  # type: ignore[arg-type]
     return OperationalError(sql, None, exc)  # type: ignore[arg-type]
@@ -260,10 +262,12 @@ class _PgConnection:
         if raw is None:
             raise OperationalError("COMMIT", None, RuntimeError("connection closed"))  # type: ignore[arg-type]
         try:
-            await raw.execute("COMMIT")
+            status = await raw.execute("COMMIT")
         except (asyncpg.PostgresError, *_LOST) as exc:
             raise _translated(exc, "COMMIT") from exc
         self._open = False
+        if status != "COMMIT":  # Postgres rolls back a transaction that failed, and says so here
+            raise OperationalError("COMMIT", None, RuntimeError(f"the transaction was not committed ({status})"))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         raw, self._raw = self._raw, None
@@ -274,17 +278,26 @@ class _PgConnection:
                 await raw.execute("ROLLBACK")
         except asyncpg.InterfaceError:
             return  # lost: asyncpg has handed it back to the pool already
-        except (asyncpg.PostgresError, *_LOST):
+        except BaseException:
+            # Broken, or interrupted (cancelled) mid-ROLLBACK: no await may stand between
+            # here and the release, so drop the connection (the pool opens a new one).
             with contextlib.suppress(asyncpg.InterfaceError):
-                raw.terminate()  # broken: the pool replaces it
+                raw.terminate()
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await self._pool.release(raw)
+            raise
         with contextlib.suppress(asyncpg.InterfaceError):
             await self._pool.release(raw)
 
 
-class PoolTimeout(Exception):
-    """No pooled connection came free within the wait: as busy as a row lock past lock_timeout."""
+class TimedOut(Exception):
+    """A wait ended on this side: no pooled connection came free (sqlstate 55P03, as for a
+    row lock past lock_timeout), or a statement outlived the client's command timeout (57014,
+    as for statement_timeout). Neither is a lost connection."""
 
-    sqlstate = "55P03"  # lock_not_available
+    def __init__(self, sqlstate: str, what: str) -> None:
+        super().__init__(what)
+        self.sqlstate = sqlstate
 
 
 class PgDatabase:
@@ -301,14 +314,16 @@ class PgDatabase:
         try:
             raw = await self.pool.acquire(timeout=self.acquire_timeout_s)
         except TimeoutError as exc:
-            raise OperationalError("connect", None, PoolTimeout()) from exc  # type: ignore[arg-type]
+            raise OperationalError("connect", None, TimedOut("55P03", "no pooled connection came free")) from exc  # type: ignore[arg-type]
         except (asyncpg.PostgresError, *_LOST) as exc:
             raise _translated(exc, "connect") from exc
         try:
             await raw.execute("BEGIN READ ONLY" if read_only else "BEGIN")
-        except (asyncpg.PostgresError, *_LOST) as exc:
-            await self.pool.release(raw)
-            raise _translated(exc, "BEGIN") from exc
+        except BaseException as exc:
+            await _PgConnection(self.pool, raw).close()  # terminated and released, even when cancelled
+            if isinstance(exc, (asyncpg.PostgresError, *_LOST)):
+                raise _translated(exc, "BEGIN") from exc
+            raise
         return _PgConnection(self.pool, raw)
 
     async def dispose(self) -> None:
@@ -332,6 +347,26 @@ def _server_settings(limits: SessionLimits) -> dict[str, str]:
     return {name: str(value) for name, value in settings.items() if value is not None}
 
 
+_OPTION = re.compile(r"-c\s*([\w.-]+)=(\S+)")
+
+
+def _asyncpg_dsn(url: URL, limits: SessionLimits) -> tuple[str, dict[str, str], float]:
+    """The URL as a libpq-style DSN for asyncpg, which reads sslmode, sslrootcert, sslcert,
+    sslkey and the rest itself; the two parameters it does not take are turned into its own:
+    `options` (`-c name=value ...`) into server settings, after which the limits win as in
+    svckit.db, and `connect_timeout` into its connect timeout."""
+    query = dict(url.query)
+    options = query.pop("options", "")
+    text = " ".join(options if isinstance(options, tuple) else [options])
+    if _OPTION.sub("", text).strip():
+        raise ValueError(f"database URL options: only -c name=value is understood, not {text!r}")
+    settings = {name.replace("-", "_"): value for name, value in _OPTION.findall(text)}
+    timeout = query.pop("connect_timeout", None)
+    connect_timeout = float(timeout if isinstance(timeout, str) else limits.connect_timeout_s)
+    dsn = url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    return dsn, {**settings, **_server_settings(limits)}, connect_timeout
+
+
 async def make_database(
     url: str, *, pool_size: int = 10, max_overflow: int = 10, limits: SessionLimits | None = None
 ) -> Database:
@@ -344,23 +379,15 @@ async def make_database(
     if parsed.get_backend_name() == "sqlite":
         return SqliteDatabase(make_engine(url))
     limits = limits or SessionLimits()
-    sslmode = parsed.query.get("sslmode")
-    ssl: Any = None
-    if isinstance(sslmode, str) and sslmode not in ("disable", "allow", "prefer"):
-        ssl = ssl_module.create_default_context() if sslmode in ("verify-ca", "verify-full") else "require"
     command_timeout = (limits.statement_timeout_ms / 1000 + 5) if limits.statement_timeout_ms else None
+    dsn, server_settings, connect_timeout = _asyncpg_dsn(parsed, limits)
     pool = await asyncpg.create_pool(
-        host=parsed.host,
-        port=parsed.port,
-        user=parsed.username,
-        password=parsed.password,
-        database=parsed.database,
-        ssl=ssl,
-        min_size=0,  # connect on demand: a database down at start-up is a failing readiness, not a crash
+        dsn,
+        min_size=0,  # connect on demand (the first request, or the service's start-up)
         max_size=pool_size + max_overflow,
-        timeout=limits.connect_timeout_s,
+        timeout=connect_timeout,
         command_timeout=command_timeout,
-        server_settings=_server_settings(limits),
+        server_settings=server_settings,
         record_class=Row,
         # Every connection comes back with its transaction ended (see _PgConnection.close):
         # no RESET round trip on each release.

@@ -27,31 +27,51 @@ class ServiceUnavailable(Exception):
     """A dependency did not answer usefully within the timeout and retry budget."""
 
 
-class _Transport(httpx.BaseTransport):
-    def __init__(self, inner: httpx.BaseTransport, retries: int, backoff_s: float) -> None:
-        self.inner = inner
+class _Policy:
+    """What both transports do around each call: stamp the request id, and decide whether a
+    failed attempt is tried again (idempotent methods only)."""
+
+    def __init__(self, retries: int, backoff_s: float) -> None:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def attempts(self, request: httpx.Request) -> int:
         rid = current_request_id()
         if rid and REQUEST_ID_HEADER not in request.headers:
             request.headers[REQUEST_ID_HEADER] = rid
-        attempts = self.retries + 1 if request.method in _IDEMPOTENT else 1
+        return self.retries + 1 if request.method in _IDEMPOTENT else 1
+
+    def retry(self, request: httpx.Request, outcome: httpx.Response | Exception, *, last: bool) -> bool:
+        """Whether to try again after this outcome (a response, or a transport error)."""
+        failed = isinstance(outcome, Exception) or outcome.status_code in _RETRY_STATUS
+        if last or not failed:
+            return False
+        why = type(outcome).__name__ if isinstance(outcome, Exception) else outcome.status_code
+        log.warning("retrying %s %s after %s", request.method, request.url, why)
+        return True
+
+    def backoff(self, attempt: int) -> float:
+        return self.backoff_s * (2**attempt)
+
+
+class _Transport(httpx.BaseTransport):
+    def __init__(self, inner: httpx.BaseTransport, policy: _Policy) -> None:
+        self.inner = inner
+        self.policy = policy
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        attempts = self.policy.attempts(request)
         for attempt in range(attempts):
-            last = attempt == attempts - 1
             try:
                 response = self.inner.handle_request(request)
             except httpx.TransportError as exc:
-                if last:
+                if not self.policy.retry(request, exc, last=attempt == attempts - 1):
                     raise
-                log.warning("retrying %s %s after %s", request.method, request.url, type(exc).__name__)
             else:
-                if response.status_code not in _RETRY_STATUS or last:
+                if not self.policy.retry(request, response, last=attempt == attempts - 1):
                     return response
                 response.close()
-                log.warning("retrying %s %s after %s", request.method, request.url, response.status_code)
-            time.sleep(self.backoff_s * (2**attempt))
+            time.sleep(self.policy.backoff(attempt))
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -59,36 +79,36 @@ class _Transport(httpx.BaseTransport):
 
 
 class _AsyncTransport(httpx.AsyncBaseTransport):
-    """_Transport's policy for httpx.AsyncClient: the same headers, retries and backoff."""
+    """_Transport for httpx.AsyncClient, under the same policy."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, retries: int, backoff_s: float) -> None:
+    def __init__(self, inner: httpx.AsyncBaseTransport, policy: _Policy) -> None:
         self.inner = inner
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.policy = policy
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        rid = current_request_id()
-        if rid and REQUEST_ID_HEADER not in request.headers:
-            request.headers[REQUEST_ID_HEADER] = rid
-        attempts = self.retries + 1 if request.method in _IDEMPOTENT else 1
+        attempts = self.policy.attempts(request)
         for attempt in range(attempts):
-            last = attempt == attempts - 1
             try:
                 response = await self.inner.handle_async_request(request)
             except httpx.TransportError as exc:
-                if last:
+                if not self.policy.retry(request, exc, last=attempt == attempts - 1):
                     raise
-                log.warning("retrying %s %s after %s", request.method, request.url, type(exc).__name__)
             else:
-                if response.status_code not in _RETRY_STATUS or last:
+                if not self.policy.retry(request, response, last=attempt == attempts - 1):
                     return response
                 await response.aclose()
-                log.warning("retrying %s %s after %s", request.method, request.url, response.status_code)
-            await asyncio.sleep(self.backoff_s * (2**attempt))
+            await asyncio.sleep(self.policy.backoff(attempt))
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _client_settings(service_token: str | None, timeout_s: float) -> dict[str, Any]:
+    return {
+        "headers": {SERVICE_TOKEN_HEADER: service_token} if service_token else {},
+        "timeout": httpx.Timeout(timeout_s, connect=min(timeout_s, 1.0)),
+    }
 
 
 def async_service_client(
@@ -102,12 +122,10 @@ def async_service_client(
     **kwargs: Any,
 ) -> httpx.AsyncClient:
     """service_client for code on the event loop (async routes)."""
-    headers = {SERVICE_TOKEN_HEADER: service_token} if service_token else {}
     return httpx.AsyncClient(
         base_url=base_url,
-        headers=headers,
-        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 1.0)),
-        transport=_AsyncTransport(transport or httpx.AsyncHTTPTransport(), retries, backoff_s),
+        transport=_AsyncTransport(transport or httpx.AsyncHTTPTransport(), _Policy(retries, backoff_s)),
+        **_client_settings(service_token, timeout_s),
         **kwargs,
     )
 
@@ -123,11 +141,9 @@ def service_client(
     **kwargs: Any,
 ) -> httpx.Client:
     """A sync client for calls to another service (used from sync routes and workers)."""
-    headers = {SERVICE_TOKEN_HEADER: service_token} if service_token else {}
     return httpx.Client(
         base_url=base_url,
-        headers=headers,
-        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 1.0)),
-        transport=_Transport(transport or httpx.HTTPTransport(), retries, backoff_s),
+        transport=_Transport(transport or httpx.HTTPTransport(), _Policy(retries, backoff_s)),
+        **_client_settings(service_token, timeout_s),
         **kwargs,
     )

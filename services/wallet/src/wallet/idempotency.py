@@ -166,8 +166,9 @@ class IdempotencyCache:
 
 # Postgres: serialization failure, deadlock; both mean "run the transaction again".
 _RETRYABLE_PGCODES = {"40001", "40P01"}
-# Postgres: lock_timeout (lock_not_available), statement_timeout (query_canceled).
-_TIMEOUT_PGCODES = {"55P03", "57014"}
+# Postgres: lock_timeout (lock_not_available), statement_timeout (query_canceled), too many
+# connections, the server starting or stopping: each a retryable 503, nothing kept.
+_TIMEOUT_PGCODES = {"55P03", "57014", "53300", "57P03"}
 
 
 def _problem_json(refusal: ProblemError) -> str:
@@ -179,7 +180,8 @@ def _sqlstate(exc: OperationalError) -> str | None:
 
 
 def timed_out(exc: OperationalError) -> bool:
-    """A lock wait past lock_timeout, or a statement past statement_timeout (Postgres)."""
+    """A lock wait past lock_timeout, a statement past statement_timeout, or a server that
+    takes no connection now (Postgres; svckit.aiodb gives its own waits the same codes)."""
     return _sqlstate(exc) in _TIMEOUT_PGCODES
 
 
@@ -249,14 +251,18 @@ class Once:
     async def __anext__(self) -> Attempt:
         if self._answer is not None:
             raise StopAsyncIteration
-        if self.attempts == 0:
-            await self._start()
-        else:
-            await asyncio.sleep(0.01 * 2 ** (self.attempts - 1))
-            # The last attempt may have committed before its connection died: look for the
-            # key's record first (no row lock), so a retry never queues behind the wallet's
-            # lock, times out and answers "nothing was done" for money that moved.
-            await self._answer_from_record(own_is_first=True)
+        try:
+            if self.attempts == 0:
+                await self._start()
+            else:
+                await asyncio.sleep(0.01 * 2 ** (self.attempts - 1))
+                # The last attempt may have committed before its connection died: look for
+                # the key's record first (no row lock), so a retry never queues behind the
+                # wallet's lock, times out and answers "nothing was done" for money that moved.
+                await self._answer_from_record(own_is_first=True)
+        except BaseException:
+            await self._abandon()
+            raise
         if self._answer is not None:
             raise StopAsyncIteration
         self.attempts += 1
@@ -334,12 +340,35 @@ class Attempt:
         self._booked = result, booking
 
     async def __aenter__(self) -> Connection:
-        self._conn = await self.once.uow.db.connect()
+        try:
+            self._conn = await self.once.uow.db.connect()
+        except BaseException as failure:
+            await self.once._abandon()
+            if isinstance(failure, OperationalError) and timed_out(failure):
+                raise self._busy(failure) from failure  # every pooled connection stayed taken
+            raise
         return self._conn
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
+        """Settle the attempt; whatever escapes frees the key's Redis lock for the client's retry."""
+        try:
+            return await self._settle(exc)
+        except BaseException:
+            await self.once._abandon()
+            raise
+
+    def _busy(self, failure: OperationalError) -> WalletBusy:
+        # A wallet stayed locked past lock_timeout, a statement ran past statement_timeout,
+        # or no pooled connection came free: the wallet or the service is swamped. Waiting
+        # again would hold on for another timeout, so answer a retryable 503 at once.
+        # Nothing was recorded under the key: the client's retry runs afresh.
+        log.warning("%s timed out in the database (%s)", self.once.endpoint, _sqlstate(failure))
+        return WalletBusy()
+
+    async def _settle(self, exc: BaseException | None) -> bool:
+        """True when the loop goes on: answered (committed, or the key's record found) or retried."""
         once = self.once
         try:
             try:
@@ -350,25 +379,14 @@ class Attempt:
         except IntegrityError:
             if await once._answer_from_record(own_is_first=True):
                 return True
-            await once._abandon()
             raise  # not the key's constraint: a real bug, answered as a 500
         except OperationalError as failure:
             if timed_out(failure):
-                # A wallet stayed locked past lock_timeout (or a statement ran past
-                # statement_timeout): its holder is stuck or the wallet is swamped. Waiting
-                # again would hold a connection for another timeout, so answer a retryable
-                # 503 at once. Nothing was recorded under the key: the client's retry runs afresh.
-                log.warning("%s timed out in the database (%s)", once.endpoint, _sqlstate(failure))
-                await once._abandon()
-                raise WalletBusy() from failure
+                raise self._busy(failure) from failure
             if once.attempts > once.uow.retries or not _retryable(failure):
-                await once._abandon()
                 raise
             log.warning("retrying %s after %s (attempt %d)", once.endpoint, type(failure.orig).__name__, once.attempts)
             return True  # the next attempt
-        except BaseException:
-            await once._abandon()
-            raise
         await once._done(outcome)
         return True
 

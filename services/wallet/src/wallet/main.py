@@ -2,7 +2,7 @@
 
 Everything on the event loop: the database through svckit.aiodb (asyncpg on Postgres,
 aiosqlite for the default SQLite file), Redis through redis.asyncio, the auth service
-through httpx.AsyncClient. No request waits for a worker thread.
+through httpx.AsyncClient. No movement waits for a worker thread.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retries=settings.http_retries,
         )
         # Tokens are checked locally against the auth service's JWKS (fetched, cached; the
-        # fetch, on a first sight of a key, is the one call made from a worker thread).
+        # first check of a token, which may fetch them, runs in a worker thread: svckit.deps).
         jwks_client = service_client(
             settings.auth_url,
             service_token=settings.service_token.get_secret_value(),
