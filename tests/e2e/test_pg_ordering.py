@@ -25,7 +25,10 @@ def pg_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = postgres_stack_env("ordering")
     if env is None:
         pytest.skip("TEST_DATABASE_URL is not set: the ordering run needs a Postgres server")
-    stack = start_stack(tmp_path_factory.mktemp("pg-ordering") / "var", **env, WALLET_REPLICAS="2")
+    # The limiter is not under test here: the target's 120 movements must reach the wallets
+    # as fast as they come (faster than the default per-token rate, now that they are quick).
+    unlimited = {"GATEWAY_MONEY_RATE_AVERAGE": "100000", "GATEWAY_MONEY_RATE_BURST": "100000"}
+    stack = start_stack(tmp_path_factory.mktemp("pg-ordering") / "var", **env, **unlimited, WALLET_REPLICAS="2")
     try:
         yield stack
     finally:
