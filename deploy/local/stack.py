@@ -68,9 +68,19 @@ class Plan:
         var = Path(os.environ.get("VAR_DIR", ROOT / "var")).resolve()
         auto = os.environ.get("STACK_PORTS", "") == "auto"
         base = _env_int("STACK_PORT_BASE", 8100)
+        gateway_port = _env_int("GATEWAY_PORT", 8000)
+        taken = {gateway_port}
+
+        def fresh() -> int:
+            # The kernel may hand out a port it gave a moment ago (each probe socket is closed
+            # at once): two processes told the same port would share or lose one.
+            while (p := free_port()) in taken:
+                pass
+            taken.add(p)
+            return p
 
         def port(name: str, offset: int) -> int:
-            return free_port() if auto else _env_int(name, base + offset)
+            return fresh() if auto else _env_int(name, base + offset)
 
         replicas = _env_int("WALLET_REPLICAS", 1)
         ports = {
@@ -86,15 +96,15 @@ class Plan:
             "notifier_metrics": port("NOTIFIER_METRICS_PORT", 45),
         }
         wallet_base = port("WALLET_PORT", 10)
-        wallet_ports = [free_port() if auto else wallet_base + i for i in range(replicas)]
+        wallet_ports = [fresh() if auto else wallet_base + i for i in range(replicas)]
         metrics_base = port("WALLET_METRICS_PORT", 50)
         for i in range(replicas):
-            ports[f"wallet{i + 1}_metrics"] = free_port() if auto else metrics_base + i
+            ports[f"wallet{i + 1}_metrics"] = fresh() if auto else metrics_base + i
         redis_url = os.environ.get("REDIS_URL", "")
         return cls(
             var=var,
             gateway_host=os.environ.get("GATEWAY_HOST", "127.0.0.1"),
-            gateway_port=_env_int("GATEWAY_PORT", 8000),
+            gateway_port=gateway_port,
             ports=ports,
             wallet_ports=wallet_ports,
             redis_url=redis_url or f"redis://127.0.0.1:{ports['redis']}/0",
