@@ -12,6 +12,10 @@ class Settings(BaseServiceSettings):
     model_config = SettingsConfigDict(env_prefix="WALLET_", extra="ignore")
 
     database_url: str = "sqlite:///var/data/wallet.db"
+    # Where the read-only calls that may lag (history, a transaction's ledger) are served:
+    # a streaming replica of database_url's Postgres. Empty: database_url. Everything that
+    # decides whether money moves reads database_url (deploy/SCALING.md).
+    read_database_url: str = ""
     # ISO 4217 codes a wallet may hold (comma-separated in WALLET_CURRENCIES).
     currencies: str = "USD,EUR,GBP,NGN,KES,GHS,ZAR,CAD,JPY"
     idempotency_ttl_s: int = 86_400  # stored outcomes are replayable for at least a day

@@ -41,12 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         state.settings = settings
-        state.db = await make_database(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            limits=SessionLimits.from_settings(settings),
-        )
+        limits = SessionLimits.from_settings(settings)
+        pool = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow, "limits": limits}
+        state.db = await make_database(settings.database_url, **pool)
+        replica = await make_database(settings.read_database_url, **pool) if settings.read_database_url else None
         state.redis = async_redis_client(settings.redis_url)
         state.auth_client = async_service_client(
             settings.auth_url,
@@ -74,13 +72,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.system_wallets = await service.ensure_system_wallets(
             state.db, settings.currency_set, shards=settings.system_wallet_shards
         )
-        state.uow = UnitOfWork(state.db, idempotency, state.system_wallets, retries=settings.db_retries)
+        state.uow = UnitOfWork(
+            state.db, idempotency, state.system_wallets, retries=settings.db_retries, replica=replica
+        )
         serve_metrics(settings.metrics_port)
         yield
         jwks_client.close()
         await state.auth_client.aclose()
         await state.redis.aclose()
         await state.db.dispose()
+        if replica is not None:
+            await replica.dispose()
 
     async def database() -> None:
         async with transaction(app.state.db, read_only=True) as conn:
@@ -89,13 +91,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_ping() -> None:
         await app.state.redis.ping()
 
+    async def replica() -> None:
+        async with transaction(app.state.uow.reads, read_only=True) as conn:
+            await conn.execute(_PING)
+
     app = base_app("wallet", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
     app.add_exception_handler(OperationalError, _database_busy)
     require_idempotency_key_in_docs(app)
     # Money moves without Redis (idempotency falls back to the database's unique key, see
     # wallet.idempotency): Redis down is degraded, not unready. Only the database is required.
-    add_health_routes(app, {"database": database, "redis": redis_ping}, optional={"redis"})
+    # A replica down fails history and ledgers only: degraded, like Redis.
+    checks = {"database": database, "redis": redis_ping}
+    if settings.read_database_url:
+        checks["replica"] = replica
+    add_health_routes(app, checks, optional=set(checks) - {"database"})
     return app
 
 

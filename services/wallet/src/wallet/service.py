@@ -220,7 +220,7 @@ async def transfer(uow: UnitOfWork, *, user_id: int, key: str, to_wallet_id: int
 
 
 async def history(uow: UnitOfWork, *, user_id: int, limit: int, offset: int) -> History:
-    async with transaction(uow.db, read_only=True) as conn:
+    async with transaction(uow.reads, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
         rows = await repository.history(conn, wallet_ids=wallet_ids, limit=limit, offset=offset)
     items = [
@@ -244,7 +244,7 @@ async def ledger_of(
     """A transaction's entries, for a user whose wallet is part of it: both sides, or with
     `show_counterparty` off only the user's own (the other side's snapshot is the other
     wallet's balance)."""
-    async with transaction(uow.db, read_only=True) as conn:
+    async with transaction(uow.reads, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
         entries = await repository.ledger_entries(
             conn, transaction_id=transaction_id, visible_to=wallet_ids, own_only=not show_counterparty
