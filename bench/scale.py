@@ -152,8 +152,21 @@ class WaitSampler(threading.Thread):
         return {k: round(v / total, 3) for k, v in self.events.most_common(6)}
 
 
+def _pg_counters(admin_url: str, database: str) -> tuple[int, int]:
+    """(commits of the wallet database, WAL bytes of the server so far)."""
+    engine = create_engine(admin_url)
+    with engine.connect() as conn:
+        commits = conn.execute(
+            text("SELECT xact_commit FROM pg_stat_database WHERE datname = :db"), {"db": database}
+        ).scalar_one()
+        wal = conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one()
+    engine.dispose()
+    return int(commits), int(wal)
+
+
 def transfers(stack: b.Stack, wallets: Path, admin_url: str, database: str, seconds: float, conns: int) -> dict:
     pids = groups(stack)
+    commits0, wal0 = _pg_counters(admin_url, database)
     sampler = WaitSampler(admin_url, database)
     sampler.start()
     before, started = cpu(pids), time.monotonic()
@@ -185,8 +198,13 @@ def transfers(stack: b.Stack, wallets: Path, admin_url: str, database: str, seco
             used[group] += (after[pid] - before.get(pid, 0)) / HZ
     cores = {g: round(s / elapsed, 2) for g, s in sorted(used.items(), key=lambda kv: -kv[1]) if s > 0}
     done_transfers = result["rps"] * seconds
+    commits1, wal1 = _pg_counters(admin_url, database)
+    per = max(done_transfers, 1)
     return {
         **result,
+        # Everything the stack commits meanwhile (relays, the notifier's confirmations) counts.
+        "commits_per_transfer": round((commits1 - commits0) / per, 2),
+        "wal_bytes_per_transfer": round((wal1 - wal0) / per),
         "cores": cores,
         "cpu_us_per_transfer": {g: round(s * 1e6 / done_transfers) for g, s in used.items() if s > 0}
         if done_transfers
@@ -203,6 +221,66 @@ def saturation(curve: list[dict[str, Any]]) -> dict[str, Any]:
             break
     top = max(point["cores"].items(), key=lambda kv: kv[1]) if point["cores"] else ("?", 0)
     return {"connections": point["connections"], "rps": point["rps"], "bottleneck": top[0], "its_cores": top[1]}
+
+
+def footprint(stack: b.Stack, env: dict[str, str], admin_url: str, database: str) -> dict[str, Any]:
+    """What a transfer leaves behind: bytes of the ledger tables and their indexes per
+    transaction, outbox rows and dead letters per transaction, and Redis memory per
+    idempotency key and per rate-limiter bucket."""
+    import redis
+
+    owner = create_engine(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"])
+    with owner.connect() as conn:
+        txns = conn.execute(text("SELECT count(*) FROM transactions")).scalar_one()
+        ledger_bytes = conn.execute(
+            text(
+                "SELECT sum(pg_total_relation_size(c)) FROM unnest(ARRAY['transactions', 'ledger_entries',"
+                " 'idempotency_records', 'outbox']::regclass[]) c"
+            )
+        ).scalar_one()
+        by_table = dict(
+            conn.execute(
+                text(
+                    "SELECT relname, pg_total_relation_size(oid) FROM pg_class WHERE relname IN"
+                    " ('transactions', 'ledger_entries', 'idempotency_records', 'outbox')"
+                )
+            ).all()
+        )
+        outbox = conn.execute(text("SELECT count(*) FROM outbox")).scalar_one()
+        dead = conn.execute(text("SELECT count(*) FROM outbox WHERE outcome = 'dead_lettered'")).scalar_one()
+    owner.dispose()
+    r = redis.Redis.from_url(stack_redis_url(stack))
+    # Redis keys by family (their first two segments: idem:resp, notifier:sending, the
+    # gateway's limiter buckets, ...): how many, and the mean MEMORY USAGE of up to 500.
+    families: dict[str, list[bytes]] = defaultdict(list)
+    for k in r.scan_iter("*", count=1000):
+        parts = k.decode(errors="replace").split(":")
+        families[":".join(parts[:2]) if len(parts) > 1 else "(no prefix)"].append(k)
+    redis_keys = {
+        family: {
+            "keys": len(keys),
+            "mean_bytes": round(sum(r.memory_usage(k) or 0 for k in keys[:500]) / len(keys[:500])),
+        }
+        for family, keys in sorted(families.items(), key=lambda kv: -len(kv[1]))
+    }
+    out = {
+        "transactions": txns,
+        "bytes_per_transaction": {
+            "ledger (transactions + entries)": round((by_table["transactions"] + by_table["ledger_entries"]) / txns),
+            "idempotency records (kept 24 h)": round(by_table["idempotency_records"] / txns),
+            "outbox (purged once confirmed)": round(by_table["outbox"] / txns),
+            "all four": round(ledger_bytes / txns),
+        },
+        "outbox_rows_per_transaction": round(outbox / txns, 2),
+        "dead_letters_per_transaction": round(dead / txns, 4),
+        "redis_keys": redis_keys,
+    }
+    r.close()
+    return out
+
+
+def stack_redis_url(stack: b.Stack) -> str:
+    return f"redis://127.0.0.1:{(stack.ports or {})['redis']}/0"
 
 
 def reads(stack: b.Stack, env: dict[str, str], token: str, wallet: int, sizes: tuple[int, ...], seconds: float):
@@ -286,6 +364,7 @@ def main() -> None:
             figures["curves"][str(replicas)] = curve
             figures["saturation"][str(replicas)] = saturation(curve)
             if n == len(args.replicas) - 1:
+                figures["footprint"] = footprint(stack, env, args.database_url, database)
                 token, wallet, _ = users[0]
                 sizes = (10**4, 10**5) if QUICK else (10**4, 10**6, 10**7)
                 figures["reads"] = reads(stack, env, token, wallet, sizes, min(args.seconds, 8))
@@ -322,6 +401,11 @@ def report(figures: dict[str, Any]) -> None:
         top = curve[-1]
         print(f"{replicas} replica(s) at {top['connections']} connections, Postgres waits: {top['wait_events']}")
         print(f"  CPU per transfer (us): {top['cpu_us_per_transfer']}")
+        print(
+            f"  Postgres per transfer: {top['commits_per_transfer']} commits, {top['wal_bytes_per_transfer']} WAL bytes"
+        )
+    if figures.get("footprint"):
+        print(f"footprint: {json.dumps(figures['footprint'])}")
     for label, by_size in figures["reads"].items():
         cells = ", ".join(f"{size}: {r['rps']:.0f}/s p99 {r['p99']:.1f} ms" for size, r in by_size.items())
         print(f"GET {label}: {cells}")
