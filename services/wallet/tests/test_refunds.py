@@ -188,6 +188,9 @@ class TestBalance:
         for at in (opened - timedelta(seconds=1), utcnow() + timedelta(hours=1)):
             response = client.get("/wallet/balance", params={"at": at.isoformat()}, headers=user.headers)
             assert (response.status_code, response.json()["code"]) == (422, "invalid_at")
+        for edge in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):
+            response = client.get("/wallet/balance", params={"at": edge}, headers=user.headers)
+            assert (response.status_code, response.json()["code"]) == (422, "invalid_at")
         naive = client.get("/wallet/balance", params={"at": "2026-01-01T00:00:00"}, headers=user.headers)
         assert naive.status_code == 422  # an offset is required
 

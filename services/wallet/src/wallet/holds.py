@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -246,6 +246,10 @@ async def balance(uow: UnitOfWork, *, user_id: int, at: datetime | None) -> Bala
                 available=wallet.balance - held,
                 at=now,
             )
+        try:
+            at = at.astimezone(UTC)
+        except OverflowError:  # an offset that takes the time past year 1 or 9999
+            raise BalanceTimeInvalid("`at` is out of range.") from None
         if at < wallet.created_at:
             raise BalanceTimeInvalid(f"`at` is before the wallet opened ({wallet.created_at.isoformat()}).")
         if at > now:
