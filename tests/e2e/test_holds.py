@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
 from .client import User, balance, move, new_user, open_wallet
+from .conftest import Stack, drop_databases, postgres_stack_env, start_stack
 
 
 def post(api: httpx.Client, user: User, path: str, *, key: str | None = None, **body: Any) -> httpx.Response:
@@ -94,3 +98,47 @@ class TestLifeOfAHold:
             response = api.post(path, json={}, headers={"Idempotency-Key": "k"})
             assert response.status_code == 401, path
             assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.fixture(scope="module")
+def pg_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = postgres_stack_env("holds")
+    if env is None:
+        pytest.skip("TEST_DATABASE_URL is not set: the Postgres run needs a Postgres server")
+    unlimited = {"GATEWAY_MONEY_RATE_AVERAGE": "100000", "GATEWAY_MONEY_RATE_BURST": "100000"}
+    stack = start_stack(tmp_path_factory.mktemp("pg-holds") / "var", **env, **unlimited, WALLET_REPLICAS="2")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        drop_databases(env)
+
+
+class TestOnPostgresWithTwoReplicas:
+    """The app role (granted only what models.GRANTS says) and row locks across processes."""
+
+    def test_racing_captures_voids_refunds_and_holds_settle_once(self, pg_stack: Stack) -> None:
+        with httpx.Client(base_url=pg_stack.url, timeout=30) as api:
+            payer, shop = new_user(api), new_user(api)
+            open_wallet(api, payer, balance=1000)
+            to = open_wallet(api, shop)["id"]
+            hold = post(api, payer, "/holds", amount=300, currency="USD", to_account_id=to).json()
+            paths = [f"/holds/{hold['id']}/{'capture' if i % 2 else 'void'}" for i in range(16)]
+            with ThreadPoolExecutor(8) as pool:
+                settled = Counter(a.status_code for a in pool.map(lambda p: post(api, payer, p), paths))
+                assert settled == {200: 1, 409: 15}
+                status = api.get(f"/holds/{hold['id']}", headers=payer.headers).json()["status"]
+                holds = list(pool.map(lambda _: post(api, payer, "/holds", amount=100, currency="USD"), range(14)))
+            assert balance(api, shop) == (300 if status == "captured" else 0)
+            left = balance(api, payer)
+            assert sorted(h.status_code for h in holds) == [201] * (left // 100) + [422] * (14 - left // 100)
+            txn = int(api.get("/transaction/history?limit=1", headers=payer.headers).json()["transactions"][0]["id"])
+            if status == "captured":
+                with ThreadPoolExecutor(8) as pool:
+                    refunds = list(
+                        pool.map(lambda _: post(api, shop, f"/transaction/{txn}/refund", amount=70), range(8))
+                    )
+                assert sorted(r.status_code for r in refunds) == [200] * 4 + [422] * 4
+                assert api.get(f"/transaction/{txn}", headers=shop.headers).json()["refunded_total"] == 280
+        audit = pg_stack.command("wallet-audit", "--database-url", pg_stack.wallet_database_url)
+        assert audit.returncode == 0, audit.stdout
