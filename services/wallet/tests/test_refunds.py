@@ -156,6 +156,17 @@ class TestTransactionDetail:
         assert client.get(f"/transaction/{txn}", headers=shop.headers).json()["refunded_total"] == 25
         assert client.get("/transaction/99999999", headers=shop.headers).json()["code"] == "transaction_not_found"
 
+    def test_the_fixed_paths_keep_their_answers(self, client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+        user = new_user(signer, auth_fake)
+        assert [client.get(f"/transaction/{p}", headers=user.headers).status_code for p in ("deposit", "abc", "0")] == [
+            405,
+            422,
+            422,
+        ]
+        assert client.get("/transaction/history", headers=user.headers).status_code == 200
+        paths = client.get("/openapi.json").json()["paths"]
+        assert {"/transaction/{transaction_id}", "/transaction/{transaction_id}/refund"} <= set(paths)
+
 
 class TestBalance:
     def test_now_and_at_a_past_time(self, client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:

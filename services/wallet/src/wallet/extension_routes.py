@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from pydantic import AwareDatetime
+from starlette.convertors import Convertor, register_url_convertor
 
 from svckit.problems import Unauthorized, problem_responses
 from wallet import holds, refunds
@@ -44,6 +45,23 @@ from wallet.schemas import (
 from wallet.service import check_currency
 
 router = APIRouter()
+
+
+class _TransactionSegment(Convertor[str]):
+    """`/transaction/{id}` takes any segment but the fixed paths of wallet.routes, so that a
+    GET of /transaction/deposit stays a 405 (not this route's 422); any other non-number is
+    still the path's 422."""
+
+    regex = "(?!(?:deposit|withdraw|transfer|history)$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return str(value)
+
+
+register_url_convertor("transaction_segment", _TransactionSegment())
 
 HoldId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 TransactionId = Annotated[int, Path(ge=1, le=MAX_TRANSACTION_ID)]
@@ -159,7 +177,7 @@ async def refund(
 
 
 @router.get(
-    "/transaction/{transaction_id}",
+    "/transaction/{transaction_id:transaction_segment}",
     response_model=TransactionRead,
     tags=["transaction"],
     responses=problem_responses(Unauthorized, TransactionNotFound),
