@@ -5,6 +5,7 @@ TEST_DATABASE_URL), real Redis."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -16,7 +17,9 @@ from sqlalchemy import text
 from svckit.db import utcnow
 from wallet import holds
 from wallet.audit import audit
+from wallet.config import Settings
 
+from .conftest import app_client
 from .factories import (
     AuthFake,
     Signer,
@@ -319,6 +322,23 @@ class TestExpiry:
             status = conn.execute(text("SELECT status FROM holds WHERE id = :h"), {"h": hold["id"]}).scalar_one()
         assert (status, _held_column(client, wallet["id"])) == ("expired", 0)
         assert audit(sync_engine(client)).violations == []
+
+    def test_the_wallet_process_sweeps_by_itself(self, settings: Settings, signer: Signer, auth_fake: AuthFake) -> None:
+        quick = settings.model_copy(update={"hold_sweep_interval_s": 0.2})
+        with app_client(quick, signer, auth_fake) as client:
+            user = new_user(signer, auth_fake)
+            wallet = open_wallet(client, user, balance=100)
+            hold = place_hold(client, user, amount=30)
+            _expire(client, hold["id"])
+            deadline = time.monotonic() + 10
+            status = "active"
+            while status == "active" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                with sync_engine(client).connect() as conn:
+                    status = conn.execute(
+                        text("SELECT status FROM holds WHERE id = :h"), {"h": hold["id"]}
+                    ).scalar_one()
+            assert (status, _held_column(client, wallet["id"])) == ("expired", 0)
 
 
 class TestReads:
