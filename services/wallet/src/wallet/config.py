@@ -28,6 +28,9 @@ class Settings(BaseServiceSettings):
     # does; the other side's balance_snapshot is then the other wallet's balance. False
     # shows the caller only their own entries.
     ledger_show_counterparty: bool = True
+    # Every this many seconds each replica marks overdue holds expired (0: never; they
+    # reserve nothing once past their expiry either way). The contract: within 60 s.
+    hold_sweep_interval_s: float = Field(default=15.0, ge=0, le=45)
 
     @property
     def currency_set(self) -> frozenset[str]:

@@ -7,6 +7,8 @@ through httpx.AsyncClient. No movement waits for a worker thread.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,7 +25,7 @@ from svckit.jwt import JWKSVerifier, http_jwks_source
 from svckit.metrics import serve_metrics
 from svckit.problems import problem_response
 from svckit.redis import async_redis_client
-from wallet import service
+from wallet import extension_routes, holds, service
 from wallet.config import Settings, get_settings
 from wallet.errors import WalletBusy
 from wallet.idempotency import IdempotencyCache, timed_out
@@ -76,7 +78,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.db, idempotency, state.system_wallets, retries=settings.db_retries, replica=replica
         )
         serve_metrics(settings.metrics_port)
+        sweeper = (
+            asyncio.create_task(holds.sweep_forever(state.uow, interval_s=settings.hold_sweep_interval_s))
+            if settings.hold_sweep_interval_s > 0
+            else None
+        )
         yield
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         jwks_client.close()
         await state.auth_client.aclose()
         await state.redis.aclose()
@@ -97,8 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = base_app("wallet", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
+    app.include_router(extension_routes.router)  # after: /transaction/history before /transaction/{id}
     app.add_exception_handler(OperationalError, _database_busy)
     require_idempotency_key_in_docs(app)
+    extension_routes.require_idempotency_key_in_docs(app)
     # Money moves without Redis (idempotency falls back to the database's unique key, see
     # wallet.idempotency): Redis down is degraded, not unready. Only the database is required.
     # A replica down fails history and ledgers only: degraded, like Redis.

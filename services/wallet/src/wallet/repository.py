@@ -139,7 +139,7 @@ async def add_system_wallet(conn: Connection, currency: str, shard: int) -> None
 
 # --- money movement -----------------------------------------------------------------------
 
-_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
+_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held)
 _LOCK_WHERE = or_(
     (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
     W.c.id == _bind(W, "id", "other_id"),
