@@ -93,6 +93,10 @@ class Wallet(Base, table=True):
     currency: str = Field(sa_column=Column(String(3), nullable=False))
     balance: int = Field(default=0, sa_column=_money())
     owner_name: str = Field(sa_column=Column(String(201), nullable=False))
+    # The receipts' recipient, from auth when the wallet was opened (none on older wallets).
+    owner_email: str | None = Field(default=None, sa_column=Column(String(320), nullable=True))
+    owner_first_name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
+    owner_last_name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
     # System wallets only: which of the currency's shards of the outside world (0 for users).
     shard: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
