@@ -58,9 +58,9 @@ class SentMarkers:
         client's CPU per call here)."""
         own = getattr(self._local, "client", None)
         if own is None:
-            own = self._local.client = redis.Redis(
-                connection_pool=self.redis.connection_pool, single_connection_client=True
-            )
+            # The given client's class and pool (its timeouts and retry policy).
+            own = type(self.redis)(connection_pool=self.redis.connection_pool, single_connection_client=True)
+            self._local.client = own
         return own
 
     def begin(self, email_id: str) -> Begun:
