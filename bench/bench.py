@@ -20,6 +20,9 @@ through the API; then drives it with wrk (32 connections) through the gateway:
     10^4, then 10^6 ledger entries (seeded in SQL), to show reads do not grow with the table;
   - resident memory of every process at the end, and of each process at the start and the
     end of the load (growth flagged);
+  - notifier CPU per email (bench/notifier_cpu.py, once the stack is down): 5,000 receipts
+    through the real outbox relay, Redis and notifier workers to the Brevo stand-in, the
+    workers' CPU time (/proc/<pid>/stat) over the emails sent;
 
 then runs wallet-audit. Figures are printed (progress on stderr as it goes) and written
 to bench/results/latest.json, drawn in bench/results/latest.png; nothing here passes or
@@ -500,6 +503,23 @@ def paced_transfers(
     return summary, receipts, samples
 
 
+def notifier_cpu() -> dict[str, Any]:
+    """bench/notifier_cpu.py once the stack is down: receipts through the real relay, Redis
+    and notifier workers to the Brevo stand-in, the workers' CPU time per email."""
+    progress("notifier CPU per email (bench/notifier_cpu.py)")
+    receipts = "1000" if QUICK else "5000"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "notifier_cpu.py"), "--receipts", receipts, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        progress(f"  notifier_cpu.py failed: {done.stderr.strip().splitlines()[-1:]}")
+        return {"notifier_cpu_ms_per_email": float("nan")}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3 if QUICK else 15)
@@ -613,6 +633,7 @@ def main() -> None:
         stack.stop()
         stub_proc.terminate()
         drop_databases(env)  # also when a run fails half way
+    extra["notifier_cpu"] = notifier_cpu()
     extra["run"] = {
         "started": began.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - T0),
@@ -666,6 +687,11 @@ def report(
             f"outbox unpublished peak {max(s['outbox_backlog'] for s in backlog):.0f}; "
             f"{len(backlog)} samples in {RESULTS.relative_to(ROOT)}.json"
         )
+    cpu = extra["notifier_cpu"]
+    print(
+        f"notifier CPU per email: {cpu['notifier_cpu_ms_per_email']:.3f} ms "
+        f"({cpu.get('emails_sent', 0)} receipts, relay + Redis + {cpu.get('threads', '?')}-thread worker, target <= 0.3)"
+    )
     print(audit)
     ratios = {"transfers_over_trivial": transfers / trivial, "trivial_over_bare": trivial / bare}
     figures = {"results": results, "ratios": ratios, "rss": rss, "audit": audit, **extra}

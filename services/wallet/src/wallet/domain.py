@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from svckit.messages import Receipt, new_email_id
+from svckit.messages import Receipt, Recipient, new_email_id
 from svckit.outbox import outbox_row
 from wallet import ledger
 from wallet.ledger import Posting
@@ -44,6 +44,16 @@ class LockedWallet:
     balance: int
     owner_name: str
     held: int = 0  # what its active holds reserve (some perhaps overdue: see holds_repository.available)
+    # The receipts' recipient; None on wallets opened before the wallet kept it.
+    owner_email: str | None = None
+    owner_first_name: str | None = None
+    owner_last_name: str | None = None
+
+    @property
+    def recipient(self) -> Recipient | None:
+        if self.owner_email is None or self.owner_first_name is None or self.owner_last_name is None:
+            return None
+        return Recipient(email=self.owner_email, first_name=self.owner_first_name, last_name=self.owner_last_name)
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class Party:
     wallet_id: int
     user_id: int | None
     name: str
+    recipient: Recipient | None = None  # carried in its receipt (none: the notifier looks it up)
 
     @classmethod
     def external(cls, wallet_id: int, name: str) -> Party:
@@ -73,7 +84,9 @@ class Party:
 
     @classmethod
     def of(cls, wallet: LockedWallet) -> Party:
-        return cls(wallet.id, wallet.user_id if wallet.kind == USER else None, wallet.owner_name)
+        if wallet.kind != USER:
+            return cls(wallet.id, None, wallet.owner_name)
+        return cls(wallet.id, wallet.user_id, wallet.owner_name, wallet.recipient)
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,7 @@ def book(
         Receipt(
             email_id=new_email_id(),
             user_id=me.user_id,
+            recipient=me.recipient,
             transaction_id=locked.transaction_id,
             kind=_RECEIPT_KIND[(kind, is_source)],  # type: ignore[arg-type]
             amount=amount,

@@ -99,6 +99,10 @@ class Wallet(Base, table=True):
     # What the wallet's active holds reserve (their amounts summed), kept in step with the
     # holds table under the wallet's row lock: available = balance - held.
     held: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # The receipts' recipient, from auth when the wallet was opened (none on older wallets).
+    owner_email: str | None = Field(default=None, sa_column=Column(String(320), nullable=True))
+    owner_first_name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
+    owner_last_name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
     # System wallets only: which of the currency's shards of the outside world (0 for users).
     shard: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())

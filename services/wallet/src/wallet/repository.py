@@ -43,6 +43,7 @@ from sqlalchemy.orm import aliased
 
 from svckit.aiodb import Connection
 from svckit.db import UTCDateTime, utcnow
+from svckit.messages import Recipient
 from wallet.domain import Booking, Locked, LockedWallet
 from wallet.ledger import signed
 from wallet.models import (
@@ -79,6 +80,8 @@ def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
 
 # --- wallets ------------------------------------------------------------------------------
 
+# The receipts' recipient (svckit.messages.Recipient), column by column.
+_OWNER = ("owner_email", "owner_first_name", "owner_last_name")
 _WALLET_COLUMNS = (
     W.c.id,
     W.c.user_id,
@@ -92,7 +95,9 @@ _WALLET_COLUMNS = (
 
 _OPEN_WALLET = select(*_WALLET_COLUMNS).where(W.c.user_id == _bind(W, "user_id"), W.c.status == OPEN)
 _OPEN_WALLET_LOCKED = _OPEN_WALLET.with_for_update()
-_ADD_WALLET = insert(W).values(_row_binds(W, "w_", ["user_id", "currency", "owner_name", "created_at", "updated_at"]))
+_ADD_WALLET = insert(W).values(
+    _row_binds(W, "w_", ["user_id", "currency", "owner_name", *_OWNER, "created_at", "updated_at"])
+)
 _ADD_WALLET = _ADD_WALLET.values(kind=USER, status=OPEN, balance=0).returning(*_WALLET_COLUMNS)
 _CLOSE_WALLET = (
     update(W)
@@ -117,9 +122,16 @@ async def open_wallet_of(conn: Connection, user_id: int, *, lock: bool = False) 
     return (await conn.execute(_OPEN_WALLET_LOCKED if lock else _OPEN_WALLET, {"user_id": user_id})).first()
 
 
-async def add_wallet(conn: Connection, *, user_id: int, currency: str, owner_name: str) -> Any:
+async def add_wallet(
+    conn: Connection, *, user_id: int, currency: str, owner_name: str, recipient: Recipient | None = None
+) -> Any:
     now = utcnow()
     params = {"user_id": user_id, "currency": currency, "owner_name": owner_name, "created_at": now, "updated_at": now}
+    params |= {
+        "owner_email": recipient.email if recipient else None,
+        "owner_first_name": recipient.first_name if recipient else None,
+        "owner_last_name": recipient.last_name if recipient else None,
+    }
     return (await conn.execute(_ADD_WALLET, _prefixed("w_", params))).one()
 
 
@@ -139,7 +151,11 @@ async def add_system_wallet(conn: Connection, currency: str, shard: int) -> None
 
 # --- money movement -----------------------------------------------------------------------
 
-_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held)
+# In LockedWallet's field order: rows are unpacked by position.
+_LOCKED_COLUMNS = (
+    *(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held),
+    *(W.c[c] for c in _OWNER),
+)
 _LOCK_WHERE = or_(
     (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
     W.c.id == _bind(W, "id", "other_id"),
