@@ -7,7 +7,7 @@ wallet is opened. Nullable: wallets opened before this migration have none, and 
 receipts go out without a recipient (the notifier looks it up, as before).
 
 Revision ID: 0011
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 """
 
@@ -31,6 +31,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("wallets") as batch:
-        for name, _ in reversed(COLUMNS):
-            batch.drop_column(name)
+    # In place on SQLite too (>= 3.35): batch mode would copy the table, turning 0008's
+    # column CHECK on `held` into a table constraint that its own downgrade cannot drop.
+    for name, _ in reversed(COLUMNS):
+        op.execute(f"ALTER TABLE wallets DROP COLUMN {name}")
