@@ -30,6 +30,16 @@ The two combine (`--currency USD --wallet-ids 1-50000`). Progress goes to stderr
 is a terminal, or with `--progress`; `--json` prints the report as one JSON document
 (the same facts as the text: the scope, the counts, every check run, the violations,
 the first MAX_KEPT of them listed). Exit codes: 0 no violation, 1 violations, 2 usage.
+
+Tamper evidence (wallet.chain), instead of the checks above:
+
+- `--verify-chain` recomputes every wallet's hash chain (with `--currency` or
+  `--wallet-ids`, those wallets' chains, which are complete in themselves) and names each
+  entry whose content, order or presence no longer matches, and each wallet whose head is
+  not its newest entry's hash; the same report, text or `--json`, and exit codes.
+- `--chain-head` prints one digest over every wallet's chain head (`--json`: with the
+  heads), for an operator to publish elsewhere: a later rewrite of the ledger, even by the
+  tables' owner who recomputes every hash and head, gives another digest.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from typing import Any, TextIO
 from sqlalchemy import ColumnElement, Connection, Engine, case, func, or_, select
 
 from svckit.db import SessionLimits, make_engine
+from wallet import chain
 from wallet.models import SYSTEM, LedgerEntry, Transaction, Wallet
 
 W = Wallet.__table__  # type: ignore[attr-defined]
@@ -118,6 +129,7 @@ class Report:
     max_wallet_id: int = 0
     count: int = 0  # every violation found; `found` keeps the first MAX_KEPT
     found: list[Violation] = field(default_factory=list)
+    checks: tuple[str, ...] = CHECKS
 
     @property
     def violations(self) -> list[str]:
@@ -152,7 +164,7 @@ class Report:
             "transactions": self.transactions,
             "ledger_entries": self.entries,
             "max_wallet_id": self.max_wallet_id,
-            "checks": list(CHECKS),
+            "checks": list(self.checks),
             "violation_count": self.count,
             "violations": [v.__dict__ for v in self.found],
             "violations_truncated": self.count > len(self.found),
@@ -319,6 +331,37 @@ def _check_currency_sums(conn: Connection, scope: Scope, report: Report) -> None
             report.add(CHECKS[5], "currency", currency, f"currency {currency}: wallets sum to {total}, not 0")
 
 
+CHAIN_CHECK = "entry_chain"
+
+
+def verify_chain(engine: Engine, *, scope: Scope | None = None, progress: Progress | None = None) -> Report:
+    """`--verify-chain`: recompute every wallet's hash chain (of the scope's wallets) and
+    report each break, the first of a wallet first (wallet.chain.verify)."""
+    scope = scope or Scope()
+    progress = progress or Progress(None)
+    report = Report(scope=scope, checks=(CHAIN_CHECK,))
+    with engine.connect() as conn, conn.begin():  # the heads and the entries from one snapshot
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        _count(conn, scope, report)
+        progress.start("chains", report.entries)
+        for found in chain.verify(conn, entries_where=scope.entries(), wallets_where=scope.wallets()):
+            subject, id_ = (
+                ("ledger_entry", found.entry_id) if found.entry_id is not None else ("wallet", found.wallet_id)
+            )
+            report.add(CHAIN_CHECK, subject, id_, found.message)
+        progress.finish()
+    return report
+
+
+def chain_head(engine: Engine) -> dict[str, Any]:
+    """`--chain-head`: the digest over every wallet's chain head (wallet.chain.head_digest),
+    with the heads it covers."""
+    with engine.connect() as conn:
+        heads = chain.current_heads(conn)
+    return {"chain_head": chain.head_digest(heads), "wallets": len(heads), "heads": [list(h) for h in heads]}
+
+
 def _currency(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z]{3}", value):
         raise argparse.ArgumentTypeError(f"not an ISO 4217 code: {value!r}")
@@ -344,6 +387,17 @@ def main(argv: list[str] | None = None) -> None:
         metavar="LOW-HIGH",
         help="per-wallet and per-transaction checks of these wallets",
     )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--verify-chain",
+        action="store_true",
+        help="recompute every wallet's hash chain instead, naming each entry that no longer matches",
+    )
+    mode.add_argument(
+        "--chain-head",
+        action="store_true",
+        help="print one digest over every wallet's chain head, to publish (with --json, the heads too)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
     parser.add_argument("--progress", action="store_true", help="show progress on stderr even when it is no terminal")
     args = parser.parse_args(argv)
@@ -355,8 +409,20 @@ def main(argv: list[str] | None = None) -> None:
     limits = SessionLimits.from_settings(settings, statement_timeout_ms=0)
     engine = make_engine(args.database_url or settings.database_url, limits=limits)
     progress = Progress(sys.stderr if args.progress or sys.stderr.isatty() else None)
+    scope = Scope(currency=args.currency, wallet_ids=args.wallet_ids)
+    if args.chain_head and (args.currency or args.wallet_ids):
+        parser.error("--chain-head covers every wallet: no --currency or --wallet-ids")
     try:
-        report = audit(engine, scope=Scope(currency=args.currency, wallet_ids=args.wallet_ids), progress=progress)
+        if args.chain_head:
+            head = chain_head(engine)
+            print(
+                json.dumps(head, indent=2)
+                if args.json
+                else f"chain head {head['chain_head']} ({head['wallets']} wallets)"
+            )
+            sys.exit(0)
+        run = verify_chain if args.verify_chain else audit
+        report = run(engine, scope=scope, progress=progress)
     finally:
         engine.dispose()
     print(json.dumps(report.as_json(), indent=2) if args.json else report.render())

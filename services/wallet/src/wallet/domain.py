@@ -13,7 +13,7 @@ from typing import Any
 
 from svckit.messages import Receipt, new_email_id
 from svckit.outbox import outbox_row
-from wallet import ledger
+from wallet import chain, ledger
 from wallet.ledger import Posting
 from wallet.models import USER
 
@@ -43,6 +43,7 @@ class LockedWallet:
     currency: str
     balance: int
     owner_name: str
+    chain_head: str | None = None  # the hash of its newest ledger entry (wallet.chain)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Booking:
     initiated_by: int
     now: datetime
     outbox: list[dict[str, Any]] = field(default_factory=list)
+    # Each wallet's (previous head, new head): its entry's prev_hash and hash (wallet.chain).
+    links: dict[int, tuple[str | None, str]] = field(default_factory=dict)
 
     def transaction_row(self) -> dict[str, Any]:
         return {
@@ -115,6 +118,8 @@ class Booking:
                 "currency": self.currency,
                 "balance_snapshot": self.snapshots[p.wallet_id],
                 "created_at": self.now,
+                "prev_hash": self.links[p.wallet_id][0],
+                "hash": self.links[p.wallet_id][1],
             }
             for p in (self.source, self.destination)
         ]
@@ -134,7 +139,8 @@ def book(
 ) -> Booking:
     """Work out a movement in full from the `locked` wallets' balances, and the id and time
     drawn once they were locked: the transaction, its balanced ledger entries with their
-    snapshots, and a receipt in the outbox for each user involved. Nothing is written yet
+    snapshots and their hashes (each extends its wallet's chain from the locked head), and a
+    receipt in the outbox for each user involved. Nothing is written yet
     (see repository.write_booking)."""
     source_posting, destination_posting = ledger.postings(
         source=source.wallet_id, destination=destination.wallet_id, amount=amount
@@ -158,6 +164,22 @@ def book(
         for me, other, is_source in ((source, destination, True), (destination, source, False))
         if me.user_id is not None
     ]
+    links: dict[int, tuple[str | None, str]] = {}
+    for p in (source_posting, destination_posting):
+        prev = locked.wallets[p.wallet_id].chain_head
+        links[p.wallet_id] = (
+            prev,
+            chain.entry_hash(
+                wallet_id=p.wallet_id,
+                transaction_id=locked.transaction_id,
+                entry_type=p.entry_type,
+                amount=p.amount,
+                currency=currency,
+                balance_snapshot=after[p.wallet_id],
+                created_at=locked.now,
+                prev_hash=prev,
+            ),
+        )
     return Booking(
         transaction_id=locked.transaction_id,
         type=kind,
@@ -169,4 +191,5 @@ def book(
         initiated_by=user_id,
         now=locked.now,
         outbox=[outbox_row(r) for r in receipts],
+        links=links,
     )
