@@ -229,7 +229,8 @@ def verify(
                 yield from _check_head(current, heads.pop(current, None), prev, newest)
             current, prev = row.wallet_id, None
         yield from _check_entry(row, prev)
-        prev, newest = row.hash, row.id
+        if row.hash is not None:  # the chain goes on past an entry without a hash
+            prev, newest = row.hash, row.id
     if current is not None:
         yield from _check_head(current, heads.pop(current, None), prev, newest)
     for wallet_id, head in sorted(heads.items()):
