@@ -55,15 +55,14 @@ CONTENT = (
 )
 
 
-def _field(value: str) -> str:
-    return f";{len(value)}:{value}"
-
-
 def timestamp(moment: datetime) -> str:
     """created_at as hashed: UTC, microseconds, a `Z`."""
-    if moment.tzinfo is None:
+    offset = moment.utcoffset()
+    if offset is None:
         raise ValueError("naive datetime")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if offset:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def encode(
@@ -88,7 +87,7 @@ def encode(
         timestamp(created_at),
         prev_hash or "",
     )
-    return (VERSION + "".join(map(_field, fields))).encode()
+    return (VERSION + "".join([f";{len(f)}:{f}" for f in fields])).encode()
 
 
 def entry_hash(
