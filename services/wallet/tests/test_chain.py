@@ -5,10 +5,12 @@ rewrote, deleted, inserted or moved behind the service's back."""
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from sqlalchemy import Connection, Engine, select, text, update
 from svckit.db import make_engine
 from svckit.testing import alembic, fresh_database
 from wallet import chain
-from wallet.audit import audit, chain_head, main, verify_chain
+from wallet.audit import audit, chain_head, main, published_heads, verify_chain
 from wallet.config import Settings
 
 from .conftest import INI, app_client
@@ -236,16 +238,20 @@ class TestTampering:
         breaks = ledger.breaks()
         assert [(b.entry_id, b.what) for b in breaks] == [(first.id, "content"), (second.id, "content")]
 
-    def test_a_rewrite_that_recomputes_every_hash_changes_the_published_head(
-        self, ledger: Ledger, capsys: pytest.CaptureFixture[str]
+    def test_a_rewrite_that_recomputes_every_hash_is_caught_by_the_published_head(
+        self, ledger: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """The chain cannot stop the owner from rewriting an entry and rehashing everything
-        after it; the digest published before can: it no longer matches."""
+        after it; the head published before can: the digest differs, and the wallet's
+        chain no longer holds the published head."""
         with pytest.raises(SystemExit) as exit_info:
             main(["--database-url", ledger.url, "--chain-head"])
         assert exit_info.value.code == 0
         published = capsys.readouterr().out.split()[2]
         assert published == chain_head(ledger.engine)["chain_head"]
+        archive = tmp_path / "head.json"
+        archive.write_text(json.dumps(chain_head(ledger.engine)))
+        assert verify_chain(ledger.engine, published=published_heads(str(archive))).count == 0
         target = ledger.entries(ledger.john_wallet)[0]
         with as_owner(ledger.engine) as conn:
             conn.execute(text("UPDATE ledger_entries SET hash = NULL WHERE wallet_id = :w"), {"w": target.wallet_id})
@@ -253,6 +259,23 @@ class TestTampering:
             chain.chain_unchained(conn)
         assert ledger.breaks() == []  # a perfect forgery, as far as the chain goes
         assert chain_head(ledger.engine)["chain_head"] != published
+        report = verify_chain(ledger.engine, published=published_heads(str(archive)))
+        assert [(v.subject, v.id) for v in report.found] == [("wallet", ledger.john_wallet)]
+        assert "published head" in report.violations[0]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--database-url", ledger.url, "--verify-chain", "--published", str(archive)])
+        assert exit_info.value.code == 1
+
+    def test_a_published_file_that_does_not_give_its_digest_is_refused(self, ledger: Ledger, tmp_path: Path) -> None:
+        document = chain_head(ledger.engine)
+        document["heads"][0][1] = "0" * 64
+        archive = tmp_path / "head.json"
+        archive.write_text(json.dumps(document))
+        with pytest.raises(ValueError, match="do not give its chain_head"):
+            published_heads(str(archive))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--database-url", ledger.url, "--verify-chain", "--published", str(archive)])
+        assert exit_info.value.code == 2
 
     def test_the_cli_names_the_entry_and_exits_1(self, ledger: Ledger, capsys: pytest.CaptureFixture[str]) -> None:
         target = ledger.entries(ledger.jane_wallet)[0]

@@ -40,6 +40,10 @@ Tamper evidence (wallet.chain), instead of the checks above:
 - `--chain-head` prints one digest over every wallet's chain head (`--json`: with the
   heads), for an operator to publish elsewhere: a later rewrite of the ledger, even by the
   tables' owner who recomputes every hash and head, gives another digest.
+- `--verify-chain --published FILE` (FILE: an earlier `--chain-head --json`, its heads
+  checked against its digest) also reports each wallet whose chain no longer holds the
+  head published then: the ledger up to it was rewritten, even if every hash after the
+  rewrite was recomputed.
 """
 
 from __future__ import annotations
@@ -334,9 +338,16 @@ def _check_currency_sums(conn: Connection, scope: Scope, report: Report) -> None
 CHAIN_CHECK = "entry_chain"
 
 
-def verify_chain(engine: Engine, *, scope: Scope | None = None, progress: Progress | None = None) -> Report:
+def verify_chain(
+    engine: Engine,
+    *,
+    scope: Scope | None = None,
+    progress: Progress | None = None,
+    published: dict[int, str] | None = None,
+) -> Report:
     """`--verify-chain`: recompute every wallet's hash chain (of the scope's wallets) and
-    report each break, the first of a wallet first (wallet.chain.verify)."""
+    report each break, the first of a wallet first (wallet.chain.verify); with `published`
+    heads, also each wallet whose chain no longer holds its published head."""
     scope = scope or Scope()
     progress = progress or Progress(None)
     report = Report(scope=scope, checks=(CHAIN_CHECK,))
@@ -345,7 +356,9 @@ def verify_chain(engine: Engine, *, scope: Scope | None = None, progress: Progre
             conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         _count(conn, scope, report)
         progress.start("chains", report.entries)
-        for found in chain.verify(conn, entries_where=scope.entries(), wallets_where=scope.wallets()):
+        for found in chain.verify(
+            conn, entries_where=scope.entries(), wallets_where=scope.wallets(), published=published
+        ):
             subject, id_ = (
                 ("ledger_entry", found.entry_id) if found.entry_id is not None else ("wallet", found.wallet_id)
             )
@@ -360,6 +373,17 @@ def chain_head(engine: Engine) -> dict[str, Any]:
     with engine.connect() as conn:
         heads = chain.current_heads(conn)
     return {"chain_head": chain.head_digest(heads), "wallets": len(heads), "heads": [list(h) for h in heads]}
+
+
+def published_heads(path: str) -> dict[int, str]:
+    """The heads of a `--chain-head --json` document, once they are checked to give its
+    digest (so they are the ones that were published)."""
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    heads = [(int(w), str(h)) for w, h in document["heads"]]
+    if chain.head_digest(heads) != document["chain_head"]:
+        raise ValueError(f"{path}: its heads do not give its chain_head {document['chain_head']}")
+    return dict(heads)
 
 
 def _currency(value: str) -> str:
@@ -398,6 +422,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="print one digest over every wallet's chain head, to publish (with --json, the heads too)",
     )
+    parser.add_argument(
+        "--published",
+        metavar="FILE",
+        help="with --verify-chain: the output of an earlier --chain-head --json; also check every wallet's chain"
+        " still holds the head published then",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
     parser.add_argument("--progress", action="store_true", help="show progress on stderr even when it is no terminal")
     args = parser.parse_args(argv)
@@ -412,6 +442,12 @@ def main(argv: list[str] | None = None) -> None:
     scope = Scope(currency=args.currency, wallet_ids=args.wallet_ids)
     if args.chain_head and (args.currency or args.wallet_ids):
         parser.error("--chain-head covers every wallet: no --currency or --wallet-ids")
+    if args.published and not args.verify_chain:
+        parser.error("--published goes with --verify-chain")
+    try:
+        published = published_heads(args.published) if args.published else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--published: {error}")
     try:
         if args.chain_head:
             head = chain_head(engine)
@@ -421,8 +457,10 @@ def main(argv: list[str] | None = None) -> None:
                 else f"chain head {head['chain_head']} ({head['wallets']} wallets)"
             )
             sys.exit(0)
-        run = verify_chain if args.verify_chain else audit
-        report = run(engine, scope=scope, progress=progress)
+        if args.verify_chain:
+            report = verify_chain(engine, scope=scope, progress=progress, published=published)
+        else:
+            report = audit(engine, scope=scope, progress=progress)
     finally:
         engine.dispose()
     print(json.dumps(report.as_json(), indent=2) if args.json else report.render())

@@ -208,16 +208,31 @@ def chain_unchained(conn: Connection, *, batch: int = 10_000) -> int:
 # --- verifying ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Break:
+    entry_id: int | None
+    wallet_id: int
+    what: str  # content, link, unchained or head
+    message: str
+
+
 def verify(
-    conn: Connection, *, entries_where: Iterable[Any] = (), wallets_where: Iterable[Any] = ()
+    conn: Connection,
+    *,
+    entries_where: Iterable[Any] = (),
+    wallets_where: Iterable[Any] = (),
+    published: dict[int, str] | None = None,
 ) -> Iterator[Break]:
     """Walk every chain (of the wallets the filters select) in order and yield each break:
     an entry whose content no longer gives its hash, one that does not link to the entry
     before it (an entry was deleted, inserted or moved), one without a hash, and a wallet
     whose head is not its newest entry's hash (its newest entries deleted, or one added).
-    The walk goes on from the stored hash after a break, so each tampered place is named
-    once. Streams the entries; the wallets' heads are held in memory (one per wallet)."""
+    With `published` (wallet id -> a head published earlier), also each of those wallets
+    whose chain no longer holds that hash: the chain was rewritten up to it, hashes and
+    all. The walk goes on from the stored hash after a break, so each tampered place is
+    named once. Streams the entries; the wallets' heads are held in memory."""
     heads = dict(conn.execute(select(W.c.id, W.c.chain_head).where(*wallets_where)).all())
+    expected = {w: h for w, h in (published or {}).items() if w in heads}
     query = select(L.c.id, *CONTENT, L.c.prev_hash, L.c.hash).where(*entries_where).order_by(*CHAIN_ORDER)
     current: int | None = None
     prev: str | None = None
@@ -226,23 +241,25 @@ def verify(
         if row.wallet_id != current:
             if current is not None:
                 yield from _check_head(current, heads.pop(current, None), prev, newest)
-            current, prev = row.wallet_id, None
+            current, prev, newest = row.wallet_id, None, None
         yield from _check_entry(row, prev)
         if row.hash is not None:  # the chain goes on past an entry without a hash
             prev, newest = row.hash, row.id
+            if expected.get(row.wallet_id) == row.hash:
+                del expected[row.wallet_id]
     if current is not None:
         yield from _check_head(current, heads.pop(current, None), prev, newest)
     for wallet_id, head in sorted(heads.items()):
         if head is not None:
             yield Break(None, wallet_id, "head", f"wallet {wallet_id}: chain head {head[:12]}… but no entries")
-
-
-@dataclass(frozen=True)
-class Break:
-    entry_id: int | None
-    wallet_id: int
-    what: str  # content, link, unchained or head
-    message: str
+    for wallet_id, head in sorted(expected.items()):
+        yield Break(
+            None,
+            wallet_id,
+            "published",
+            f"wallet {wallet_id}: the published head {head[:12]}… is no longer in its chain"
+            " (an entry up to it was rewritten or deleted, and the hashes after it recomputed)",
+        )
 
 
 def _check_entry(row: Any, prev: str | None) -> Iterator[Break]:
