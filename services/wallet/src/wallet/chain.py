@@ -162,7 +162,8 @@ def chain_unchained(conn: Connection, *, batch: int = 10_000) -> int:
     """Hash, in chain order, every entry that has no hash yet (after its wallet's last
     hashed entry), and set those wallets' heads; returns how many entries it hashed.
 
-    Reads in keyset batches of `batch` entries, so memory stays flat for any ledger.
+    Reads in keyset batches of `batch` entries, so memory stays flat for any ledger (but
+    for the new heads, one per wallet it hashed entries of).
     Run as the tables' owner, in the caller's transaction (it pauses the append-only
     trigger on UPDATE for its own updates and restores it).
     """
@@ -171,8 +172,9 @@ def chain_unchained(conn: Connection, *, batch: int = 10_000) -> int:
         conn.execute(text("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only"))
     else:
         conn.execute(text("DROP TRIGGER IF EXISTS ledger_entries_no_update"))
-    todo = select(L.c.wallet_id).where(L.c.hash.is_(None)).distinct().scalar_subquery()
-    query = select(L.c.id, *CONTENT, L.c.hash).where(L.c.wallet_id.in_(todo)).order_by(*CHAIN_ORDER).limit(batch)
+    # One keyset walk over every entry in chain order (each batch a range of the
+    # (wallet_id, transaction_id) index): the hashed ones only give the next one its prev.
+    query = select(L.c.id, *CONTENT, L.c.hash).order_by(*CHAIN_ORDER).limit(batch)
     after: tuple[int, int, int] | None = None
     current, prev, hashed = None, None, 0
     heads: dict[int, str] = {}
@@ -191,7 +193,8 @@ def chain_unchained(conn: Connection, *, batch: int = 10_000) -> int:
                 prev = new
             else:
                 prev = row.hash
-            heads[row.wallet_id] = prev
+            if row.hash is None or row.wallet_id in heads:  # a wallet it rechained: its head moves on
+                heads[row.wallet_id] = prev
         if updates:
             conn.execute(_SET_HASH, updates)
             hashed += len(updates)
