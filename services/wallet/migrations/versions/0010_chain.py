@@ -9,11 +9,11 @@
   is a break that `wallet-audit --verify-chain` reports, not a refused insert. (On SQLite
   a NOT NULL column would mean rebuilding the table, and with it its triggers.)
 
-Its down_revision is 0007, the head when it was written; the holds and statements
-migrations (0008, 0009) are re-chained before it at merge.
+Its down_revision is 0008 (holds and refunds); written on 0007, re-chained after the
+merge of main. A statements migration 0009, if any, goes before it.
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 """
 
@@ -25,7 +25,7 @@ from alembic import op
 from wallet.chain import chain_unchained
 
 revision: str = "0010"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

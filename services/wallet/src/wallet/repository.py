@@ -148,6 +148,7 @@ _LOCKED_COLUMNS = (
     W.c.currency,
     W.c.balance,
     W.c.owner_name,
+    W.c.held,
     W.c.chain_head,
 )
 _LOCK_WHERE = or_(
