@@ -24,7 +24,7 @@ from wallet.audit import audit, chain_head, main, published_heads, verify_chain
 from wallet.config import Settings
 
 from .conftest import INI, app_client
-from .factories import AuthFake, Signer, User, call, move, new_user, open_wallet, run_all
+from .factories import AuthFake, Signer, User, call, move, new_user, open_wallet, place_hold, post, run_all
 
 _databases = itertools.count()
 
@@ -169,6 +169,18 @@ class TestWriting:
         assert len(ledger.entries(ledger.jane_wallet)) > 40
         report = verify_chain(ledger.engine)
         assert (report.count, report.entries) == (0, report.entries)
+        assert audit(ledger.engine).violations == []
+
+    def test_captures_and_refunds_extend_the_chains(self, ledger: Ledger) -> None:
+        """The holds' and refunds' movements book through the same lock and book()."""
+        hold = place_hold(ledger.client, ledger.jane, amount=40, to_account_id=ledger.john_wallet)
+        assert post(ledger.client, ledger.jane, f"/holds/{hold['id']}/capture").status_code == 200
+        history = ledger.client.get("/transaction/history?limit=1", headers=ledger.john.headers).json()
+        refund = post(ledger.client, ledger.john, f"/transaction/{history['transactions'][0]['id']}/refund", amount=15)
+        assert refund.status_code == 200, refund.text
+        entries = ledger.entries(ledger.john_wallet)
+        assert entries[-1].prev_hash == entries[-2].hash
+        assert ledger.breaks() == []
         assert audit(ledger.engine).violations == []
 
 
