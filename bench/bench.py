@@ -55,6 +55,8 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from wallet.chain import chain_unchained
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -184,6 +186,7 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
             )
             conn.execute(text("UPDATE wallets SET balance = balance - :n WHERE id = :sys"), {"n": n, "sys": system})
             conn.execute(text("UPDATE wallets SET balance = balance + :n WHERE id = :w"), {"n": n, "w": wallet_id})
+            chain_unchained(conn)  # hash the seeded entries as the service would have (wallet.chain)
         conn.execute(text("ANALYZE"))
         last = conn.execute(
             text("SELECT max(transaction_id) FROM ledger_entries WHERE wallet_id = :w"), {"w": wallet_id}
@@ -628,6 +631,20 @@ def main() -> None:
             text=True,
             check=False,
         )
+        progress("wallet-audit --verify-chain")
+        verify_started = time.monotonic()
+        verified = subprocess.run(
+            [str(BIN / "wallet-audit"), "--database-url", env["WALLET_DATABASE_URL"], "--verify-chain", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        chain_report = json.loads(verified.stdout or "{}")
+        extra["verify_chain"] = {
+            "seconds": round(time.monotonic() - verify_started, 1),
+            "ledger_entries": chain_report.get("ledger_entries"),
+            "violations": chain_report.get("violation_count"),
+        }
     finally:
         progress("stopping the stack")
         stack.stop()
@@ -646,7 +663,7 @@ def main() -> None:
         "cores": os.cpu_count(),
     }
     report(results, rss, audit.stdout.strip(), args, extra)
-    sys.exit(audit.returncode)
+    sys.exit(audit.returncode or int(bool(extra.get("verify_chain", {}).get("violations"))))
 
 
 def report(
@@ -693,6 +710,11 @@ def report(
         f"({cpu.get('emails_sent', 0)} receipts, relay + Redis + {cpu.get('threads', '?')}-thread worker, target <= 0.3)"
     )
     print(audit)
+    chain = extra.get("verify_chain", {})
+    print(
+        f"wallet-audit --verify-chain: {chain.get('ledger_entries')} entries in {chain.get('seconds')} s, "
+        f"violations {chain.get('violations')}"
+    )
     ratios = {"transfers_over_trivial": transfers / trivial, "trivial_over_bare": trivial / bare}
     figures = {"results": results, "ratios": ratios, "rss": rss, "audit": audit, **extra}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

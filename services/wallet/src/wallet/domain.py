@@ -13,7 +13,7 @@ from typing import Any
 
 from svckit.messages import Receipt, Recipient, new_email_id
 from svckit.outbox import outbox_row
-from wallet import ledger
+from wallet import chain, ledger
 from wallet.ledger import Posting
 from wallet.models import USER
 
@@ -44,6 +44,7 @@ class LockedWallet:
     balance: int
     owner_name: str
     held: int = 0  # what its active holds reserve (some perhaps overdue: see holds_repository.available)
+    chain_head: str | None = None  # the hash of its newest ledger entry (wallet.chain)
     # The receipts' recipient; None on wallets opened before the wallet kept it.
     owner_email: str | None = None
     owner_first_name: str | None = None
@@ -106,6 +107,8 @@ class Booking:
     initiated_by: int
     now: datetime
     outbox: list[dict[str, Any]] = field(default_factory=list)
+    # Each wallet's (previous head, new head): its entry's prev_hash and hash (wallet.chain).
+    links: dict[int, tuple[str | None, str]] = field(default_factory=dict)
 
     def transaction_row(self) -> dict[str, Any]:
         return {
@@ -129,6 +132,8 @@ class Booking:
                 "currency": self.currency,
                 "balance_snapshot": self.snapshots[p.wallet_id],
                 "created_at": self.now,
+                "prev_hash": self.links[p.wallet_id][0],
+                "hash": self.links[p.wallet_id][1],
             }
             for p in (self.source, self.destination)
         ]
@@ -148,7 +153,8 @@ def book(
 ) -> Booking:
     """Work out a movement in full from the `locked` wallets' balances, and the id and time
     drawn once they were locked: the transaction, its balanced ledger entries with their
-    snapshots, and a receipt in the outbox for each user involved. Nothing is written yet
+    snapshots and their hashes (each extends its wallet's chain from the locked head), and a
+    receipt in the outbox for each user involved. Nothing is written yet
     (see repository.write_booking)."""
     source_posting, destination_posting = ledger.postings(
         source=source.wallet_id, destination=destination.wallet_id, amount=amount
@@ -173,6 +179,22 @@ def book(
         for me, other, is_source in ((source, destination, True), (destination, source, False))
         if me.user_id is not None
     ]
+    links: dict[int, tuple[str | None, str]] = {}
+    for p in (source_posting, destination_posting):
+        prev = locked.wallets[p.wallet_id].chain_head
+        links[p.wallet_id] = (
+            prev,
+            chain.entry_hash(
+                wallet_id=p.wallet_id,
+                transaction_id=locked.transaction_id,
+                entry_type=p.entry_type,
+                amount=p.amount,
+                currency=currency,
+                balance_snapshot=after[p.wallet_id],
+                created_at=locked.now,
+                prev_hash=prev,
+            ),
+        )
     return Booking(
         transaction_id=locked.transaction_id,
         type=kind,
@@ -184,4 +206,5 @@ def book(
         initiated_by=user_id,
         now=locked.now,
         outbox=[outbox_row(r) for r in receipts],
+        links=links,
     )

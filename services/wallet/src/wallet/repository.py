@@ -151,9 +151,11 @@ async def add_system_wallet(conn: Connection, currency: str, shard: int) -> None
 
 # --- money movement -----------------------------------------------------------------------
 
-# In LockedWallet's field order: rows are unpacked by position.
+# In LockedWallet's field order (rows are unpacked by position), with each wallet's chain
+# head: the booking extends the chains under these locks (wallet.chain).
 _LOCKED_COLUMNS = (
     *(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held),
+    W.c.chain_head,
     *(W.c[c] for c in _OWNER),
 )
 _LOCK_WHERE = or_(
@@ -228,8 +230,8 @@ _RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
 
 @functools.cache
 def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[Executable]:
-    """The booking's statements, built once per shape. The first moves the balances and
-    returns the new ones; the others insert the transaction, its two entries, its outbox
+    """The booking's statements, built once per shape. The first moves the balances and the
+    chain heads and returns the new balances; the others insert the transaction, its two entries, its outbox
     rows and the record. On Postgres they are one statement of named data-modifying CTEs:
     one round trip while the rows are locked (foreign keys are checked at its end, when the
     transaction row exists). On SQLite, in process, they run one by one."""
@@ -237,10 +239,11 @@ def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> li
     delta = case(
         (W.c.id == a, bindparam("delta_a", type_=BigInteger())), else_=bindparam("delta_b", type_=BigInteger())
     )
+    head = case((W.c.id == a, _bind(W, "chain_head", "head_a")), else_=_bind(W, "chain_head", "head_b"))
     moved = (
         update(W)
         .where(W.c.id.in_([a, b]))
-        .values(balance=W.c.balance + delta, updated_at=_bind(W, "updated_at", "now"))
+        .values(balance=W.c.balance + delta, chain_head=head, updated_at=_bind(W, "updated_at", "now"))
         .returning(W.c.id, W.c.balance)
     )
     # Several rows as INSERT ... SELECT of a UNION ALL, in order (the debit first): SQLAlchemy
@@ -269,6 +272,8 @@ async def write_booking(conn: Connection, booking: Booking, record: dict[str, An
         "b": destination.wallet_id,
         "delta_a": signed(source),
         "delta_b": signed(destination),
+        "head_a": booking.links[source.wallet_id][1],
+        "head_b": booking.links[destination.wallet_id][1],
         "now": booking.now,
         **_prefixed("t_", booking.transaction_row()),
         **_prefixed("r_", record or {}),
