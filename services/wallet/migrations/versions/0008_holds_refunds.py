@@ -9,8 +9,10 @@
   held money can never be spent whatever the code does.
 - `refunds`: which transfer a refund transfer refunds, append-only like the ledger.
 - `ix_ledger_wallet_created_at`: `GET /wallet/balance?at=` reads one wallet's newest entry
-  at or before a time in one index lookup. (Built in the migration's transaction: on a
-  large ledger, create it CONCURRENTLY beforehand, then this migration finds it.)
+  at or before a time in one index lookup. On Postgres it is built CONCURRENTLY once the
+  rest has committed (svckit.retention.create_purge_index), so neither movements nor
+  reads of `wallets` wait for the build on a large ledger; the CHECK on `held` is added
+  NOT VALID and validated apart, under a lock that lets writers through.
 
 Revision ID: 0008
 Revises: 0007
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from svckit.retention import create_purge_index, drop_purge_index
 from wallet.models import LONG_ID
 
 revision: str = "0008"
@@ -43,7 +46,8 @@ def upgrade() -> None:
     postgres = op.get_bind().dialect.name == "postgresql"
     if postgres:
         op.add_column("wallets", sa.Column("held", sa.BigInteger(), nullable=False, server_default="0"))
-        op.create_check_constraint("ck_wallets_held", "wallets", HELD_CHECK)
+        # NOT VALID: no scan of wallets under the ADD's exclusive lock (validated below).
+        op.execute(f"ALTER TABLE wallets ADD CONSTRAINT ck_wallets_held CHECK ({HELD_CHECK}) NOT VALID")
     else:
         # SQLite adds a column with a CHECK in place (batch mode would copy the table).
         op.execute(
@@ -94,12 +98,15 @@ def upgrade() -> None:
                 f"CREATE TRIGGER refunds_no_{action.lower()} BEFORE {action} ON refunds "
                 f"BEGIN SELECT RAISE(ABORT, 'refunds is append-only: {action} refused'); END"
             )
-    op.create_index(LEDGER_INDEX, "ledger_entries", ["wallet_id", "created_at"])
+    create_purge_index(LEDGER_INDEX, "ledger_entries", ["wallet_id", "created_at"])  # commits the above first
+    if postgres:
+        with op.get_context().autocommit_block():
+            op.execute("ALTER TABLE wallets VALIDATE CONSTRAINT ck_wallets_held")
 
 
 def downgrade() -> None:
     postgres = op.get_bind().dialect.name == "postgresql"
-    op.drop_index(LEDGER_INDEX, table_name="ledger_entries")
+    drop_purge_index(LEDGER_INDEX, "ledger_entries")
     if postgres:
         op.execute("DROP TRIGGER IF EXISTS refunds_append_only ON refunds")
     else:
