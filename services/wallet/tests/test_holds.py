@@ -277,6 +277,15 @@ class TestVoid:
         assert (again.status_code, again.json()["code"]) == (409, "hold_not_active")
         assert move(client, user, "withdraw", amount=100).status_code == 200
 
+    def test_a_voided_hold_keeps_its_recipient(self, client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+        payer, shop = new_user(signer, auth_fake), new_user(signer, auth_fake)
+        open_wallet(client, payer, balance=100)
+        to = open_wallet(client, shop)["id"]
+        hold = place_hold(client, payer, amount=30, to_account_id=to)
+        voided = post(client, payer, f"/holds/{hold['id']}/void").json()
+        assert voided["recipient_wallet_id"] == to
+        assert client.get(f"/holds/{hold['id']}", headers=payer.headers).json() == voided
+
 
 class TestExpiry:
     def test_an_overdue_hold_reserves_nothing_at_once_and_cannot_be_captured(

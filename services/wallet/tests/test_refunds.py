@@ -99,6 +99,17 @@ class TestRefund:
         assert client.get(f"/transaction/{txn}", headers=stranger.headers).status_code == 404
         assert (_balance(client, sender), _balance(client, shop)) == (900, 100)
 
+    def test_a_recipient_who_closed_the_wallet_and_reopened_in_another_currency_gets_404(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake
+    ) -> None:
+        sender, shop, _, txn = _pair(client, signer, auth_fake, 100)
+        assert move(client, shop, "withdraw", amount=100).status_code == 200
+        assert client.delete("/wallet", headers=shop.headers).status_code == 200
+        open_wallet(client, shop, balance=500, currency="EUR")
+        refused = post(client, shop, f"/transaction/{txn}/refund")
+        assert (refused.status_code, refused.json()["code"]) == (404, "wallet_not_found")
+        assert _balance(client, sender) == 900
+
     def test_deposits_withdrawals_and_refunds_are_not_refundable(
         self, client: TestClient, signer: Signer, auth_fake: AuthFake
     ) -> None:

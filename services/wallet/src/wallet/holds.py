@@ -202,7 +202,9 @@ async def list_holds(uow: UnitOfWork, *, user_id: int, status: str | None) -> Ho
 
 async def expire_overdue_holds(uow: UnitOfWork, *, batch: int = 100) -> int:
     """Mark overdue active holds expired, one wallet per transaction under its row lock
-    (skipped when locked: see the module docstring). Returns how many wallets it swept."""
+    (skipped when locked: see the module docstring). Returns how many wallets released
+    holds, so that a batch of wallets it cannot sweep (locked, or a held amount the audit
+    would flag) does not keep the sweeper looping."""
     now = utcnow()
     async with transaction(uow.db, read_only=True) as conn:
         wallet_ids = await holds.overdue_wallet_ids(conn, now=now, limit=batch)
@@ -210,9 +212,8 @@ async def expire_overdue_holds(uow: UnitOfWork, *, batch: int = 100) -> int:
     for wallet_id in wallet_ids:
         async with transaction(uow.db) as conn:
             held = await holds.lock_wallet(conn, wallet_id)
-            if held is not None:
-                await holds.release_overdue(conn, wallet_id=wallet_id, held=held, now=now)
-                swept += 1
+            if held is not None and await holds.release_overdue(conn, wallet_id=wallet_id, held=held, now=now) < held:
+                swept += 1  # only wallets that released something: a locked one is the next sweep's
     return swept
 
 

@@ -51,7 +51,10 @@ _SET_HOLD = (
     .values(
         status=_bind(H, "status", "s_status"),
         captured_amount=_bind(H, "captured_amount", "s_captured_amount"),
-        recipient_wallet_id=_bind(H, "recipient_wallet_id", "s_recipient_wallet_id"),
+        # A void names no recipient: the one the hold was placed for stays on it.
+        recipient_wallet_id=func.coalesce(
+            _bind(H, "recipient_wallet_id", "s_recipient_wallet_id"), H.c.recipient_wallet_id
+        ),
         transaction_id=_bind(H, "transaction_id", "s_transaction_id"),
         updated_at=_NOW,
     )

@@ -29,7 +29,6 @@ from wallet.errors import (
 from wallet.idempotency import Answer, Once
 from wallet.models import OPEN, USER
 from wallet.schemas import RefundResult, TransactionRead
-from wallet.service import _own_wallet
 from wallet.uow import UnitOfWork
 
 
@@ -49,8 +48,9 @@ async def refund(uow: UnitOfWork, *, user_id: int, key: str, transaction_id: int
             if original.to_wallet_id not in wallet_ids:
                 raise RefundNotAllowed()  # the caller sent it
             locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=original.from_wallet_id)
-            own = _own_wallet(locked, user_id, original.currency)
-            if own.id != original.to_wallet_id:
+            own = locked.wallets.get(original.to_wallet_id)
+            if own is None or own.user_id != user_id or own.status != OPEN:
+                # Closed since (perhaps reopened in another currency): nothing to refund from.
                 raise WalletNotFound("The wallet that received this transfer is closed.")
             sender = locked.wallets.get(original.from_wallet_id)
             if sender is None or sender.kind != USER or sender.status != OPEN:
