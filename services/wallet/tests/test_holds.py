@@ -287,6 +287,24 @@ class TestVoid:
         assert client.get(f"/holds/{hold['id']}", headers=payer.headers).json() == voided
 
 
+class TestListing:
+    def test_holds_come_in_pages_newest_first(self, client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
+        user = new_user(signer, auth_fake)
+        open_wallet(client, user, balance=100)
+        ids = [place_hold(client, user, amount=1)["id"] for _ in range(5)]
+        pages, after = [], None
+        while True:
+            query = "/holds?limit=2" + (f"&after={after}" if after else "")
+            page = client.get(query, headers=user.headers).json()["holds"]
+            if not page:
+                break
+            pages.append([h["id"] for h in page])
+            after = page[-1]["id"]
+        assert pages == [ids[::-1][:2], ids[::-1][2:4], ids[::-1][4:]]
+        assert client.get("/holds?limit=101", headers=user.headers).status_code == 422
+        assert len(client.get("/holds?status=active&limit=3", headers=user.headers).json()["holds"]) == 3
+
+
 class TestExpiry:
     def test_an_overdue_hold_reserves_nothing_at_once_and_cannot_be_captured(
         self, client: TestClient, signer: Signer, auth_fake: AuthFake

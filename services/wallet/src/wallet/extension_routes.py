@@ -98,9 +98,18 @@ async def create_hold(body: HoldIn, uow: UowDep, caller: UserDep, key: KeyDep, r
 
 
 @router.get("/holds", response_model=HoldList, tags=["holds"], responses=problem_responses(Unauthorized))
-async def list_holds(uow: UowDep, caller: UserDep, status: Annotated[HoldStatus | None, Query()] = None) -> HoldList:
-    """Your holds, newest first, optionally of one status."""
-    return await holds.list_holds(uow, user_id=caller.user_id, status=status)
+async def list_holds(
+    uow: UowDep,
+    caller: UserDep,
+    status: Annotated[HoldStatus | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="holds per page (extension)")] = 100,
+    after: Annotated[
+        int | None, Query(ge=1, le=MAX_TRANSACTION_ID, description="a hold id: the page of holds older than it")
+    ] = None,
+) -> HoldList:
+    """Your holds, newest first, optionally of one status: at most `limit` (100) per page;
+    `after` (the last id of a page) gives the next one."""
+    return await holds.list_holds(uow, user_id=caller.user_id, status=status, limit=limit, after=after)
 
 
 @router.get(

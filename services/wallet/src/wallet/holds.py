@@ -192,11 +192,13 @@ async def get_hold(uow: UnitOfWork, *, user_id: int, hold_id: int) -> HoldRead:
     return hold_read(hold, utcnow())
 
 
-async def list_holds(uow: UnitOfWork, *, user_id: int, status: str | None) -> HoldList:
+async def list_holds(
+    uow: UnitOfWork, *, user_id: int, status: str | None, limit: int = 100, after: int | None = None
+) -> HoldList:
     now = utcnow()
     async with transaction(uow.db, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
-        rows = await holds.list_holds(conn, wallet_ids=wallet_ids, status=status, now=now)
+        rows = await holds.list_holds(conn, wallet_ids=wallet_ids, status=status, now=now, limit=limit, after=after)
     return HoldList(holds=[hold_read(row, now) for row in rows])
 
 

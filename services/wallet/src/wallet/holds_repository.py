@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, Select, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Integer, Select, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from svckit.aiodb import Connection
@@ -67,7 +67,14 @@ def _holds(dialect: str) -> Select[Any]:
 
 
 _HOLD = {d: _holds(d).where(H.c.id == _bind(H, "id", "hold_id")) for d in ("postgresql", "sqlite")}
-_LIST = {d: _holds(d).order_by(H.c.id.desc()) for d in ("postgresql", "sqlite")}
+# A page, newest first, older than `after` (a hold id): keyset paging on the primary key.
+_LIST = {
+    d: _holds(d)
+    .where(H.c.id < bindparam("after", type_=BigInteger()))
+    .order_by(H.c.id.desc())
+    .limit(bindparam("limit", type_=Integer()))
+    for d in ("postgresql", "sqlite")
+}
 _LIST_STATUS = {d: _LIST[d].where(H.c.status == _bind(H, "status")) for d in ("postgresql", "sqlite")}
 _OVERDUE = or_(H.c.status == EXPIRED, and_(H.c.status == ACTIVE, H.c.expires_at <= _bind(H, "expires_at", "now")))
 _LIST_EXPIRED = {d: _LIST[d].where(_OVERDUE) for d in ("postgresql", "sqlite")}
@@ -120,12 +127,26 @@ async def get_hold(conn: Connection, *, hold_id: int, wallet_ids: Sequence[int])
     return (await conn.execute(_HOLD[conn.dialect_name], params)).first()
 
 
-async def list_holds(conn: Connection, *, wallet_ids: Sequence[int], status: str | None, now: datetime) -> list[Any]:
-    """The holds on these wallets, newest first; an active hold past its expiry is expired
-    already (the sweeper may not have marked it yet)."""
+async def list_holds(
+    conn: Connection,
+    *,
+    wallet_ids: Sequence[int],
+    status: str | None,
+    now: datetime,
+    limit: int,
+    after: int | None = None,
+) -> list[Any]:
+    """Up to `limit` holds on these wallets older than hold `after`, newest first; an active
+    hold past its expiry is expired already (the sweeper may not have marked it yet)."""
     if not wallet_ids:
         return []
-    params: dict[str, Any] = {"wallet_ids": list(wallet_ids), "now": now, "status": status}
+    params: dict[str, Any] = {
+        "wallet_ids": list(wallet_ids),
+        "now": now,
+        "status": status,
+        "limit": limit,
+        "after": 2**63 - 1 if after is None else after,
+    }
     queries = {None: _LIST, ACTIVE: _LIST_ACTIVE, EXPIRED: _LIST_EXPIRED}
     statement = queries.get(status, _LIST_STATUS)[conn.dialect_name]
     return list((await conn.execute(statement, params)).all())
