@@ -24,6 +24,9 @@ class Settings(BaseServiceSettings):
     # does; the other side's balance_snapshot is then the other wallet's balance. False
     # shows the caller only their own entries.
     ledger_show_counterparty: bool = True
+    # GET /wallet/statement answers at most this many lines; a range holding more is a 422
+    # (statement_too_large) naming where to cut it, never a silently truncated statement.
+    statement_max_lines: int = Field(default=10_000, ge=1, le=100_000)
 
     @property
     def currency_set(self) -> frozenset[str]:

@@ -125,6 +125,8 @@ class LedgerEntry(Base, table=True):
         CheckConstraint("entry_type IN ('debit', 'credit')", name="ck_ledger_entry_type"),
         # History and audits read a wallet's entries newest first.
         Index("ix_ledger_wallet_transaction", "wallet_id", "transaction_id"),
+        # Statements and history by time (migration 0009_reads).
+        Index("ix_ledger_wallet_created", "wallet_id", "created_at", "transaction_id"),
     )
 
     id: int | None = Field(default=None, sa_column=_long_id())

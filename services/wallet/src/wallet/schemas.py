@@ -86,3 +86,24 @@ class LedgerEntryRead(BaseModel):
     currency: str
     balance_snapshot: int
     created_at: datetime
+
+
+class StatementLine(BaseModel):
+    transaction_id: int
+    date: datetime
+    type: Literal["deposit", "withdrawal", "transfer"]
+    counterparty: str
+    amount: int = Field(description="Signed minor units: credits positive, debits negative")
+    balance: int = Field(description="The wallet's balance right after this line")
+
+
+class Statement(BaseModel):
+    wallet_id: int
+    currency: str
+    from_: datetime = Field(alias="from", serialization_alias="from")
+    to: datetime
+    opening_balance: int
+    closing_balance: int
+    lines: list[StatementLine]
+
+    model_config = ConfigDict(populate_by_name=True)
