@@ -68,7 +68,8 @@ class TestStatementLines:
         assert set(lines[0]) == {"transaction_id", "date", "type", "counterparty", "amount", "balance"}
         assert (body["opening_balance"], body["closing_balance"]) == (0, 505)
         assert body["closing_balance"] == client.get("/wallet", headers=jane.headers).json()["balance"]
-        assert body["wallet_id"] == jane_wallet(client, jane) and body["currency"] == "USD"
+        assert body["wallet_id"] == jane_wallet(client, jane)
+        assert body["currency"] == "USD"
         # Each running balance is the ledger entry's own snapshot.
         for line in lines:
             assert line["balance"] == ledger_snapshot(client, jane, line["transaction_id"], body["wallet_id"])

@@ -334,19 +334,21 @@ def _among(column: Any, name: str, dialect: str) -> Any:
 
 
 @functools.cache
-def _history(dialect: str, *, after: bool, kind: bool, since: bool, until: bool) -> Select[Any]:
-    """History's page, one statement per combination of filters (each compiled once).
+def _history(dialect: str, *, one: bool, after: bool, kind: bool, since: bool, until: bool) -> Select[Any]:
+    """History's page, one statement per shape (each compiled once): of `one` wallet (a
+    bound id) or of a list of them, with whichever filters are given.
 
     Without a time filter it walks the (wallet_id, transaction_id) index backwards; with
     `from` or `to`, the (wallet_id, created_at, transaction_id) index (migration 0009_reads).
     Both orders are the same: a wallet's movements draw their id and time under its row
-    lock, so later ids have later times, and a user's wallets never overlap in time (one
-    open wallet at a time). `after` is a keyset bound (an index range, not an offset): on
-    the time index the range also starts at that transaction's time, so skipped entries
-    are never read.
+    lock, so later ids have later times. `after` is a keyset bound, an index range (not an
+    offset); on the time index the range also starts at that transaction's time, so the
+    entries skipped are never read. The bound is repeated on the transactions side so that
+    a merge join starts there too.
     """
     source, destination = aliased(W, name="source"), aliased(W, name="destination")
     timed = since or until
+    wallets = L.c.wallet_id == _bind(L, "wallet_id") if one else _among(L.c.wallet_id, "wallet_ids", dialect)
     query = (
         select(
             T.c.id,
@@ -363,10 +365,10 @@ def _history(dialect: str, *, after: bool, kind: bool, since: bool, until: bool)
         .join(T, T.c.id == L.c.transaction_id)
         .join(source, source.c.id == T.c.from_wallet_id)
         .join(destination, destination.c.id == T.c.to_wallet_id)
-        .where(_among(L.c.wallet_id, "wallet_ids", dialect))
+        .where(wallets)
     )
     if after:
-        query = query.where(L.c.transaction_id < _bind(L, "transaction_id", "after"))
+        query = query.where(L.c.transaction_id < _bind(L, "transaction_id", "after"), T.c.id < _bind(T, "id", "after"))
         if timed:
             after_time = select(T.c.created_at).where(T.c.id == _bind(T, "id", "after")).scalar_subquery()
             query = query.where(L.c.created_at <= after_time)
@@ -378,7 +380,7 @@ def _history(dialect: str, *, after: bool, kind: bool, since: bool, until: bool)
         query = query.where(L.c.created_at <= _bind(L, "created_at", "until"))
     order = (L.c.created_at.desc(), L.c.transaction_id.desc()) if timed else (L.c.transaction_id.desc(),)
     query = query.order_by(*order).limit(bindparam("limit", type_=Integer()))
-    return query if after else query.offset(bindparam("offset", type_=BigInteger()))
+    return query if one else query.offset(bindparam("offset", type_=BigInteger()))
 
 
 async def history(
@@ -394,30 +396,37 @@ async def history(
 ) -> list[Any]:
     """The transactions touching these wallets, newest first, with both sides' names.
 
-    Driven by an index of ledger_entries read backwards (see _history), so a page costs
-    limit (+ offset) index entries however long the history: one entry per transaction and
-    user, a user's wallets never trade with each other. A `kind` filter is checked on the
-    way, so a rare kind costs the entries passed over.
+    Driven by an index of ledger_entries read backwards (see _history): one entry per
+    transaction and user, a user's wallets never trade with each other. Without an offset
+    the page is read one wallet at a time, newest wallet first, each an ordered index range
+    of that wallet (a user has one open wallet at a time, and a new one's movements all
+    follow the old one's, so the concatenation is in order), so a page costs `limit` index
+    entries however long the ledger and wherever `after` is. (One ordered scan over a list
+    of wallets is not something Postgres's btree gives before version 17: it would sort
+    the user's matching entries.) With an offset, one statement over the list (`offset`
+    and `after` never come together). A `kind` filter is checked on the way, so a rare
+    kind costs the entries passed over.
     """
     if not wallet_ids:
         return []
-    query = _history(
-        conn.dialect_name,
-        after=after is not None,
-        kind=kind is not None,
-        since=since is not None,
-        until=until is not None,
-    )
-    params = {
-        "wallet_ids": list(wallet_ids),
-        "limit": limit,
-        "offset": offset,
-        "after": after,
-        "kind": kind,
-        "since": since,
-        "until": until,
+    shape = {
+        "after": after is not None,
+        "kind": kind is not None,
+        "since": since is not None,
+        "until": until is not None,
     }
-    return list((await conn.execute(query, {k: v for k, v in params.items() if v is not None})).all())
+    params = {k: v for k, v in {"after": after, "kind": kind, "since": since, "until": until}.items() if v is not None}
+    if offset:
+        query = _history(conn.dialect_name, one=False, **shape)
+        rows = await conn.execute(query, {**params, "wallet_ids": list(wallet_ids), "limit": limit, "offset": offset})
+        return list(rows.all())
+    page: list[Any] = []
+    for wallet_id in sorted(wallet_ids, reverse=True):  # newest wallet first
+        query = _history(conn.dialect_name, one=True, **shape)
+        page += (await conn.execute(query, {**params, "wallet_id": wallet_id, "limit": limit - len(page)})).all()
+        if len(page) == limit:
+            break
+    return page
 
 
 # A statement reads one wallet's entries in a time range from the (wallet_id, created_at,
@@ -464,8 +473,8 @@ _STATEMENT_LINES = _statement_lines()
 
 async def opening_balance(conn: Connection, *, wallet_id: int, since: datetime) -> int:
     """The wallet's balance just before `since`: its last entry's snapshot (0 if none)."""
-    found = (await conn.execute(_OPENING, {"wallet_id": wallet_id, "since": since})).scalar()
-    return int(found or 0)
+    found = (await conn.execute(_OPENING, {"wallet_id": wallet_id, "since": since})).first()
+    return int(found[0]) if found is not None else 0
 
 
 async def statement_lines(
