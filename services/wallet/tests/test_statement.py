@@ -196,3 +196,29 @@ class TestStatementRefusals:
         assert "narrower" in response.json()["detail"]
         first_two = statement(client, jane, to=response.json()["detail"].rsplit(" at ", 1)[1].rstrip(")."))
         assert [line["amount"] for line in first_two["lines"]] == [500, 1]
+
+
+class TestStatementEdges:
+    @pytest.mark.parametrize(
+        ("params", "status"),
+        [
+            ({"to": "0001-01-01T00:00:00Z"}, 200),
+            ({"from": "0001-01-01T00:00:00+01:00"}, 422),  # before year 1 in UTC
+            ({"to": "9999-12-31T23:59:59-23:00"}, 422),  # after 9999 in UTC
+        ],
+    )
+    def test_dates_at_the_edges_of_the_calendar_are_answered(
+        self, client: TestClient, jane: User, params: dict[str, str], status: int
+    ) -> None:
+        response = client.get("/wallet/statement", headers=jane.headers, params=params)
+        assert response.status_code == status, response.text
+        if status == 422:
+            assert response.json()["code"] == "invalid_range"
+        else:
+            assert response.json()["lines"] == []
+        history = client.get("/transaction/history", headers=jane.headers, params=params)
+        assert history.status_code == status
+
+    def test_far_past_to_with_default_from_is_an_empty_statement(self, client: TestClient, jane: User) -> None:
+        body = statement(client, jane, to="0001-01-31T00:00:00Z")
+        assert (body["opening_balance"], body["closing_balance"], body["lines"]) == (0, 0, [])

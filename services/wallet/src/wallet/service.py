@@ -6,7 +6,7 @@ go in the outbox with the booking), and the outcome is recorded with it."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError
 
@@ -242,7 +242,7 @@ async def history(
     than transaction `after`; optionally only one `kind`, or a time range."""
     if after is not None and offset is not None:
         raise OffsetWithAfter()
-    _check_order(since, until)
+    since, until = _range(since, until)
     async with transaction(uow.db, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
         rows = await repository.history(
@@ -274,9 +274,19 @@ STATEMENT_DEFAULT_DAYS = 30
 STATEMENT_MAX_SPAN = timedelta(days=366)
 
 
-def _check_order(since: datetime | None, until: datetime | None) -> None:
+def _utc(moment: datetime | None, name: str) -> datetime | None:
+    """The instant in UTC; one that UTC cannot write (before year 1 or after 9999) is a 422."""
+    try:
+        return None if moment is None else moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidRange(f"`{name}` is out of range (years 1 to 9999 in UTC).") from exc
+
+
+def _range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    since, until = _utc(since, "from"), _utc(until, "to")
     if since is not None and until is not None and since > until:
         raise InvalidRange("`from` is after `to`.")
+    return since, until
 
 
 async def statement(
@@ -288,9 +298,14 @@ async def statement(
     Bounded by `max_lines`: a range holding more is refused (422 statement_too_large, the
     detail saying where the first `max_lines` end), never answered truncated, since a
     statement's closing balance must be the balance at `to`."""
+    since, until = _range(since, until)
     until = until or utcnow()
-    since = since or until - timedelta(days=STATEMENT_DEFAULT_DAYS)
-    _check_order(since, until)
+    if since is None:
+        try:
+            since = until - timedelta(days=STATEMENT_DEFAULT_DAYS)
+        except OverflowError:  # a `to` in year 1
+            since = datetime.min.replace(tzinfo=UTC)
+    _range(since, until)
     if until - since > STATEMENT_MAX_SPAN:
         raise InvalidRange("A statement covers at most 366 days.")
     async with transaction(uow.db, read_only=True) as conn:
