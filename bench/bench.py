@@ -523,6 +523,29 @@ def paced_transfers(
     return summary, receipts, samples
 
 
+def reads(
+    stack: Stack, env: dict[str, str], token: str, wallet: int, sizes: tuple[int, ...], run: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """The read measures: for each ledger size, seed the ledger to it and drive each read as
+    the wallet's owner."""
+    results = {}
+    for size in sizes:
+        progress(f"seeding the ledger to {size:.0e} entries")
+        txn = seed_ledger(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"], wallet, size)
+        since = recent_since(env["WALLET_DATABASE_URL"], wallet, lines=100)
+        for label, path in (
+            ("history", "/transaction/history?limit=10&offset=0"),
+            # A page deep in the history (a quarter of its entries back), by keyset.
+            ("history after=", f"/transaction/history?limit=10&after={txn - size // 4}"),
+            ("ledger", f"/transaction/{txn}/ledger"),
+            ("statement", f"/wallet/statement?from={since}"),  # its newest 100 lines
+        ):
+            results[f"GET {label} at {size:.0e} entries"] = wrk(
+                f"{stack.url}{path}", "read.lua", BENCH_TOKEN=token, BENCH_PATH=path, **run
+            )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3 if QUICK else 15)
@@ -608,24 +631,8 @@ def main() -> None:
                     stack.url, "money.lua", BENCH_WALLETS=str(wallets), BENCH_KIND=kind, **run
                 )
             token, wallet, _ = users[0]
-            for size in (10**4,) if QUICK else (10**4, 10**6):
-                progress(f"seeding the ledger to {size:.0e} entries")
-                txn = seed_ledger(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"], wallet, size)
-                since = recent_since(env["WALLET_DATABASE_URL"], wallet, lines=100)
-                for label, path in (
-                    ("history", "/transaction/history?limit=10&offset=0"),
-                    # A page deep in the history (a quarter of its entries back), by keyset.
-                    ("history after=", f"/transaction/history?limit=10&after={txn - size // 4}"),
-                    ("ledger", f"/transaction/{txn}/ledger"),
-                    ("statement", f"/wallet/statement?from={since}"),  # its newest 100 lines
-                ):
-                    results[f"GET {label} at {size:.0e} entries"] = wrk(
-                        f"{stack.url}{path}",
-                        "read.lua",
-                        BENCH_TOKEN=token,
-                        BENCH_PATH=path,
-                        **{**run, "seconds": min(args.seconds, 10)},
-                    )
+            sizes = (10**4,) if QUICK else (10**4, 10**6)
+            results.update(reads(stack, env, token, wallet, sizes, {**run, "seconds": min(args.seconds, 10)}))
             rss = memory(stack.process.pid) if stack.process else {}
             extra["memory"] = memory_growth(rss_start, processes(stack))
         progress("wallet-audit")
