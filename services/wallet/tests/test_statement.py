@@ -143,6 +143,21 @@ class TestStatementCsv:
             {**line, "date": datetime.fromisoformat(line["date"])} for line in lines
         ]
 
+    @pytest.mark.parametrize(
+        ("accept", "csv_expected"),
+        [
+            ("text/csv", True),
+            ("text/csv;q=0.9, application/json;q=0.5", True),
+            ("application/json, text/csv;q=0.1", False),
+            ("*/*", False),
+            ("application/json", False),
+        ],
+    )
+    def test_accept_is_weighed(self, client: TestClient, jane: User, accept: str, csv_expected: bool) -> None:
+        response = client.get("/wallet/statement", headers={**jane.headers, "Accept": accept})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/csv" if csv_expected else "application/json")
+
     def test_a_formula_like_name_is_neutralised(self, client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
         mallory = new_user(signer, auth_fake, first="=HYPERLINK(1)", last="x")
         open_wallet(client, mallory, balance=50)

@@ -256,9 +256,32 @@ async def statement(
         until=until,
         max_lines=request.app.state.settings.statement_max_lines,
     )
-    if "text/csv" in request.headers.get("accept", ""):
+    if _wants_csv(request.headers.get("accept", "")):
         return Response(_csv(result), media_type="text/csv; charset=utf-8")
     return Response(result.model_dump_json(by_alias=True), media_type="application/json")
+
+
+def _wants_csv(accept: str) -> bool:
+    """`text/csv` is asked for with a higher weight than JSON (`*/*` and no header: JSON)."""
+    weights = {"text/csv": 0.0, "json": 0.0}
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        media = media.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = "text/csv" if media in ("text/csv", "text/*") else "json" if media in _JSON_MEDIA else None
+        if kind:
+            weights[kind] = max(weights[kind], q)
+    return weights["text/csv"] > weights["json"]
+
+
+_JSON_MEDIA = ("application/json", "application/*", "*/*")
 
 
 def _csv(result: Statement) -> str:
