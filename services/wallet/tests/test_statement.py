@@ -176,6 +176,8 @@ class TestStatementRefusals:
             {"from": "yesterday"},
             {"to": "2026-13-01T00:00:00Z"},
             {"from": "2026-05-31T12:00:00"},  # no offset
+            {"to": "0.5"},  # a number is not taken as a Unix time
+            {"from": "1780000000"},
         ],
     )
     def test_bad_dates_are_422_problems(self, client: TestClient, jane: User, params: dict[str, str]) -> None:

@@ -9,7 +9,6 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
-from pydantic import AwareDatetime
 
 from svckit.money import MAX_ID
 from svckit.problems import Unauthorized, problem_responses
@@ -38,6 +37,7 @@ from wallet.idempotency import Answer
 from wallet.metrics import MONEY_MOVED, MOVEMENTS
 from wallet.schemas import (
     History,
+    Instant,
     LedgerEntryRead,
     Message,
     MoneyIn,
@@ -214,8 +214,8 @@ async def history(
     kind: Annotated[
         Literal["deposit", "withdrawal", "transfer"] | None, Query(alias="type", description="Only this type")
     ] = None,
-    since: Annotated[AwareDatetime | None, _FROM] = None,
-    until: Annotated[AwareDatetime | None, _TO] = None,
+    since: Annotated[Instant | None, _FROM] = None,
+    until: Annotated[Instant | None, _TO] = None,
 ) -> History:
     """Your transactions, newest first, across all your wallets (closed ones included).
     Page by `offset`, or by keyset with `after`."""
@@ -244,8 +244,8 @@ async def statement(
     uow: UowDep,
     caller: UserDep,
     request: Request,
-    since: Annotated[AwareDatetime | None, _FROM] = None,
-    until: Annotated[AwareDatetime | None, _TO] = None,
+    since: Annotated[Instant | None, _FROM] = None,
+    until: Annotated[Instant | None, _TO] = None,
 ) -> Response:
     """Your open wallet's statement, oldest first with running balances (default: the last
     30 days; at most 366). `Accept: text/csv` for CSV."""
