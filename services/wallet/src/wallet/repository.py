@@ -379,8 +379,11 @@ def _history(dialect: str, *, one: bool, after: bool, kind: bool, since: bool, u
     if until:
         query = query.where(L.c.created_at <= _bind(L, "created_at", "until"))
     order = (L.c.created_at.desc(), L.c.transaction_id.desc()) if timed else (L.c.transaction_id.desc(),)
-    query = query.order_by(*order).limit(bindparam("limit", type_=Integer()))
-    return query if one else query.offset(bindparam("offset", type_=BigInteger()))
+    return (
+        query.order_by(*order)
+        .limit(bindparam("limit", type_=Integer()))
+        .offset(bindparam("offset", type_=BigInteger()))
+    )
 
 
 async def history(
@@ -403,8 +406,9 @@ async def history(
     follow the old one's, so the concatenation is in order), so a page costs `limit` index
     entries however long the ledger and wherever `after` is. (One ordered scan over a list
     of wallets is not something Postgres's btree gives before version 17: it would sort
-    the user's matching entries.) With an offset, one statement over the list (`offset`
-    and `after` never come together). A `kind` filter is checked on the way, so a rare
+    the user's matching entries.) With an offset, the same for a user of one wallet (the
+    offset's entries are read too), and for one of several wallets a statement over the
+    list (`offset` and `after` never come together). A `kind` filter is checked on the way, so a rare
     kind costs the entries passed over.
     """
     if not wallet_ids:
@@ -416,14 +420,15 @@ async def history(
         "until": until is not None,
     }
     params = {k: v for k, v in {"after": after, "kind": kind, "since": since, "until": until}.items() if v is not None}
-    if offset:
+    if offset and len(wallet_ids) > 1:
         query = _history(conn.dialect_name, one=False, **shape)
         rows = await conn.execute(query, {**params, "wallet_ids": list(wallet_ids), "limit": limit, "offset": offset})
         return list(rows.all())
     page: list[Any] = []
     for wallet_id in sorted(wallet_ids, reverse=True):  # newest wallet first
         query = _history(conn.dialect_name, one=True, **shape)
-        page += (await conn.execute(query, {**params, "wallet_id": wallet_id, "limit": limit - len(page)})).all()
+        wanted = {"wallet_id": wallet_id, "limit": limit - len(page), "offset": offset}  # one wallet if offset
+        page += (await conn.execute(query, {**params, **wanted})).all()
         if len(page) == limit:
             break
     return page
