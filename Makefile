@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 SERVICE_TESTS := $(wildcard services/*/tests)
 
-.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose check-alerts test-compose test-k8s clean bench
+.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose check-alerts test-compose test-k8s clean bench bench-scale bench-partitioning
 
 $(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -110,6 +110,16 @@ test: lint check-compose check-k8s check-alerts test-unit test-e2e test-chaos te
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/bench.py
+
+# Scaling curves: transfers at 8..512 connections with 1, 2 and 4 wallet replicas, the
+# bottleneck per configuration, and reads up to 10^7 entries (about 15 minutes; figures only).
+bench-scale: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/scale.py
+
+# The time-partitioning trial of deploy/SCALING.md (the local Postgres; figures only).
+bench-partitioning: $(STAMP)
+	$(BIN)/python bench/partitioning.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache

@@ -22,6 +22,13 @@ PUBLIC_PATHS = {
     "/transaction/transfer",
     "/transaction/history",
     "/transaction/{transaction_id}/ledger",
+    "/transaction/{transaction_id}",
+    "/transaction/{transaction_id}/refund",
+    "/wallet/balance",
+    "/holds",
+    "/holds/{hold_id}",
+    "/holds/{hold_id}/capture",
+    "/holds/{hold_id}/void",
 }
 
 

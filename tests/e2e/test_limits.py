@@ -135,6 +135,28 @@ class TestMoneyLimitPerToken:
         assert keys.containing(user.token) == {k for k in keys.seen if k.endswith(f"@file:{canonical}")}
         assert len(keys.containing(user.token)) == 1
 
+    def test_holds_captures_voids_and_refunds_share_the_money_bucket(self, api: httpx.Client) -> None:
+        user = new_user(api)
+        headers = {"Authorization": f"Bearer {user.token}"}
+        open_wallet(api, user, balance=1000)  # POST /wallet: one token from the bucket too
+        time.sleep(BURST / RATE)  # a full bucket again
+
+        def hold() -> httpx.Response:
+            body = {"amount": 1, "currency": "USD"}
+            return api.post("/holds", json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
+
+        start = time.monotonic()
+        codes = [hold().status_code for _ in range(3 * BURST)]
+        elapsed = time.monotonic() - start
+        assert set(codes) == {201, 429}, codes
+        assert codes.count(201) <= BURST + RATE * elapsed + 1
+        for path in ("/holds/1/capture", "/holds/1/void", "/transaction/1/refund"):  # the bucket is empty
+            refused = api.post(path, json={}, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
+            assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited"), path
+        reads = [api.get("/holds", headers=headers).status_code for _ in range(2 * BURST)]
+        assert set(reads) == {200}  # reads are not limited
+        assert len(api.get("/holds", headers=headers).json()["holds"]) == codes.count(201)
+
     @pytest.mark.parametrize("order", ["junk first", "junk last", "two tokens"])
     def test_a_second_authorization_header_gets_no_bucket_and_moves_nothing(
         self, api: httpx.Client, limiter: redis.Redis, order: str

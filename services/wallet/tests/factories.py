@@ -121,6 +121,32 @@ def call(client: TestClient, user: User, endpoint: str, key: str, **body: Any) -
     return client.portal.call(run)  # type: ignore[union-attr]
 
 
+def post(client: TestClient, user: User, path: str, *, idem: str | None = None, **body: Any) -> httpx.Response:
+    """A POST that moves or reserves money (holds, captures, voids, refunds), under a key."""
+    return client.post(path, json=body, headers={**user.headers, "Idempotency-Key": idem or key()})
+
+
+def place_hold(client: TestClient, user: User, *, amount: int, currency: str = "USD", **body: Any) -> Any:
+    response = post(client, user, "/holds", amount=amount, currency=currency, **body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def call_use_case(client: TestClient, use_case: Callable[..., Any], **kwargs: Any) -> tuple[int, bytes]:
+    """Any idempotent use case (holds, refunds) on the app's event loop, as `call` does."""
+    uow = client.app.state.uow  # type: ignore[attr-defined]
+
+    async def run() -> tuple[int, bytes]:
+        try:
+            answer = await use_case(uow, **kwargs)
+        except ProblemError as refusal:
+            return refusal.status, refusal.code.encode()
+        response = answer.response()
+        return response.status_code, bytes(response.body)
+
+    return client.portal.call(run)  # type: ignore[union-attr]
+
+
 _ENGINES: dict[str, Engine] = {}
 
 

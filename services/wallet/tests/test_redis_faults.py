@@ -34,6 +34,29 @@ def test_redis_flushed_between_a_request_and_its_retry(client: TestClient, signe
     assert audit(sync_engine(client)).violations == []
 
 
+def test_a_redis_that_lost_its_scripts_still_locks_and_caches(
+    client: TestClient, signer: Signer, auth_fake: AuthFake
+) -> None:
+    """A restarted Redis (or another node) no longer knows the scripts: they are loaded
+    again and the fast path keeps working, not silently falling back to the database."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    r = redis.Redis.from_url(client.app.state.settings.redis_url)  # type: ignore[attr-defined]
+    r.script_flush()
+    k = key()
+    first = move(client, user, "withdraw", idem=k, amount=25)
+    assert first.status_code == 200
+    [cached] = r.keys(f"idem:resp:*{k}*")
+    assert first.json()["current_balance"] == 75
+    assert str(first.json()["current_balance"]).encode() in r.get(cached)
+    assert all(r.script_exists(*[s.sha for s in _scripts(client)]))
+
+
+def _scripts(client: TestClient) -> list:  # type: ignore[type-arg]
+    cache = client.app.state.uow.idempotency  # type: ignore[attr-defined]
+    return [cache._begin, cache._finish]
+
+
 def test_money_moves_correctly_with_redis_down(client: TestClient, signer: Signer, auth_fake: AuthFake) -> None:
     user = new_user(signer, auth_fake)
     open_wallet(client, user, balance=100)

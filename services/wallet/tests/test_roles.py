@@ -152,6 +152,10 @@ class TestTheServiceRole:
             ("SET session_replication_role = replica", 'permission denied to set parameter "session_replication_role"'),
             ("ALTER TABLE wallets DROP CONSTRAINT ck_wallets_user_balance_not_negative", "must be owner of table"),
             ("DELETE FROM wallets", "permission denied for table wallets"),
+            ("ALTER TABLE wallets DROP CONSTRAINT ck_wallets_held", "must be owner of table"),
+            ("DELETE FROM holds", "permission denied for table holds"),
+            ("UPDATE refunds SET amount = amount + 1", "permission denied for table refunds"),
+            ("DELETE FROM refunds", "permission denied for table refunds"),
             # It may DELETE records (wallet-purge), but never age one to get past the trigger.
             ("UPDATE idempotency_records SET created_at = created_at - interval '2 days'", "permission denied"),
             ("UPDATE idempotency_records SET status_code = 200", "permission denied for table idempotency_records"),

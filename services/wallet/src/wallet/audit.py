@@ -8,7 +8,9 @@ The checks, and how far each one reaches:
 3. and equals its newest entry's snapshot (per wallet);
 4. no user wallet's balance is negative (per wallet);
 5. each snapshot is its wallet's running balance (per wallet, in entry order);
-6. all wallets of a currency sum to zero (global: every wallet of the currency at once).
+6. all wallets of a currency sum to zero (global: every wallet of the currency at once);
+7. every wallet's held amount equals what its active holds reserve (per wallet);
+8. and never exceeds its balance, nor is negative (per wallet).
 
 By default everything is checked in one snapshot (REPEATABLE READ on Postgres). A large
 ledger can be audited in parts, each part a run of its own (its own snapshot), and an
@@ -46,11 +48,12 @@ from typing import Any, TextIO
 from sqlalchemy import ColumnElement, Connection, Engine, case, func, or_, select
 
 from svckit.db import SessionLimits, make_engine
-from wallet.models import SYSTEM, LedgerEntry, Transaction, Wallet
+from wallet.models import ACTIVE, SYSTEM, Hold, LedgerEntry, Transaction, Wallet
 
 W = Wallet.__table__  # type: ignore[attr-defined]
 T = Transaction.__table__  # type: ignore[attr-defined]
 L = LedgerEntry.__table__  # type: ignore[attr-defined]
+H = Hold.__table__  # type: ignore[attr-defined]
 MAX_LISTED = 20  # in the text report
 MAX_KEPT = 1_000  # in memory and in --json: the count goes on past it
 STREAM = 10_000  # rows fetched at a time
@@ -62,6 +65,8 @@ CHECKS = (
     "user_balance_not_negative",
     "snapshots_are_running_balances",
     "currency_sums_to_zero",
+    "held_is_active_holds",
+    "held_within_balance",
 )
 
 
@@ -259,19 +264,25 @@ def _check_transactions(conn: Connection, scope: Scope, report: Report, progress
 
 
 def _check_balances(conn: Connection, scope: Scope, report: Report, progress: Progress) -> None:
-    """2-4. Balances: credits minus debits, newest snapshot, never negative for users
+    """2-4, 7-8. Balances: credits minus debits, newest snapshot, never negative for users, held
     (one row per wallet, streamed: memory stays flat however many wallets)."""
     entries = scope.entries()
     sums = select(L.c.wallet_id, func.sum(_signed()).label("total")).where(*entries).group_by(L.c.wallet_id)
     sums = sums.subquery()
     newest_ids = select(func.max(L.c.id)).where(*entries).group_by(L.c.wallet_id)
     newest = select(L.c.wallet_id, L.c.balance_snapshot).where(L.c.id.in_(newest_ids)).subquery()
+    reserved = select(H.c.wallet_id, func.sum(H.c.amount).label("reserved")).where(H.c.status == ACTIVE)
+    reserved = reserved.group_by(H.c.wallet_id).subquery()
     query = (
-        select(W.c.id, W.c.kind, W.c.balance, sums.c.total, newest.c.balance_snapshot)
-        .select_from(W.outerjoin(sums, sums.c.wallet_id == W.c.id).outerjoin(newest, newest.c.wallet_id == W.c.id))
+        select(W.c.id, W.c.kind, W.c.balance, sums.c.total, newest.c.balance_snapshot, W.c.held, reserved.c.reserved)
+        .select_from(
+            W.outerjoin(sums, sums.c.wallet_id == W.c.id)
+            .outerjoin(newest, newest.c.wallet_id == W.c.id)
+            .outerjoin(reserved, reserved.c.wallet_id == W.c.id)
+        )
         .where(*scope.wallets())
     )
-    for wallet_id, kind, balance, total, snapshot in _stream(conn, query):
+    for wallet_id, kind, balance, total, snapshot, held, active in _stream(conn, query):
         progress.advance()
         if balance != (total or 0):
             report.add(
@@ -286,6 +297,16 @@ def _check_balances(conn: Connection, scope: Scope, report: Report, progress: Pr
             )
         if kind != SYSTEM and balance < 0:
             report.add(CHECKS[3], "wallet", wallet_id, f"wallet {wallet_id}: negative balance {balance}")
+        _check_held(report, wallet_id, kind, balance, held, active or 0)
+
+
+def _check_held(report: Report, wallet_id: int, kind: str, balance: int, held: int, active: int) -> None:
+    """7-8. Held money: what the active holds reserve (an overdue one too, until it is
+    released under the wallet's lock), and part of the balance."""
+    if held != active:
+        report.add(CHECKS[6], "wallet", wallet_id, f"wallet {wallet_id}: held {held} != active holds {active}")
+    if held < 0 or (kind != SYSTEM and held > balance):
+        report.add(CHECKS[7], "wallet", wallet_id, f"wallet {wallet_id}: held {held} outside 0..balance {balance}")
 
 
 def _check_snapshots(conn: Connection, scope: Scope, report: Report, progress: Progress) -> None:

@@ -12,6 +12,10 @@ class Settings(BaseServiceSettings):
     model_config = SettingsConfigDict(env_prefix="WALLET_", extra="ignore")
 
     database_url: str = "sqlite:///var/data/wallet.db"
+    # Where the read-only calls that may lag (history, a transaction's ledger) are served:
+    # a streaming replica of database_url's Postgres. Empty: database_url. Everything that
+    # decides whether money moves reads database_url (deploy/SCALING.md).
+    read_database_url: str = ""
     # ISO 4217 codes a wallet may hold (comma-separated in WALLET_CURRENCIES).
     currencies: str = "USD,EUR,GBP,NGN,KES,GHS,ZAR,CAD,JPY"
     idempotency_ttl_s: int = 86_400  # stored outcomes are replayable for at least a day
@@ -27,6 +31,9 @@ class Settings(BaseServiceSettings):
     # GET /wallet/statement answers at most this many lines; a range holding more is a 422
     # (statement_too_large) naming where to cut it, never a silently truncated statement.
     statement_max_lines: int = Field(default=10_000, ge=1, le=100_000)
+    # Every this many seconds each replica marks overdue holds expired (0: never; they
+    # reserve nothing once past their expiry either way). The contract: within 60 s.
+    hold_sweep_interval_s: float = Field(default=15.0, ge=0, le=45)
 
     @property
     def currency_set(self) -> frozenset[str]:

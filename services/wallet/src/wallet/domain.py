@@ -43,6 +43,7 @@ class LockedWallet:
     currency: str
     balance: int
     owner_name: str
+    held: int = 0  # what its active holds reserve (some perhaps overdue: see holds_repository.available)
 
 
 @dataclass(frozen=True)

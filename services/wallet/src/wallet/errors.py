@@ -126,6 +126,74 @@ class UnknownUser(ProblemError):
         super().__init__(headers={"WWW-Authenticate": "Bearer"})
 
 
+# --- holds, refunds, balances (contract: Extensions) -----------------------------------
+
+
+class HoldNotFound(NotFound):
+    code = "hold_not_found"
+    title = "Hold not found"
+    default_detail = "No such hold on your wallets."
+
+
+class HoldNotActive(ProblemError):
+    status = 409
+    code = "hold_not_active"
+    title = "Hold not active"
+    default_detail = "The hold was captured, voided or has expired."
+
+
+class CaptureExceedsHold(ProblemError):
+    status = 422
+    code = "capture_exceeds_hold"
+    title = "Capture exceeds hold"
+    default_detail = "The amount to capture exceeds the amount held."
+
+
+class RecipientRequired(ProblemError):
+    status = 422
+    code = "recipient_required"
+    title = "Recipient required"
+    default_detail = "The hold names no recipient: send to_account_id."
+
+
+class RecipientMismatch(ProblemError):
+    """Not in the contract's list: a hold authorized for one recipient is never captured to
+    another (README, "Life of a hold")."""
+
+    status = 422
+    code = "recipient_mismatch"
+    title = "Recipient mismatch"
+    default_detail = "The hold was placed for another recipient."
+
+
+class RefundNotAllowed(ProblemError):
+    status = 403
+    code = "refund_not_allowed"
+    title = "Refund not allowed"
+    default_detail = "Only the recipient of a transfer may refund it."
+
+
+class RefundExceedsTransfer(ProblemError):
+    status = 422
+    code = "refund_exceeds_transfer"
+    title = "Refund exceeds transfer"
+    default_detail = "The refunds of a transfer never total more than the transfer."
+
+
+class NotRefundable(ProblemError):
+    status = 422
+    code = "not_refundable"
+    title = "Not refundable"
+    default_detail = "Only transfers can be refunded (not deposits, withdrawals or refunds)."
+
+
+class BalanceTimeInvalid(ProblemError):
+    status = 422
+    code = "invalid_at"
+    title = "Invalid time"
+    default_detail = "`at` must lie between the wallet's opening and now."
+
+
 class InvalidRange(ProblemError):
     """A statement's or a history filter's `from` after its `to`, or a statement range
     longer than the contract allows (366 days)."""

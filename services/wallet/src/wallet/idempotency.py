@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -133,13 +134,22 @@ class IdempotencyCache:
     def _keys(scope: str) -> list[str]:
         return [f"idem:resp:{scope}", f"idem:lock:{scope}"]
 
+    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, loading the script when this Redis lacks it (restarted, or another
+        node). Not `script(...)`: redis-py checks each call with an isinstance against a
+        Protocol class, a few percent of a transfer's CPU."""
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await script(keys=keys, args=args)
+
     async def begin(self, scope: str) -> tuple[str, Outcome | None, str]:
         """(state, stored outcome, lock token): state is stored, locked, busy or unavailable."""
         if time.monotonic() < self._paused_until:
             return UNAVAILABLE, None, ""
         token = secrets.token_hex(16)
         try:
-            state, stored = await self._begin(keys=self._keys(scope), args=[token, self.lock_ttl_ms])
+            state, stored = await self._eval(self._begin, self._keys(scope), [token, self.lock_ttl_ms])
         except (redis.RedisError, OSError) as exc:
             log.warning("idempotency cache unavailable, using the database only: %s", type(exc).__name__)
             self._paused_until = time.monotonic() + self.PAUSE_AFTER_FAILURE_S
@@ -151,13 +161,13 @@ class IdempotencyCache:
 
     async def finish(self, scope: str, token: str, outcome: Outcome) -> None:
         try:
-            await self._finish(keys=self._keys(scope), args=[token, outcome.dumps(), self.ttl_s])
+            await self._eval(self._finish, self._keys(scope), [token, outcome.dumps(), self.ttl_s])
         except (redis.RedisError, OSError) as exc:
             log.warning("could not cache idempotent outcome: %s", type(exc).__name__)
 
     async def release(self, scope: str, token: str) -> None:
         try:
-            await self._release(keys=self._keys(scope)[1:], args=[token])
+            await self._eval(self._release, self._keys(scope)[1:], [token])
         except (redis.RedisError, OSError) as exc:
             log.warning("could not release idempotency lock: %s", type(exc).__name__)
 
@@ -327,17 +337,28 @@ class Once:
         )
 
 
+# Rows a movement writes after its booking, in the same transaction (they name the
+# booking's transaction row, which must exist first): a capture's hold, a refund's link.
+Then = Callable[[Connection], Awaitable[None]]
+
+
 class Attempt:
     """One run of the movement in one database transaction (see Once)."""
 
     def __init__(self, once: Once) -> None:
         self.once = once
         self._conn: Connection | None = None
-        self._booked: tuple[BaseModel, Booking] | None = None
+        self._booked: tuple[BaseModel, Booking | None, int, Then | None] | None = None
 
-    def booked(self, result: BaseModel, booking: Booking) -> None:
-        """The movement's response body and its rows: written with the key's record on exit."""
-        self._booked = result, booking
+    def booked(self, result: BaseModel, booking: Booking, *, then: Then | None = None) -> None:
+        """The movement's response body and its rows: written with the key's record on exit
+        (and `then`, after the booking)."""
+        self._booked = result, booking, 200, then
+
+    def answered(self, result: BaseModel, *, status_code: int = 200) -> None:
+        """A success that books nothing in the ledger (a hold placed or voided: the attempt
+        wrote its rows on the connection already): only the key's record is added on exit."""
+        self._booked = result, None, status_code, None
 
     async def __aenter__(self) -> Connection:
         try:
@@ -399,9 +420,14 @@ class Attempt:
         if exc is None:
             if self._booked is None:
                 raise RuntimeError(f"{once.endpoint}: the attempt ended without a booking or a refusal")
-            result, booking = self._booked
-            outcome = Outcome(200, result.model_dump_json(by_alias=True), once.fingerprint)
-            await repository.write_booking(conn, booking, once._record(outcome, booking))
+            result, booking, status_code, then = self._booked
+            outcome = Outcome(status_code, result.model_dump_json(by_alias=True), once.fingerprint)
+            if booking is None:
+                await repository.add_idempotency_record(conn, once._record(outcome, None))
+            else:
+                await repository.write_booking(conn, booking, once._record(outcome, booking))
+            if then is not None:
+                await then(conn)
         elif isinstance(exc, ProblemError):
             outcome = Outcome(exc.status, _problem_json(exc), once.fingerprint)
             await repository.add_idempotency_record(conn, once._record(outcome, None))

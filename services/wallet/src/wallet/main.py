@@ -7,6 +7,8 @@ through httpx.AsyncClient. No movement waits for a worker thread.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,7 +25,7 @@ from svckit.jwt import JWKSVerifier, http_jwks_source
 from svckit.metrics import serve_metrics
 from svckit.problems import problem_response
 from svckit.redis import async_redis_client
-from wallet import service
+from wallet import extension_routes, holds, service
 from wallet.config import Settings, get_settings
 from wallet.errors import WalletBusy
 from wallet.idempotency import IdempotencyCache, timed_out
@@ -41,12 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         state.settings = settings
-        state.db = await make_database(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            limits=SessionLimits.from_settings(settings),
-        )
+        limits = SessionLimits.from_settings(settings)
+        pool = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow, "limits": limits}
+        state.db = await make_database(settings.database_url, **pool)
+        replica = await make_database(settings.read_database_url, **pool) if settings.read_database_url else None
         state.redis = async_redis_client(settings.redis_url)
         state.auth_client = async_service_client(
             settings.auth_url,
@@ -74,13 +74,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.system_wallets = await service.ensure_system_wallets(
             state.db, settings.currency_set, shards=settings.system_wallet_shards
         )
-        state.uow = UnitOfWork(state.db, idempotency, state.system_wallets, retries=settings.db_retries)
+        state.uow = UnitOfWork(
+            state.db, idempotency, state.system_wallets, retries=settings.db_retries, replica=replica
+        )
         serve_metrics(settings.metrics_port)
+        sweeper = (
+            asyncio.create_task(holds.sweep_forever(state.uow, interval_s=settings.hold_sweep_interval_s))
+            if settings.hold_sweep_interval_s > 0
+            else None
+        )
         yield
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         jwks_client.close()
         await state.auth_client.aclose()
         await state.redis.aclose()
         await state.db.dispose()
+        if replica is not None:
+            await replica.dispose()
 
     async def database() -> None:
         async with transaction(app.state.db, read_only=True) as conn:
@@ -89,13 +102,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_ping() -> None:
         await app.state.redis.ping()
 
+    async def replica() -> None:
+        async with transaction(app.state.uow.reads, read_only=True) as conn:
+            await conn.execute(_PING)
+
     app = base_app("wallet", log_level=settings.log_level, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.include_router(router)
+    app.include_router(extension_routes.router)  # after: /transaction/history before /transaction/{id}
     app.add_exception_handler(OperationalError, _database_busy)
     require_idempotency_key_in_docs(app)
+    extension_routes.require_idempotency_key_in_docs(app)
     # Money moves without Redis (idempotency falls back to the database's unique key, see
     # wallet.idempotency): Redis down is degraded, not unready. Only the database is required.
-    add_health_routes(app, {"database": database, "redis": redis_ping}, optional={"redis"})
+    # A replica down fails history and ledgers only: degraded, like Redis.
+    checks = {"database": database, "redis": redis_ping}
+    if settings.read_database_url:
+        checks["replica"] = replica
+    add_health_routes(app, checks, optional=set(checks) - {"database"})
     return app
 
 

@@ -84,6 +84,9 @@ class Wallet(Base, table=True):
         CheckConstraint("kind IN ('user', 'system')", name="ck_wallets_kind"),
         CheckConstraint("status IN ('open', 'closed')", name="ck_wallets_status"),
         CheckConstraint("(kind = 'system') = (user_id IS NULL)", name="ck_wallets_owner"),
+        # Held money is part of the balance (migration 0008): a hold reserves no more than
+        # is available, and a movement spends no more than is available.
+        CheckConstraint("held >= 0 AND (kind = 'system' OR held <= balance)", name="ck_wallets_held"),
     )
 
     id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
@@ -93,6 +96,9 @@ class Wallet(Base, table=True):
     currency: str = Field(sa_column=Column(String(3), nullable=False))
     balance: int = Field(default=0, sa_column=_money())
     owner_name: str = Field(sa_column=Column(String(201), nullable=False))
+    # What the wallet's active holds reserve (their amounts summed), kept in step with the
+    # holds table under the wallet's row lock: available = balance - held.
+    held: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     # System wallets only: which of the currency's shards of the outside world (0 for users).
     shard: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
@@ -125,8 +131,8 @@ class LedgerEntry(Base, table=True):
         CheckConstraint("entry_type IN ('debit', 'credit')", name="ck_ledger_entry_type"),
         # History and audits read a wallet's entries newest first.
         Index("ix_ledger_wallet_transaction", "wallet_id", "transaction_id"),
-        # Statements and history by time (migration 0009_reads).
-        Index("ix_ledger_wallet_created", "wallet_id", "created_at", "transaction_id"),
+        # A wallet's balance at a past time: its newest entry at or before it (0008).
+        Index("ix_ledger_wallet_created_at", "wallet_id", "created_at"),
     )
 
     id: int | None = Field(default=None, sa_column=_long_id())
@@ -137,6 +143,61 @@ class LedgerEntry(Base, table=True):
     currency: str = Field(sa_column=Column(String(3), nullable=False))
     balance_snapshot: int = Field(sa_column=_money())
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+ACTIVE = "active"
+CAPTURED = "captured"
+VOIDED = "voided"
+EXPIRED = "expired"
+HOLD_STATUSES = (ACTIVE, CAPTURED, VOIDED, EXPIRED)
+
+
+class Hold(Base, table=True):
+    """Money reserved on a wallet without moving it (a two-phase payment). No ledger entry:
+    only a capture books, as an ordinary transfer (`transaction_id`). A hold changes only
+    under its wallet's row lock, with the wallet's `held` (see wallet.service)."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="ck_holds_amount_positive"),
+        CheckConstraint("captured_amount >= 0 AND captured_amount <= amount", name="ck_holds_captured"),
+        CheckConstraint("status IN ('active', 'captured', 'voided', 'expired')", name="ck_holds_status"),
+        CheckConstraint("(status = 'captured') = (transaction_id IS NOT NULL)", name="ck_holds_capture_transaction"),
+        # A user's holds newest first, and a wallet's active ones (release, audit).
+        Index("ix_holds_wallet_status", "wallet_id", "status", "id"),
+        # The sweeper's scan: only active holds, by expiry.
+        Index(
+            "ix_holds_active_expires_at",
+            "expires_at",
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
+
+    id: int | None = Field(default=None, sa_column=_long_id())
+    wallet_id: int = Field(foreign_key="wallets.id")
+    recipient_wallet_id: int | None = Field(default=None, foreign_key="wallets.id")
+    amount: int = Field(sa_column=_money())
+    captured_amount: int = Field(default=0, sa_column=_money())
+    currency: str = Field(sa_column=Column(String(3), nullable=False))
+    status: str = Field(default=ACTIVE, sa_column=Column(String(10), nullable=False))
+    transaction_id: int | None = Field(default=None, sa_column=_transaction_ref(nullable=True))
+    initiated_by: int = Field(description="user id of the caller")
+    expires_at: datetime = Field(sa_column=_time())
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+
+
+class Refund(Base, table=True):
+    """A transfer that refunds (part of) an earlier transfer: append-only, like the ledger.
+    A transfer's refunded total is the sum over its refunds, read under the row locks of
+    its two wallets, which every refund of it takes (see wallet.service.refund)."""
+
+    __tablename__ = "refunds"
+
+    transaction_id: int = Field(sa_column=Column(LONG_ID, ForeignKey("transactions.id"), primary_key=True))
+    refund_of: int = Field(sa_column=_transaction_ref(nullable=False, index=True))
+    amount: int = Field(sa_column=_money())
 
 
 class IdempotencyRecord(Base, table=True):
@@ -195,4 +256,8 @@ GRANTS = {
     "ledger_entries": ("SELECT", "INSERT"),
     "idempotency_records": ("SELECT", "INSERT", "DELETE"),
     "outbox": (*OUTBOX_GRANTS, "DELETE"),
+    # Holds change status (active to captured, voided or expired) and are never deleted;
+    # refunds are written once.
+    "holds": ("SELECT", "INSERT", "UPDATE"),
+    "refunds": ("SELECT", "INSERT"),
 }

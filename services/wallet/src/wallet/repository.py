@@ -139,7 +139,7 @@ async def add_system_wallet(conn: Connection, currency: str, shard: int) -> None
 
 # --- money movement -----------------------------------------------------------------------
 
-_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name)
+_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held)
 _LOCK_WHERE = or_(
     (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
     W.c.id == _bind(W, "id", "other_id"),
@@ -339,7 +339,7 @@ def _history(dialect: str, *, one: bool, after: bool, kind: bool, since: bool, u
     bound id) or of a list of them, with whichever filters are given.
 
     Without a time filter it walks the (wallet_id, transaction_id) index backwards; with
-    `from` or `to`, the (wallet_id, created_at, transaction_id) index (migration 0009_reads).
+    `from` or `to`, the (wallet_id, created_at) index (migration 0008), ties in id order.
     Both orders are the same: a wallet's movements draw their id and time under its row
     lock, so later ids have later times. `after` is a keyset bound, an index range (not an
     offset); on the time index the range also starts at that transaction's time, so the
@@ -434,8 +434,8 @@ async def history(
     return page
 
 
-# A statement reads one wallet's entries in a time range from the (wallet_id, created_at,
-# transaction_id) index: the opening balance is the last entry before the range, the lines
+# A statement reads one wallet's entries in a time range from the (wallet_id, created_at)
+# index (migration 0008; ties, if any, in id order): the opening balance is the last entry before the range, the lines
 # are the range oldest first, at most `limit` of them (the caller asks for one more than it
 # answers, to know the range holds more).
 _OPENING = (

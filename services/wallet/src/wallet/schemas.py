@@ -102,6 +102,64 @@ class LedgerEntryRead(BaseModel):
     created_at: datetime
 
 
+# --- holds, refunds, balances (contract: Extensions) -----------------------------------
+
+HoldStatus = Literal["active", "captured", "voided", "expired"]
+
+
+class HoldIn(MoneyIn):
+    to_account_id: Id | None = Field(default=None, description="The recipient's wallet id, now or at capture")
+    expires_in_s: StrictInt = Field(default=86_400, ge=60, le=604_800, description="Seconds until the hold lapses")
+
+
+class CaptureIn(BaseModel):
+    amount: Amount | None = Field(default=None, description="Default: all of the hold")
+    to_account_id: Id | None = Field(default=None, description="The recipient's wallet id, if the hold names none")
+
+
+class HoldRead(BaseModel):
+    id: int
+    wallet_id: int
+    recipient_wallet_id: int | None
+    amount: int
+    captured_amount: int
+    currency: str
+    status: HoldStatus
+    transaction_id: int | None
+    expires_at: datetime
+    created_at: datetime
+
+
+class HoldList(BaseModel):
+    holds: list[HoldRead]
+
+
+class RefundIn(BaseModel):
+    amount: Amount | None = Field(default=None, description="Default: what is left to refund")
+
+
+class RefundResult(BaseModel):
+    refund_id: int
+    transaction_id: int
+    amount: int
+    refunded_total: int
+    current_balance: int
+
+
+class TransactionRead(HistoryItem):
+    refunded_total: int
+    refund_of: int | None
+
+
+class BalanceRead(BaseModel):
+    wallet_id: int
+    currency: str
+    balance: int
+    held: int | None
+    available: int | None
+    at: datetime
+
+
 class StatementLine(BaseModel):
     transaction_id: int
     date: datetime

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from svckit.aiodb import Database, transaction
 from svckit.db import utcnow
-from wallet import repository
+from wallet import holds_repository, repository
 from wallet.domain import EXTERNAL_DESTINATION, EXTERNAL_SOURCE, Locked, LockedWallet, Party, SystemWallets, book
 from wallet.errors import (
     CurrencyMismatch,
@@ -142,6 +142,19 @@ def _own_wallet(locked: Locked, user_id: int, currency: str) -> LockedWallet:
     return own
 
 
+def _recipient(locked: Locked, own: LockedWallet, to_wallet_id: int, currency: str) -> LockedWallet:
+    """The other side of a transfer (or a hold's recipient): another user's open wallet of
+    the same currency, locked with the caller's."""
+    if to_wallet_id == own.id:
+        raise SelfTransfer()
+    recipient = locked.wallets.get(to_wallet_id)
+    if recipient is None or recipient.kind != USER or recipient.status != OPEN:
+        raise RecipientNotFound()
+    if recipient.currency != currency:
+        raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
+    return recipient
+
+
 async def deposit(uow: UnitOfWork, *, user_id: int, key: str, amount: int, currency: str) -> Answer:
     """Money in from the outside world (the currency's system wallet, the user's shard)."""
     system_wallet_id = uow.system_wallets.for_user(currency, user_id)
@@ -172,7 +185,8 @@ async def withdraw(uow: UnitOfWork, *, user_id: int, key: str, amount: int, curr
         async with attempt as conn:
             locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
             own = _own_wallet(locked, user_id, currency)
-            if own.balance < amount:
+            # Held money cannot be spent: the available balance, under the wallet's lock.
+            if await holds_repository.available(conn, own, locked.now) < amount:
                 raise InsufficientFunds()
             booking = book(
                 kind="withdrawal",
@@ -196,14 +210,8 @@ async def transfer(uow: UnitOfWork, *, user_id: int, key: str, to_wallet_id: int
         async with attempt as conn:
             locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=to_wallet_id)
             own = _own_wallet(locked, user_id, currency)
-            if to_wallet_id == own.id:
-                raise SelfTransfer()
-            recipient = locked.wallets.get(to_wallet_id)
-            if recipient is None or recipient.kind != USER or recipient.status != OPEN:
-                raise RecipientNotFound()
-            if recipient.currency != currency:
-                raise CurrencyMismatch(f"The recipient wallet holds {recipient.currency}, not {currency}.")
-            if own.balance < amount:
+            recipient = _recipient(locked, own, to_wallet_id, currency)
+            if await holds_repository.available(conn, own, locked.now) < amount:
                 raise InsufficientFunds()
             booking = book(
                 kind="transfer",
@@ -243,7 +251,7 @@ async def history(
     if after is not None and offset is not None:
         raise OffsetWithAfter()
     since, until = _range(since, until)
-    async with transaction(uow.db, read_only=True) as conn:
+    async with transaction(uow.reads, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
         rows = await repository.history(
             conn,
@@ -356,7 +364,7 @@ async def ledger_of(
     """A transaction's entries, for a user whose wallet is part of it: both sides, or with
     `show_counterparty` off only the user's own (the other side's snapshot is the other
     wallet's balance)."""
-    async with transaction(uow.db, read_only=True) as conn:
+    async with transaction(uow.reads, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
         entries = await repository.ledger_entries(
             conn, transaction_id=transaction_id, visible_to=wallet_ids, own_only=not show_counterparty
