@@ -22,6 +22,9 @@ through the API; then drives it with wrk (32 connections) through the gateway:
     grow with the table;
   - resident memory of every process at the end, and of each process at the start and the
     end of the load (growth flagged);
+  - notifier CPU per email (bench/notifier_cpu.py, once the stack is down): 5,000 receipts
+    through the real outbox relay, Redis and notifier workers to the Brevo stand-in, the
+    workers' CPU time (/proc/<pid>/stat) over the emails sent;
 
 then runs wallet-audit. Figures are printed (progress on stderr as it goes) and written
 to bench/results/latest.json, drawn in bench/results/latest.png; nothing here passes or
@@ -53,6 +56,8 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
+
+from wallet.chain import chain_unchained
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -188,6 +193,7 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
             )
             conn.execute(text("UPDATE wallets SET balance = balance - :n WHERE id = :sys"), {"n": n, "sys": system})
             conn.execute(text("UPDATE wallets SET balance = balance + :n WHERE id = :w"), {"n": n, "w": wallet_id})
+            chain_unchained(conn)  # hash the seeded entries as the service would have (wallet.chain)
         conn.execute(text("ANALYZE"))
         last = conn.execute(
             text("SELECT max(transaction_id) FROM ledger_entries WHERE wallet_id = :w"), {"w": wallet_id}
@@ -546,6 +552,23 @@ def reads(
     return results
 
 
+def notifier_cpu() -> dict[str, Any]:
+    """bench/notifier_cpu.py once the stack is down: receipts through the real relay, Redis
+    and notifier workers to the Brevo stand-in, the workers' CPU time per email."""
+    progress("notifier CPU per email (bench/notifier_cpu.py)")
+    receipts = "1000" if QUICK else "5000"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "notifier_cpu.py"), "--receipts", receipts, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        progress(f"  notifier_cpu.py failed: {done.stderr.strip().splitlines()[-1:]}")
+        return {"notifier_cpu_ms_per_email": float("nan")}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3 if QUICK else 15)
@@ -642,11 +665,26 @@ def main() -> None:
             text=True,
             check=False,
         )
+        progress("wallet-audit --verify-chain")
+        verify_started = time.monotonic()
+        verified = subprocess.run(
+            [str(BIN / "wallet-audit"), "--database-url", env["WALLET_DATABASE_URL"], "--verify-chain", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        chain_report = json.loads(verified.stdout or "{}")
+        extra["verify_chain"] = {
+            "seconds": round(time.monotonic() - verify_started, 1),
+            "ledger_entries": chain_report.get("ledger_entries"),
+            "violations": chain_report.get("violation_count"),
+        }
     finally:
         progress("stopping the stack")
         stack.stop()
         stub_proc.terminate()
         drop_databases(env)  # also when a run fails half way
+    extra["notifier_cpu"] = notifier_cpu()
     extra["run"] = {
         "started": began.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - T0),
@@ -659,7 +697,7 @@ def main() -> None:
         "cores": os.cpu_count(),
     }
     report(results, rss, audit.stdout.strip(), args, extra)
-    sys.exit(audit.returncode)
+    sys.exit(audit.returncode or int(bool(extra.get("verify_chain", {}).get("violations"))))
 
 
 def report(
@@ -700,7 +738,17 @@ def report(
             f"outbox unpublished peak {max(s['outbox_backlog'] for s in backlog):.0f}; "
             f"{len(backlog)} samples in {RESULTS.relative_to(ROOT)}.json"
         )
+    cpu = extra["notifier_cpu"]
+    print(
+        f"notifier CPU per email: {cpu['notifier_cpu_ms_per_email']:.3f} ms "
+        f"({cpu.get('emails_sent', 0)} receipts, relay + Redis + {cpu.get('threads', '?')}-thread worker, target <= 0.3)"
+    )
     print(audit)
+    chain = extra.get("verify_chain", {})
+    print(
+        f"wallet-audit --verify-chain: {chain.get('ledger_entries')} entries in {chain.get('seconds')} s, "
+        f"violations {chain.get('violations')}"
+    )
     ratios = {"transfers_over_trivial": transfers / trivial, "trivial_over_bare": trivial / bare}
     figures = {"results": results, "ratios": ratios, "rss": rss, "audit": audit, **extra}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

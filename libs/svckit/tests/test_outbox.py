@@ -377,3 +377,80 @@ def test_a_message_without_a_recipient_keeps_the_old_shape_and_one_with_it_carri
     carried = dramatiq_payload(WelcomeEmail(email_id="b", user_id=1, recipient=who), request_id=None)
     assert carried["kwargs"]["message"]["recipient"] == {"email": "j@example.com", "first_name": "J", "last_name": "D"}
     assert WelcomeEmail.model_validate(carried["kwargs"]["message"]).recipient == who
+
+
+class TestPipelinedPublishing:
+    """The relay's batch goes to Redis in one pipeline, each message as RedisBroker.enqueue
+    would have put it: a worker's consumer reads and acknowledges it the same way."""
+
+    def test_a_batch_costs_two_round_trips_and_arrives_as_enqueued(
+        self, engine: Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from dramatiq.brokers.redis import RedisBroker
+
+        from svckit.messages import QUEUE
+        from svckit.outbox import Publisher
+
+        client = redis_client(redis_url)
+        client.flushdb()
+        publisher = Publisher(client)
+        relay = Relay(
+            engine,
+            OUTBOX,
+            publisher.publish,
+            publish_many=publisher.publish_many,
+            lease=None,
+            name=f"p-{uuid4()}",
+        )
+        warm = stage(engine, 1)
+        assert relay.run_once() == 1  # the process's one-off lookups (Lua stack size, scripts loaded)
+        ids = stage(engine, 50)
+        sent = [0]
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counted(self: object, command: object, check_health: bool = True) -> None:
+            sent[0] += 1
+            original(self, command, check_health)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+        assert relay.run_once() == 50
+        monkeypatch.undo()
+        assert sent[0] <= 2  # the pipeline, and redis-py's SCRIPT EXISTS before it (not 50)
+
+        consumer = RedisBroker(client=redis_client(redis_url)).consume(QUEUE, prefetch=100, timeout=100)
+        got = []
+        for _ in range(200):
+            proxy = next(consumer)
+            if proxy is not None:
+                got.append(proxy)
+            if len(got) == 51:
+                break
+        assert [p.message_id for p in got] == warm + ids  # in order, each once
+        first = got[0]
+        assert first.actor_name == "notifier.send_welcome"
+        assert first.kwargs["message"]["email_id"] == warm[0]
+        assert len({p.options["redis_message_id"] for p in got}) == 51  # fresh ids, as enqueue gives
+        for proxy in got:
+            consumer.ack(proxy)
+        assert client.hlen(f"dramatiq:{QUEUE}.msgs") == 0  # acknowledged: nothing left behind
+        assert client.llen(f"dramatiq:{QUEUE}") == 0
+
+    def test_republishing_goes_through_the_batch_too(self, engine: Engine, redis_url: str) -> None:
+        batches: list[list[str]] = []
+        client = redis_client(redis_url)
+        relay = Relay(
+            engine,
+            OUTBOX,
+            lambda p: pytest.fail("published one by one"),
+            publish_many=lambda ps: batches.append([json.loads(p)["message_id"] for p in ps]),
+            lease=None,
+            name=f"q-{uuid4()}",
+            markers=client,
+            republish_after_s=0.0,
+            check_every_s=0,
+        )
+        ids = stage(engine, 3)
+        assert relay.run_once() == 3
+        time.sleep(0.01)
+        assert relay.reconcile() == 3
+        assert batches == [ids, ids]

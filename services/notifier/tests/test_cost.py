@@ -110,3 +110,40 @@ def test_the_brevo_transport_keeps_its_connections_alive_across_emails_and_threa
     assert transport.connections.opened <= 4  # at most one per thread, not one per email
     assert state["connections"] <= 4 + 1  # the stub saw the same (plus this test's own client)
     transport.close()
+
+
+def test_each_worker_thread_keeps_one_redis_connection_for_the_markers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sent markers' scripts go over the calling thread's own connection (taken from the
+    pool once), not a take and give back per call: 3 threads, 20 emails each, 3 takes."""
+    client = redis_client(redis_url)
+    markers = SentMarkers(client, ttl_s=60, claim_ms=2000)
+    pool = client.connection_pool
+    takes = [0]
+    original = pool.get_connection
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        takes[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "get_connection", counted)
+    sent: list[str] = []
+
+    def emails() -> None:
+        for _ in range(20):
+            email_id = uuid.uuid4().hex
+            begun = markers.begin(email_id)
+            assert begun.token is not None
+            markers.finish(email_id, begun.token)
+            sent.append(email_id)
+
+    threads = [threading.Thread(target=emails) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert takes[0] == 3  # one per thread, not 120
+    monkeypatch.undo()
+    assert len(sent) == 60
+    assert all(markers.is_sent(e) for e in sent)

@@ -175,6 +175,7 @@ class TestBookingGuard:
                     snapshots={system: locked.balances[system] - 5, wallet: 999},  # right: 105
                     initiated_by=user.id,
                     now=utcnow(),
+                    links={system: (None, "0" * 64), wallet: (None, "1" * 64)},
                 )
                 await repository.write_booking(conn, booking)
 

@@ -331,6 +331,36 @@ class TestReceiptsAreStaged:
         assert [r["counterparty"] for r in self.receipts_of(client, deposit["id"])] == ["External Source"]
         assert [r["counterparty"] for r in self.receipts_of(client, withdrawal["id"])] == ["External Destination"]
 
+    def test_receipts_carry_their_recipient(self, client: TestClient, jane: User, john: User) -> None:
+        """The address and names kept on the wallet at its opening go in each receipt, so
+        the notifier asks the auth service nothing."""
+        move(client, jane, "transfer", amount=100, to_account_id=wallet_id(client, john))
+        staged = self.receipts_of(client, history(client, jane)[0]["id"])
+        assert sorted((r["user_id"], r["recipient"]["email"], r["recipient"]["first_name"]) for r in staged) == sorted(
+            [(jane.id, f"u{jane.id}@example.com", "Jane"), (john.id, f"u{john.id}@example.com", "John")]
+        )
+        assert {r["recipient"]["last_name"] for r in staged} == {"Doe", "Smith"}
+        (opening,) = self.receipts_of(client, history(client, jane)[-1]["id"])  # booked as the wallet opened
+        assert opening["recipient"] == {"email": f"u{jane.id}@example.com", "first_name": "Jane", "last_name": "Doe"}
+
+    def test_a_wallet_without_a_kept_recipient_sends_the_old_shape(
+        self, client: TestClient, jane: User, john: User
+    ) -> None:
+        """A wallet opened before the wallet kept recipients (NULL columns): its receipts
+        have no recipient at all (the notifier looks the address up), the other side's do."""
+        with sync_engine(client).begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE wallets SET owner_email = NULL, owner_first_name = NULL, owner_last_name = NULL "
+                    "WHERE user_id = :u"
+                ),
+                {"u": john.id},
+            )
+        move(client, jane, "transfer", amount=100, to_account_id=wallet_id(client, john))
+        staged = {r["user_id"]: r for r in self.receipts_of(client, history(client, jane)[0]["id"])}
+        assert "recipient" not in staged[john.id]
+        assert staged[jane.id]["recipient"]["email"] == f"u{jane.id}@example.com"
+
     def test_a_refusal_commits_no_receipt(self, client: TestClient, jane: User) -> None:
         with sync_engine(client).connect() as conn:
             before = conn.execute(text("SELECT count(*) FROM outbox")).scalar_one()

@@ -144,6 +144,8 @@ class TestTheServiceRole:
             ("UPDATE ledger_entries SET amount = amount + 1", "permission denied for table ledger_entries"),
             ("DELETE FROM ledger_entries", "permission denied for table ledger_entries"),
             ("TRUNCATE ledger_entries", "permission denied for table ledger_entries"),
+            # The hash chain is as append-only as the entries (wallets.chain_head it moves).
+            ("UPDATE ledger_entries SET hash = NULL, prev_hash = NULL", "permission denied for table ledger_entries"),
             ("ALTER TABLE transactions DISABLE TRIGGER transactions_append_only", "must be owner of table"),
             ("ALTER TABLE ledger_entries DISABLE TRIGGER ALL", "must be owner of table"),
             ("DROP TRIGGER ledger_entries_append_only ON ledger_entries", "must be owner of"),

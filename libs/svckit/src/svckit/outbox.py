@@ -23,12 +23,14 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, Table, func, select, update
 
@@ -133,6 +135,7 @@ class Publisher:
     """Enqueue pre-built Dramatiq messages without importing any actor."""
 
     def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self.broker = RedisBroker(client=client)
         self.broker.declare_queue(QUEUE)
 
@@ -140,6 +143,40 @@ class Publisher:
         from dramatiq import Message
 
         self.broker.enqueue(Message(**json.loads(payload)))
+
+    def publish_many(self, payloads: Sequence[str]) -> None:
+        """Enqueue a batch in one round trip (a pipeline; redis-py checks the script is
+        loaded in one more per batch) instead of one per message.
+
+        Each message goes in exactly as RedisBroker.enqueue puts it (a fresh
+        redis_message_id, Dramatiq's own dispatch script and arguments, the enqueue
+        hooks), only pipelined. Not a transaction: if Redis fails half way, the exception
+        leaves every row of the batch unpublished, and the ones that did get in are
+        published again, which the notifier drops as duplicates (sent markers).
+        """
+        from dramatiq import Message
+
+        if not payloads:
+            return
+        broker = self.broker
+        dispatch = broker.scripts["dispatch"]
+        unpack = broker._max_unpack_size()  # fetched once per process, as enqueue does
+        pipe = self.client.pipeline(transaction=False)
+        messages = []
+        for payload in payloads:
+            message = Message(**json.loads(payload)).copy(options={"redis_message_id": str(uuid4())})
+            broker.emit_before("enqueue", message, None)
+            # RedisBroker._dispatch's arguments (dispatch.lua), then enqueue's own two.
+            args = [
+                *("enqueue", current_millis(), message.queue_name, broker.broker_id),
+                *(broker.heartbeat_timeout, broker.dead_message_ttl, broker._should_do_maintenance("enqueue"), unpack),
+                *(message.options["redis_message_id"], message.encode()),
+            ]
+            dispatch(keys=[broker.namespace], args=args, client=pipe)
+            messages.append(message)
+        pipe.execute()
+        for message in messages:
+            broker.emit_after("enqueue", message, None)
 
 
 class Relay:
@@ -157,10 +194,13 @@ class Relay:
         republish_after_s: float = 60.0,
         check_every_s: float = 5.0,
         heartbeat_file: str | None = None,
+        publish_many: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.engine = engine
         self.table = table
         self.publish = publish
+        # A batch at once (Publisher.publish_many: one Redis round trip), else one by one.
+        self.publish_many = publish_many or self._one_by_one
         self.lease = lease
         self.lease_key = f"outbox:relay:{name}"
         self.token = secrets.token_hex(8)
@@ -175,6 +215,10 @@ class Relay:
         self._reconciled = float("-inf")
         self._dead_cursor = ""  # where the next dead-letter recheck starts (ids are hex)
         self.heartbeat = heartbeat.Heartbeat(heartbeat_file) if heartbeat_file else None
+
+    def _one_by_one(self, payloads: Sequence[str]) -> None:
+        for payload in payloads:
+            self.publish(payload)
 
     def _has_lease(self) -> bool:
         if self.engine.dialect.name == "postgresql" or self.lease is None:
@@ -205,8 +249,7 @@ class Relay:
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             rows = conn.execute(query).all()
-            for _, payload in rows:
-                self.publish(payload)
+            self.publish_many([payload for _, payload in rows])
             if rows:
                 conn.execute(update(t).where(t.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
         PUBLISHED.labels(self.name).inc(len(rows))
@@ -255,8 +298,7 @@ class Relay:
                     outcomes[SENT if sent else DEAD_LETTERED].append(row.id)
                 elif row.published_at < cutoff:
                     again.append(row)
-            for row in again:
-                self.publish(row.payload)
+            self.publish_many([row.payload for row in again])
             for outcome, ids in outcomes.items():
                 if ids:
                     conn.execute(update(t).where(t.c.id.in_(ids)).values(confirmed_at=now, outcome=outcome))
@@ -381,10 +423,12 @@ def serve(
     serve_metrics(metrics_port)
     engine = make_engine(database_url, limits=limits)
     client = redis_client(redis_url, timeout_s=2.0)
+    publisher = Publisher(client)
     Relay(
         engine,
         table,
-        Publisher(client).publish,
+        publisher.publish,
+        publish_many=publisher.publish_many,
         lease=client,
         name=service,
         markers=client,

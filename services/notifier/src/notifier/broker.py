@@ -7,7 +7,7 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, Retries, TimeLimit
 
 from notifier.config import Settings, get_settings
 from notifier.metrics import register_dead_letters
@@ -56,6 +56,11 @@ class MetricsServer(Middleware):
 def setup_broker(settings: Settings | None = None) -> RedisBroker:
     settings = settings or get_settings()
     broker = RedisBroker(
+        # Of Dramatiq's default middleware only what the notifier uses: Retries (backoff,
+        # retry_when, then the dead-letter queue) and TimeLimit (a stuck job is
+        # interrupted). AgeLimit, Callbacks, Pipelines and ShutdownNotifications serve
+        # options no actor here sets, and each cost hook calls on every message.
+        middleware=[TimeLimit(), Retries()],
         client=redis_client(settings.redis_url, timeout_s=5.0),
         heartbeat_timeout=settings.heartbeat_timeout_ms,
         dead_message_ttl=settings.dead_message_ttl_ms,

@@ -32,6 +32,20 @@ The two combine (`--currency USD --wallet-ids 1-50000`). Progress goes to stderr
 is a terminal, or with `--progress`; `--json` prints the report as one JSON document
 (the same facts as the text: the scope, the counts, every check run, the violations,
 the first MAX_KEPT of them listed). Exit codes: 0 no violation, 1 violations, 2 usage.
+
+Tamper evidence (wallet.chain), instead of the checks above:
+
+- `--verify-chain` recomputes every wallet's hash chain (with `--currency` or
+  `--wallet-ids`, those wallets' chains, which are complete in themselves) and names each
+  entry whose content, order or presence no longer matches, and each wallet whose head is
+  not its newest entry's hash; the same report, text or `--json`, and exit codes.
+- `--chain-head` prints one digest over every wallet's chain head (`--json`: with the
+  heads), for an operator to publish elsewhere: a later rewrite of the ledger, even by the
+  tables' owner who recomputes every hash and head, gives another digest.
+- `--verify-chain --published FILE` (FILE: an earlier `--chain-head --json`, its heads
+  checked against its digest) also reports each wallet whose chain no longer holds the
+  head published then: the ledger up to it was rewritten, even if every hash after the
+  rewrite was recomputed.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from typing import Any, TextIO
 from sqlalchemy import ColumnElement, Connection, Engine, case, func, or_, select
 
 from svckit.db import SessionLimits, make_engine
+from wallet import chain
 from wallet.models import ACTIVE, SYSTEM, Hold, LedgerEntry, Transaction, Wallet
 
 W = Wallet.__table__  # type: ignore[attr-defined]
@@ -123,6 +138,7 @@ class Report:
     max_wallet_id: int = 0
     count: int = 0  # every violation found; `found` keeps the first MAX_KEPT
     found: list[Violation] = field(default_factory=list)
+    checks: tuple[str, ...] = CHECKS
 
     @property
     def violations(self) -> list[str]:
@@ -157,7 +173,7 @@ class Report:
             "transactions": self.transactions,
             "ledger_entries": self.entries,
             "max_wallet_id": self.max_wallet_id,
-            "checks": list(CHECKS),
+            "checks": list(self.checks),
             "violation_count": self.count,
             "violations": [v.__dict__ for v in self.found],
             "violations_truncated": self.count > len(self.found),
@@ -340,6 +356,57 @@ def _check_currency_sums(conn: Connection, scope: Scope, report: Report) -> None
             report.add(CHECKS[5], "currency", currency, f"currency {currency}: wallets sum to {total}, not 0")
 
 
+CHAIN_CHECK = "entry_chain"
+
+
+def verify_chain(
+    engine: Engine,
+    *,
+    scope: Scope | None = None,
+    progress: Progress | None = None,
+    published: dict[int, str] | None = None,
+) -> Report:
+    """`--verify-chain`: recompute every wallet's hash chain (of the scope's wallets) and
+    report each break, the first of a wallet first (wallet.chain.verify); with `published`
+    heads, also each wallet whose chain no longer holds its published head."""
+    scope = scope or Scope()
+    progress = progress or Progress(None)
+    report = Report(scope=scope, checks=(CHAIN_CHECK,))
+    with engine.connect() as conn, conn.begin():  # the heads and the entries from one snapshot
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        _count(conn, scope, report)
+        progress.start("chains", report.entries)
+        for found in chain.verify(
+            conn, entries_where=scope.entries(), wallets_where=scope.wallets(), published=published
+        ):
+            subject, id_ = (
+                ("ledger_entry", found.entry_id) if found.entry_id is not None else ("wallet", found.wallet_id)
+            )
+            report.add(CHAIN_CHECK, subject, id_, found.message)
+        progress.finish()
+    return report
+
+
+def chain_head(engine: Engine) -> dict[str, Any]:
+    """`--chain-head`: the digest over every wallet's chain head (wallet.chain.head_digest),
+    with the heads it covers."""
+    with engine.connect() as conn:
+        heads = chain.current_heads(conn)
+    return {"chain_head": chain.head_digest(heads), "wallets": len(heads), "heads": [list(h) for h in heads]}
+
+
+def published_heads(path: str) -> dict[int, str]:
+    """The heads of a `--chain-head --json` document, once they are checked to give its
+    digest (so they are the ones that were published)."""
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    heads = [(int(w), str(h)) for w, h in document["heads"]]
+    if chain.head_digest(heads) != document["chain_head"]:
+        raise ValueError(f"{path}: its heads do not give its chain_head {document['chain_head']}")
+    return dict(heads)
+
+
 def _currency(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z]{3}", value):
         raise argparse.ArgumentTypeError(f"not an ISO 4217 code: {value!r}")
@@ -365,6 +432,23 @@ def main(argv: list[str] | None = None) -> None:
         metavar="LOW-HIGH",
         help="per-wallet and per-transaction checks of these wallets",
     )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--verify-chain",
+        action="store_true",
+        help="recompute every wallet's hash chain instead, naming each entry that no longer matches",
+    )
+    mode.add_argument(
+        "--chain-head",
+        action="store_true",
+        help="print one digest over every wallet's chain head, to publish (with --json, the heads too)",
+    )
+    parser.add_argument(
+        "--published",
+        metavar="FILE",
+        help="with --verify-chain: the output of an earlier --chain-head --json; also check every wallet's chain"
+        " still holds the head published then",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
     parser.add_argument("--progress", action="store_true", help="show progress on stderr even when it is no terminal")
     args = parser.parse_args(argv)
@@ -376,8 +460,28 @@ def main(argv: list[str] | None = None) -> None:
     limits = SessionLimits.from_settings(settings, statement_timeout_ms=0)
     engine = make_engine(args.database_url or settings.database_url, limits=limits)
     progress = Progress(sys.stderr if args.progress or sys.stderr.isatty() else None)
+    scope = Scope(currency=args.currency, wallet_ids=args.wallet_ids)
+    if args.chain_head and (args.currency or args.wallet_ids):
+        parser.error("--chain-head covers every wallet: no --currency or --wallet-ids")
+    if args.published and not args.verify_chain:
+        parser.error("--published goes with --verify-chain")
     try:
-        report = audit(engine, scope=Scope(currency=args.currency, wallet_ids=args.wallet_ids), progress=progress)
+        published = published_heads(args.published) if args.published else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--published: {error}")
+    try:
+        if args.chain_head:
+            head = chain_head(engine)
+            print(
+                json.dumps(head, indent=2)
+                if args.json
+                else f"chain head {head['chain_head']} ({head['wallets']} wallets)"
+            )
+            sys.exit(0)
+        if args.verify_chain:
+            report = verify_chain(engine, scope=scope, progress=progress, published=published)
+        else:
+            report = audit(engine, scope=scope, progress=progress)
     finally:
         engine.dispose()
     print(json.dumps(report.as_json(), indent=2) if args.json else report.render())

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from svckit.messages import Receipt, new_email_id
+from svckit.messages import Receipt, Recipient, new_email_id
 from svckit.outbox import outbox_row
-from wallet import ledger
+from wallet import chain, ledger
 from wallet.ledger import Posting
 from wallet.models import USER
 
@@ -44,6 +44,17 @@ class LockedWallet:
     balance: int
     owner_name: str
     held: int = 0  # what its active holds reserve (some perhaps overdue: see holds_repository.available)
+    chain_head: str | None = None  # the hash of its newest ledger entry (wallet.chain)
+    # The receipts' recipient; None on wallets opened before the wallet kept it.
+    owner_email: str | None = None
+    owner_first_name: str | None = None
+    owner_last_name: str | None = None
+
+    @property
+    def recipient(self) -> Recipient | None:
+        if self.owner_email is None or self.owner_first_name is None or self.owner_last_name is None:
+            return None
+        return Recipient(email=self.owner_email, first_name=self.owner_first_name, last_name=self.owner_last_name)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class Party:
     wallet_id: int
     user_id: int | None
     name: str
+    recipient: Recipient | None = None  # carried in its receipt (none: the notifier looks it up)
 
     @classmethod
     def external(cls, wallet_id: int, name: str) -> Party:
@@ -73,7 +85,9 @@ class Party:
 
     @classmethod
     def of(cls, wallet: LockedWallet) -> Party:
-        return cls(wallet.id, wallet.user_id if wallet.kind == USER else None, wallet.owner_name)
+        if wallet.kind != USER:
+            return cls(wallet.id, None, wallet.owner_name)
+        return cls(wallet.id, wallet.user_id, wallet.owner_name, wallet.recipient)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ class Booking:
     initiated_by: int
     now: datetime
     outbox: list[dict[str, Any]] = field(default_factory=list)
+    # Each wallet's (previous head, new head): its entry's prev_hash and hash (wallet.chain).
+    links: dict[int, tuple[str | None, str]] = field(default_factory=dict)
 
     def transaction_row(self) -> dict[str, Any]:
         return {
@@ -116,6 +132,8 @@ class Booking:
                 "currency": self.currency,
                 "balance_snapshot": self.snapshots[p.wallet_id],
                 "created_at": self.now,
+                "prev_hash": self.links[p.wallet_id][0],
+                "hash": self.links[p.wallet_id][1],
             }
             for p in (self.source, self.destination)
         ]
@@ -135,7 +153,8 @@ def book(
 ) -> Booking:
     """Work out a movement in full from the `locked` wallets' balances, and the id and time
     drawn once they were locked: the transaction, its balanced ledger entries with their
-    snapshots, and a receipt in the outbox for each user involved. Nothing is written yet
+    snapshots and their hashes (each extends its wallet's chain from the locked head), and a
+    receipt in the outbox for each user involved. Nothing is written yet
     (see repository.write_booking)."""
     source_posting, destination_posting = ledger.postings(
         source=source.wallet_id, destination=destination.wallet_id, amount=amount
@@ -148,6 +167,7 @@ def book(
         Receipt(
             email_id=new_email_id(),
             user_id=me.user_id,
+            recipient=me.recipient,
             transaction_id=locked.transaction_id,
             kind=_RECEIPT_KIND[(kind, is_source)],  # type: ignore[arg-type]
             amount=amount,
@@ -159,6 +179,22 @@ def book(
         for me, other, is_source in ((source, destination, True), (destination, source, False))
         if me.user_id is not None
     ]
+    links: dict[int, tuple[str | None, str]] = {}
+    for p in (source_posting, destination_posting):
+        prev = locked.wallets[p.wallet_id].chain_head
+        links[p.wallet_id] = (
+            prev,
+            chain.entry_hash(
+                wallet_id=p.wallet_id,
+                transaction_id=locked.transaction_id,
+                entry_type=p.entry_type,
+                amount=p.amount,
+                currency=currency,
+                balance_snapshot=after[p.wallet_id],
+                created_at=locked.now,
+                prev_hash=prev,
+            ),
+        )
     return Booking(
         transaction_id=locked.transaction_id,
         type=kind,
@@ -170,4 +206,5 @@ def book(
         initiated_by=user_id,
         now=locked.now,
         outbox=[outbox_row(r) for r in receipts],
+        links=links,
     )

@@ -99,11 +99,17 @@ class Wallet(Base, table=True):
     # What the wallet's active holds reserve (their amounts summed), kept in step with the
     # holds table under the wallet's row lock: available = balance - held.
     held: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # The receipts' recipient, from auth when the wallet was opened (none on older wallets).
+    owner_email: str | None = Field(default=None, sa_column=Column(String(320), nullable=True))
+    owner_first_name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
+    owner_last_name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
     # System wallets only: which of the currency's shards of the outside world (0 for users).
     shard: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_time())
     closed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    # The hash of the wallet's newest ledger entry (wallet.chain; null before its first).
+    chain_head: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 
 
 class Transaction(Base, table=True):
@@ -143,6 +149,11 @@ class LedgerEntry(Base, table=True):
     currency: str = Field(sa_column=Column(String(3), nullable=False))
     balance_snapshot: int = Field(sa_column=_money())
     created_at: datetime = Field(default_factory=utcnow, sa_column=_time())
+    # The wallet's hash chain (wallet.chain): the previous entry's hash (null for the
+    # wallet's first) and this entry's. Null only for an entry written behind the
+    # service's back, which `wallet-audit --verify-chain` reports.
+    prev_hash: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    hash: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 
 
 ACTIVE = "active"
@@ -249,7 +260,9 @@ class OutboxMessage(Base, table=True):
 # svckit.migrate): the ledger is SELECT and INSERT only, so history cannot be rewritten
 # whatever the triggers; wallets change balance and status; records are written once and
 # deleted by wallet-purge (a trigger refuses it before 24 hours, migration 0007), and so
-# are outbox rows once confirmed.
+# are outbox rows once confirmed. The entries' hashes are as append-only as the rest of
+# them; `wallets.chain_head` the service moves with every booking (the published digest of
+# `wallet-audit --chain-head` is what holds against a rewrite by the tables' owner).
 GRANTS = {
     "wallets": ("SELECT", "INSERT", "UPDATE"),
     "transactions": ("SELECT", "INSERT"),

@@ -43,6 +43,7 @@ from sqlalchemy.orm import aliased
 
 from svckit.aiodb import Connection
 from svckit.db import UTCDateTime, utcnow
+from svckit.messages import Recipient
 from wallet.domain import Booking, Locked, LockedWallet
 from wallet.ledger import signed
 from wallet.models import (
@@ -79,6 +80,8 @@ def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
 
 # --- wallets ------------------------------------------------------------------------------
 
+# The receipts' recipient (svckit.messages.Recipient), column by column.
+_OWNER = ("owner_email", "owner_first_name", "owner_last_name")
 _WALLET_COLUMNS = (
     W.c.id,
     W.c.user_id,
@@ -92,7 +95,9 @@ _WALLET_COLUMNS = (
 
 _OPEN_WALLET = select(*_WALLET_COLUMNS).where(W.c.user_id == _bind(W, "user_id"), W.c.status == OPEN)
 _OPEN_WALLET_LOCKED = _OPEN_WALLET.with_for_update()
-_ADD_WALLET = insert(W).values(_row_binds(W, "w_", ["user_id", "currency", "owner_name", "created_at", "updated_at"]))
+_ADD_WALLET = insert(W).values(
+    _row_binds(W, "w_", ["user_id", "currency", "owner_name", *_OWNER, "created_at", "updated_at"])
+)
 _ADD_WALLET = _ADD_WALLET.values(kind=USER, status=OPEN, balance=0).returning(*_WALLET_COLUMNS)
 _CLOSE_WALLET = (
     update(W)
@@ -117,9 +122,16 @@ async def open_wallet_of(conn: Connection, user_id: int, *, lock: bool = False) 
     return (await conn.execute(_OPEN_WALLET_LOCKED if lock else _OPEN_WALLET, {"user_id": user_id})).first()
 
 
-async def add_wallet(conn: Connection, *, user_id: int, currency: str, owner_name: str) -> Any:
+async def add_wallet(
+    conn: Connection, *, user_id: int, currency: str, owner_name: str, recipient: Recipient | None = None
+) -> Any:
     now = utcnow()
     params = {"user_id": user_id, "currency": currency, "owner_name": owner_name, "created_at": now, "updated_at": now}
+    params |= {
+        "owner_email": recipient.email if recipient else None,
+        "owner_first_name": recipient.first_name if recipient else None,
+        "owner_last_name": recipient.last_name if recipient else None,
+    }
     return (await conn.execute(_ADD_WALLET, _prefixed("w_", params))).one()
 
 
@@ -139,7 +151,13 @@ async def add_system_wallet(conn: Connection, currency: str, shard: int) -> None
 
 # --- money movement -----------------------------------------------------------------------
 
-_LOCKED_COLUMNS = (W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held)
+# In LockedWallet's field order (rows are unpacked by position), with each wallet's chain
+# head: the booking extends the chains under these locks (wallet.chain).
+_LOCKED_COLUMNS = (
+    *(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held),
+    W.c.chain_head,
+    *(W.c[c] for c in _OWNER),
+)
 _LOCK_WHERE = or_(
     (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
     W.c.id == _bind(W, "id", "other_id"),
@@ -212,8 +230,8 @@ _RECORD_COLUMNS = [c.name for c in I.c if c.name != "id"]
 
 @functools.cache
 def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> list[Executable]:
-    """The booking's statements, built once per shape. The first moves the balances and
-    returns the new ones; the others insert the transaction, its two entries, its outbox
+    """The booking's statements, built once per shape. The first moves the balances and the
+    chain heads and returns the new balances; the others insert the transaction, its two entries, its outbox
     rows and the record. On Postgres they are one statement of named data-modifying CTEs:
     one round trip while the rows are locked (foreign keys are checked at its end, when the
     transaction row exists). On SQLite, in process, they run one by one."""
@@ -221,10 +239,11 @@ def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> li
     delta = case(
         (W.c.id == a, bindparam("delta_a", type_=BigInteger())), else_=bindparam("delta_b", type_=BigInteger())
     )
+    head = case((W.c.id == a, _bind(W, "chain_head", "head_a")), else_=_bind(W, "chain_head", "head_b"))
     moved = (
         update(W)
         .where(W.c.id.in_([a, b]))
-        .values(balance=W.c.balance + delta, updated_at=_bind(W, "updated_at", "now"))
+        .values(balance=W.c.balance + delta, chain_head=head, updated_at=_bind(W, "updated_at", "now"))
         .returning(W.c.id, W.c.balance)
     )
     # Several rows as INSERT ... SELECT of a UNION ALL, in order (the debit first): SQLAlchemy
@@ -253,6 +272,8 @@ async def write_booking(conn: Connection, booking: Booking, record: dict[str, An
         "b": destination.wallet_id,
         "delta_a": signed(source),
         "delta_b": signed(destination),
+        "head_a": booking.links[source.wallet_id][1],
+        "head_b": booking.links[destination.wallet_id][1],
         "now": booking.now,
         **_prefixed("t_", booking.transaction_row()),
         **_prefixed("r_", record or {}),

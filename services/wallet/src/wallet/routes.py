@@ -49,7 +49,7 @@ from wallet.schemas import (
     WalletCreated,
     WalletRead,
 )
-from wallet.users import full_name
+from wallet.users import owner
 
 router = APIRouter()
 
@@ -107,7 +107,7 @@ async def create_wallet(body: WalletCreate, uow: UowDep, caller: UserDep, reques
         user_id=caller.user_id,
         currency=body.currency,
         balance=body.balance,
-        full_name=lambda: full_name(state.auth_client, caller.user_id),
+        owner=lambda: owner(state.auth_client, caller.user_id),
     )
 
 

@@ -44,6 +44,7 @@ from wallet.schemas import (
     WalletRead,
 )
 from wallet.uow import UnitOfWork
+from wallet.users import Owner
 
 
 def check_currency(currency: str, allowed: frozenset[str]) -> None:
@@ -73,23 +74,25 @@ async def ensure_system_wallets(db: Database, currencies: frozenset[str], *, sha
 
 
 async def create_wallet(
-    uow: UnitOfWork, *, user_id: int, currency: str, balance: int, full_name: Callable[[], Awaitable[str]]
+    uow: UnitOfWork, *, user_id: int, currency: str, balance: int, owner: Callable[[], Awaitable[Owner]]
 ) -> WalletCreated:
     async with transaction(uow.db, read_only=True) as conn:
         if await repository.open_wallet_of(conn, user_id) is not None:
             raise WalletExists()
-    name = await full_name()  # over HTTP to the auth service: outside any database transaction
+    who = await owner()  # over HTTP to the auth service: outside any database transaction
     system_wallet_id = uow.system_wallets.for_user(currency, user_id)
     try:
         async with transaction(uow.db) as conn:
-            wallet = await repository.add_wallet(conn, user_id=user_id, currency=currency, owner_name=name)
+            wallet = await repository.add_wallet(
+                conn, user_id=user_id, currency=currency, owner_name=who.name, recipient=who.recipient
+            )
             if balance:
                 # The opening balance is an ordinary deposit: in the history and the ledger.
                 locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
                 booking = book(
                     kind="deposit",
                     source=Party.external(system_wallet_id, EXTERNAL_SOURCE),
-                    destination=Party(wallet.id, user_id, name),
+                    destination=Party(wallet.id, user_id, who.name, who.recipient),
                     amount=balance,
                     currency=currency,
                     locked=locked,
