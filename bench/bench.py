@@ -16,8 +16,10 @@ through the API; then drives it with wrk (32 connections) through the gateway:
     achieved rate, and the receipts of that run: lag p50/p99 and its course over time, with
     the backlog (outbox rows unpublished, receipts committed but not yet at Brevo) sampled
     every second until it drains;
-  - GET /transaction/history and /transaction/{id}/ledger for a user whose wallet has
-    10^4, then 10^6 ledger entries (seeded in SQL), to show reads do not grow with the table;
+  - GET /transaction/history (first page, and a keyset page `after=` a quarter of the way
+    back), /transaction/{id}/ledger and /wallet/statement (its newest 100 lines) for a user
+    whose wallet has 10^4, then 10^6 ledger entries (seeded in SQL), to show reads do not
+    grow with the table;
   - resident memory of every process at the end, and of each process at the start and the
     end of the load (growth flagged);
   - notifier CPU per email (bench/notifier_cpu.py, once the stack is down): 5,000 receipts
@@ -136,7 +138,10 @@ def fund(api: httpx.Client, n: int) -> list[tuple[str, int, str]]:
 
 def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
     """Grow the ledger to `total_entries` with 1-cent deposits into one wallet, in SQL, keeping
-    every invariant (balanced entries, running snapshots, balances) so the audit stays clean."""
+    every invariant (balanced entries, running snapshots, balances) so the audit stays clean.
+    They are a microsecond apart (later ids later, as movements are), so a statement's time
+    range selects some of them; the n-th lasts at most n µs past now(), less than the insert
+    takes."""
     engine = create_engine(engine_url)
     # Requests of the last run may still be finishing in the replicas (wrk closes its
     # connections, the movements they carried commit anyway): wait until no new ones land.
@@ -165,7 +170,7 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
             conn.execute(
                 text(
                     "INSERT INTO transactions (id, type, amount, currency, from_wallet_id, to_wallet_id, initiated_by, "
-                    "created_at) SELECT :first + g, 'deposit', 1, 'USD', :sys, :w, :owner, now() "
+                    "created_at) SELECT :first + g, 'deposit', 1, 'USD', :sys, :w, :owner, now() + g * interval '1 us' "
                     "FROM generate_series(0, :n - 1) g"
                 ),
                 {"first": first, "sys": system, "w": wallet_id, "owner": owner, "n": n},
@@ -174,9 +179,11 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
                 text(
                     "INSERT INTO ledger_entries (transaction_id, wallet_id, entry_type, amount, currency, "
                     "balance_snapshot, created_at) "
-                    "SELECT :first + g, :sys, 'debit', 1, 'USD', :sb - g - 1, now() FROM generate_series(0, :n - 1) g "
+                    "SELECT :first + g, :sys, 'debit', 1, 'USD', :sb - g - 1, now() + g * interval '1 us' "
+                    "FROM generate_series(0, :n - 1) g "
                     "UNION ALL "
-                    "SELECT :first + g, :w, 'credit', 1, 'USD', :ub + g + 1, now() FROM generate_series(0, :n - 1) g "
+                    "SELECT :first + g, :w, 'credit', 1, 'USD', :ub + g + 1, now() + g * interval '1 us' "
+                    "FROM generate_series(0, :n - 1) g "
                     "ORDER BY 1, 3 DESC"
                 ),
                 {"first": first, "sys": system, "w": wallet_id, "sb": sys_balance, "ub": user_balance, "n": n},
@@ -193,6 +200,22 @@ def seed_ledger(engine_url: str, wallet_id: int, total_entries: int) -> int:
         ).scalar_one()
     engine.dispose()
     return int(last)
+
+
+def recent_since(engine_url: str, wallet_id: int, lines: int) -> str:
+    """The time of the wallet's `lines`-th newest entry (ISO 8601, Z; its oldest if it has
+    fewer): a statement from it has that many lines, however long the ledger before it."""
+    engine = create_engine(engine_url)
+    with engine.connect() as conn:
+        since = conn.execute(
+            text(
+                "SELECT min(created_at) FROM (SELECT created_at FROM ledger_entries WHERE wallet_id = :w "
+                "ORDER BY created_at DESC, transaction_id DESC LIMIT :n) recent"
+            ),
+            {"w": wallet_id, "n": lines},
+        ).scalar_one()
+    engine.dispose()
+    return str(since.astimezone(UTC).isoformat().replace("+00:00", "Z"))
 
 
 def _p99(ordered: list[float]) -> float:
@@ -506,6 +529,29 @@ def paced_transfers(
     return summary, receipts, samples
 
 
+def reads(
+    stack: Stack, env: dict[str, str], token: str, wallet: int, sizes: tuple[int, ...], run: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """The read measures: for each ledger size, seed the ledger to it and drive each read as
+    the wallet's owner."""
+    results = {}
+    for size in sizes:
+        progress(f"seeding the ledger to {size:.0e} entries")
+        txn = seed_ledger(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"], wallet, size)
+        since = recent_since(env["WALLET_DATABASE_URL"], wallet, lines=100)
+        for label, path in (
+            ("history", "/transaction/history?limit=10&offset=0"),
+            # A page deep in the history (a quarter of its entries back), by keyset.
+            ("history after=", f"/transaction/history?limit=10&after={txn - size // 4}"),
+            ("ledger", f"/transaction/{txn}/ledger"),
+            ("statement", f"/wallet/statement?from={since}"),  # its newest 100 lines
+        ):
+            results[f"GET {label} at {size:.0e} entries"] = wrk(
+                f"{stack.url}{path}", "read.lua", BENCH_TOKEN=token, BENCH_PATH=path, **run
+            )
+    return results
+
+
 def notifier_cpu() -> dict[str, Any]:
     """bench/notifier_cpu.py once the stack is down: receipts through the real relay, Redis
     and notifier workers to the Brevo stand-in, the workers' CPU time per email."""
@@ -608,20 +654,8 @@ def main() -> None:
                     stack.url, "money.lua", BENCH_WALLETS=str(wallets), BENCH_KIND=kind, **run
                 )
             token, wallet, _ = users[0]
-            for size in (10**4,) if QUICK else (10**4, 10**6):
-                progress(f"seeding the ledger to {size:.0e} entries")
-                txn = seed_ledger(env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"], wallet, size)
-                for label, path in (
-                    ("history", "/transaction/history?limit=10&offset=0"),
-                    ("ledger", f"/transaction/{txn}/ledger"),
-                ):
-                    results[f"GET {label} at {size:.0e} entries"] = wrk(
-                        f"{stack.url}{path}",
-                        "read.lua",
-                        BENCH_TOKEN=token,
-                        BENCH_PATH=path,
-                        **{**run, "seconds": min(args.seconds, 10)},
-                    )
+            sizes = (10**4,) if QUICK else (10**4, 10**6)
+            results.update(reads(stack, env, token, wallet, sizes, {**run, "seconds": min(args.seconds, 10)}))
             rss = memory(stack.process.pid) if stack.process else {}
             extra["memory"] = memory_growth(rss_start, processes(stack))
         progress("wallet-audit")

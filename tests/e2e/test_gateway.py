@@ -16,6 +16,7 @@ PUBLIC_PATHS = {
     "/users/{user_id}",
     "/.well-known/jwks.json",
     "/wallet",
+    "/wallet/statement",
     "/transaction/deposit",
     "/transaction/withdraw",
     "/transaction/transfer",

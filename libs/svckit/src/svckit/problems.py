@@ -198,8 +198,11 @@ def document_problems(app: FastAPI) -> None:
                     if status.isdigit() and int(status) >= 400:
                         response["content"] = {PROBLEM_JSON: {"schema": ref}}
                         if status == "422":
+                            # Keep the business rules' codes (problem_responses lists them).
+                            codes = response.get("description", "")
+                            rules = f": {codes}" if codes and codes != "Validation Error" else ""
                             response["description"] = (
-                                "Validation error (lists the offending fields), or a business rule"
+                                f"Validation error (lists the offending fields), or a business rule{rules}"
                             )
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)

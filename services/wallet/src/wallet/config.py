@@ -28,6 +28,9 @@ class Settings(BaseServiceSettings):
     # does; the other side's balance_snapshot is then the other wallet's balance. False
     # shows the caller only their own entries.
     ledger_show_counterparty: bool = True
+    # GET /wallet/statement answers at most this many lines; a range holding more is a 422
+    # (statement_too_large) naming where to cut it, never a silently truncated statement.
+    statement_max_lines: int = Field(default=10_000, ge=1, le=100_000)
     # Every this many seconds each replica marks overdue holds expired (0: never; they
     # reserve nothing once past their expiry either way). The contract: within 60 s.
     hold_sweep_interval_s: float = Field(default=15.0, ge=0, le=45)

@@ -192,3 +192,28 @@ class BalanceTimeInvalid(ProblemError):
     code = "invalid_at"
     title = "Invalid time"
     default_detail = "`at` must lie between the wallet's opening and now."
+
+
+class InvalidRange(ProblemError):
+    """A statement's or a history filter's `from` after its `to`, or a statement range
+    longer than the contract allows (366 days)."""
+
+    status = 422
+    code = "invalid_range"
+    title = "Invalid date range"
+
+
+class StatementTooLarge(ProblemError):
+    """More lines in the range than one statement carries (WALLET_STATEMENT_MAX_LINES): the
+    client asks for a narrower range (the detail says where the first lines end)."""
+
+    status = 422
+    code = "statement_too_large"
+    title = "Statement too large"
+
+
+class OffsetWithAfter(ProblemError):
+    status = 422
+    code = "offset_with_after"
+    title = "Offset and after together"
+    default_detail = "Page with `after` (the last id you saw) or with `offset`, not both."

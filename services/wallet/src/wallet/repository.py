@@ -354,9 +354,23 @@ def _among(column: Any, name: str, dialect: str) -> Any:
     return column.in_(bindparam(name, expanding=True))
 
 
-def _history(dialect: str) -> Select[Any]:
+@functools.cache
+def _history(dialect: str, *, one: bool, after: bool, kind: bool, since: bool, until: bool) -> Select[Any]:
+    """History's page, one statement per shape (each compiled once): of `one` wallet (a
+    bound id) or of a list of them, with whichever filters are given.
+
+    Without a time filter it walks the (wallet_id, transaction_id) index backwards; with
+    `from` or `to`, the (wallet_id, created_at) index (migration 0008), ties in id order.
+    Both orders are the same: a wallet's movements draw their id and time under its row
+    lock, so later ids have later times. `after` is a keyset bound, an index range (not an
+    offset); on the time index the range also starts at that transaction's time, so the
+    entries skipped are never read. The bound is repeated on the transactions side so that
+    a merge join starts there too.
+    """
     source, destination = aliased(W, name="source"), aliased(W, name="destination")
-    return (
+    timed = since or until
+    wallets = L.c.wallet_id == _bind(L, "wallet_id") if one else _among(L.c.wallet_id, "wallet_ids", dialect)
+    query = (
         select(
             T.c.id,
             T.c.amount,
@@ -372,27 +386,130 @@ def _history(dialect: str) -> Select[Any]:
         .join(T, T.c.id == L.c.transaction_id)
         .join(source, source.c.id == T.c.from_wallet_id)
         .join(destination, destination.c.id == T.c.to_wallet_id)
-        .where(_among(L.c.wallet_id, "wallet_ids", dialect))
-        .order_by(L.c.transaction_id.desc())
+        .where(wallets)
+    )
+    if after:
+        query = query.where(L.c.transaction_id < _bind(L, "transaction_id", "after"), T.c.id < _bind(T, "id", "after"))
+        if timed:
+            after_time = select(T.c.created_at).where(T.c.id == _bind(T, "id", "after")).scalar_subquery()
+            query = query.where(L.c.created_at <= after_time)
+    if kind:
+        query = query.where(T.c.type == _bind(T, "type", "kind"))
+    if since:
+        query = query.where(L.c.created_at >= _bind(L, "created_at", "since"))
+    if until:
+        query = query.where(L.c.created_at <= _bind(L, "created_at", "until"))
+    order = (L.c.created_at.desc(), L.c.transaction_id.desc()) if timed else (L.c.transaction_id.desc(),)
+    return (
+        query.order_by(*order)
         .limit(bindparam("limit", type_=Integer()))
         .offset(bindparam("offset", type_=BigInteger()))
     )
 
 
-_HISTORY = {dialect: _history(dialect) for dialect in ("postgresql", "sqlite")}
-
-
-async def history(conn: Connection, *, wallet_ids: Sequence[int], limit: int, offset: int) -> list[Any]:
+async def history(
+    conn: Connection,
+    *,
+    wallet_ids: Sequence[int],
+    limit: int,
+    offset: int = 0,
+    after: int | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[Any]:
     """The transactions touching these wallets, newest first, with both sides' names.
 
-    Driven by the (wallet_id, transaction_id) index of ledger_entries, read backwards, so a
-    page costs limit + offset index entries however long the history (one entry per
-    transaction and user: a user's wallets never trade with each other).
+    Driven by an index of ledger_entries read backwards (see _history): one entry per
+    transaction and user, a user's wallets never trade with each other. Without an offset
+    the page is read one wallet at a time, newest wallet first, each an ordered index range
+    of that wallet (a user has one open wallet at a time, and a new one's movements all
+    follow the old one's, so the concatenation is in order), so a page costs `limit` index
+    entries however long the ledger and wherever `after` is. (One ordered scan over a list
+    of wallets is not something Postgres's btree gives before version 17: it would sort
+    the user's matching entries.) With an offset, the same for a user of one wallet (the
+    offset's entries are read too), and for one of several wallets a statement over the
+    list (`offset` and `after` never come together). A `kind` filter is checked on the way, so a rare
+    kind costs the entries passed over.
     """
     if not wallet_ids:
         return []
-    params = {"wallet_ids": list(wallet_ids), "limit": limit, "offset": offset}
-    return list((await conn.execute(_HISTORY[conn.dialect_name], params)).all())
+    shape = {
+        "after": after is not None,
+        "kind": kind is not None,
+        "since": since is not None,
+        "until": until is not None,
+    }
+    params = {k: v for k, v in {"after": after, "kind": kind, "since": since, "until": until}.items() if v is not None}
+    if offset and len(wallet_ids) > 1:
+        query = _history(conn.dialect_name, one=False, **shape)
+        rows = await conn.execute(query, {**params, "wallet_ids": list(wallet_ids), "limit": limit, "offset": offset})
+        return list(rows.all())
+    page: list[Any] = []
+    for wallet_id in sorted(wallet_ids, reverse=True):  # newest wallet first
+        query = _history(conn.dialect_name, one=True, **shape)
+        wanted = {"wallet_id": wallet_id, "limit": limit - len(page), "offset": offset}  # one wallet if offset
+        page += (await conn.execute(query, {**params, **wanted})).all()
+        if len(page) == limit:
+            break
+    return page
+
+
+# A statement reads one wallet's entries in a time range from the (wallet_id, created_at)
+# index (migration 0008; ties, if any, in id order): the opening balance is the last entry before the range, the lines
+# are the range oldest first, at most `limit` of them (the caller asks for one more than it
+# answers, to know the range holds more).
+_OPENING = (
+    select(L.c.balance_snapshot)
+    .where(L.c.wallet_id == _bind(L, "wallet_id"), L.c.created_at < _bind(L, "created_at", "since"))
+    .order_by(L.c.created_at.desc(), L.c.transaction_id.desc())
+    .limit(1)
+)
+
+
+def _statement_lines() -> Select[Any]:
+    other = aliased(W, name="other")
+    other_id = case((T.c.from_wallet_id == L.c.wallet_id, T.c.to_wallet_id), else_=T.c.from_wallet_id)
+    return (
+        select(
+            L.c.transaction_id,
+            L.c.created_at,
+            T.c.type,
+            L.c.entry_type,
+            L.c.amount,
+            L.c.balance_snapshot,
+            other.c.owner_name,
+            other.c.kind,
+        )
+        .select_from(L)
+        .join(T, T.c.id == L.c.transaction_id)
+        .join(other, other.c.id == other_id)
+        .where(
+            L.c.wallet_id == _bind(L, "wallet_id"),
+            L.c.created_at >= _bind(L, "created_at", "since"),
+            L.c.created_at <= _bind(L, "created_at", "until"),
+        )
+        .order_by(L.c.created_at, L.c.transaction_id)
+        .limit(bindparam("limit", type_=Integer()))
+    )
+
+
+_STATEMENT_LINES = _statement_lines()
+
+
+async def opening_balance(conn: Connection, *, wallet_id: int, since: datetime) -> int:
+    """The wallet's balance just before `since`: its last entry's snapshot (0 if none)."""
+    found = (await conn.execute(_OPENING, {"wallet_id": wallet_id, "since": since})).first()
+    return int(found[0]) if found is not None else 0
+
+
+async def statement_lines(
+    conn: Connection, *, wallet_id: int, since: datetime, until: datetime, limit: int
+) -> list[Any]:
+    """The wallet's entries from `since` to `until` (both included), oldest first, at most
+    `limit`, each with its transaction's type and the other side's name and kind."""
+    params = {"wallet_id": wallet_id, "since": since, "until": until, "limit": limit}
+    return list((await conn.execute(_STATEMENT_LINES, params)).all())
 
 
 def _ledger(dialect: str) -> tuple[Select[Any], Select[Any], Select[Any]]:

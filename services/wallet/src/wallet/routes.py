@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Awaitable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 
@@ -19,8 +21,11 @@ from wallet.errors import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     InsufficientFunds,
+    InvalidRange,
+    OffsetWithAfter,
     RecipientNotFound,
     SelfTransfer,
+    StatementTooLarge,
     TransactionNotFound,
     UnsupportedCurrency,
     WalletBusy,
@@ -32,10 +37,12 @@ from wallet.idempotency import Answer
 from wallet.metrics import MONEY_MOVED, MOVEMENTS
 from wallet.schemas import (
     History,
+    Instant,
     LedgerEntryRead,
     Message,
     MoneyIn,
     MovementResult,
+    Statement,
     TransferIn,
     TransferResult,
     WalletCreate,
@@ -181,17 +188,116 @@ async def transfer(body: TransferIn, uow: UowDep, caller: UserDep, key: KeyDep, 
     return await _answered("transfer", body.amount, body.currency, movement)
 
 
+_FROM = Query(alias="from", description="ISO 8601 with an offset (`2026-05-31T12:00:00Z`): from this instant, included")
+_TO = Query(alias="to", description="ISO 8601 with an offset: up to this instant, included")
+
+
 @router.get(
-    "/transaction/history", response_model=History, tags=["transaction"], responses=problem_responses(Unauthorized)
+    "/transaction/history",
+    response_model=History,
+    tags=["transaction"],
+    responses=problem_responses(Unauthorized, OffsetWithAfter, InvalidRange),
 )
 async def history(
     uow: UowDep,
     caller: UserDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    offset: Annotated[int | None, Query(ge=0, le=MAX_ID, description="Default 0; not with `after`")] = None,
+    after: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_TRANSACTION_ID,
+            description="Extension: the page of items older than this transaction id (the last one you saw)",
+        ),
+    ] = None,
+    kind: Annotated[
+        Literal["deposit", "withdrawal", "transfer"] | None, Query(alias="type", description="Only this type")
+    ] = None,
+    since: Annotated[Instant | None, _FROM] = None,
+    until: Annotated[Instant | None, _TO] = None,
 ) -> History:
-    """Your transactions, newest first, across all your wallets (closed ones included)."""
-    return await service.history(uow, user_id=caller.user_id, limit=limit, offset=offset)
+    """Your transactions, newest first, across all your wallets (closed ones included).
+    Page by `offset`, or by keyset with `after`."""
+    return await service.history(
+        uow, user_id=caller.user_id, limit=limit, offset=offset, after=after, kind=kind, since=since, until=until
+    )
+
+
+_CSV_COLUMNS = ("transaction_id", "date", "type", "counterparty", "amount", "balance")
+
+
+@router.get(
+    "/wallet/statement",
+    response_model=Statement,
+    response_model_by_alias=True,
+    tags=["wallet"],
+    responses={
+        **problem_responses(Unauthorized, WalletNotFound, InvalidRange, StatementTooLarge),
+        200: {
+            "description": "The statement; with `Accept: text/csv`, its lines as CSV with a header row",
+            "content": {"text/csv": {"schema": {"type": "string"}, "example": ",".join(_CSV_COLUMNS) + "\r\n"}},
+        },
+    },
+)
+async def statement(
+    uow: UowDep,
+    caller: UserDep,
+    request: Request,
+    since: Annotated[Instant | None, _FROM] = None,
+    until: Annotated[Instant | None, _TO] = None,
+) -> Response:
+    """Your open wallet's statement, oldest first with running balances (default: the last
+    30 days; at most 366). `Accept: text/csv` for CSV."""
+    result = await service.statement(
+        uow,
+        user_id=caller.user_id,
+        since=since,
+        until=until,
+        max_lines=request.app.state.settings.statement_max_lines,
+    )
+    if _wants_csv(request.headers.get("accept", "")):
+        return Response(_csv(result), media_type="text/csv; charset=utf-8")
+    return Response(result.model_dump_json(by_alias=True), media_type="application/json")
+
+
+def _wants_csv(accept: str) -> bool:
+    """`text/csv` is asked for with a higher weight than JSON (`*/*` and no header: JSON)."""
+    weights = {"text/csv": 0.0, "json": 0.0}
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        media = media.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = "text/csv" if media in ("text/csv", "text/*") else "json" if media in _JSON_MEDIA else None
+        if kind:
+            weights[kind] = max(weights[kind], q)
+    return weights["text/csv"] > weights["json"]
+
+
+_JSON_MEDIA = ("application/json", "application/*", "*/*")
+
+
+def _csv(result: Statement) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(_CSV_COLUMNS)
+    for line in result.lines:
+        date = line.date.isoformat().replace("+00:00", "Z")
+        writer.writerow((line.transaction_id, date, line.type, _cell(line.counterparty), line.amount, line.balance))
+    return out.getvalue()
+
+
+def _cell(text: str) -> str:
+    """A name as a spreadsheet-safe cell: one starting like a formula gets a leading `'`
+    (OWASP's CSV injection advice), so opening the file never runs it."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @router.get(

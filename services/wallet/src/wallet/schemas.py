@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from svckit.money import Amount, CurrencyCode, Id
+
+_ISO_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_text(value: object) -> object:
+    """Only ISO 8601 text: pydantic alone would take a number as a Unix time."""
+    if isinstance(value, str) and not _ISO_DATE_TIME.match(value):
+        raise ValueError("expected an ISO 8601 date and time with an offset, like 2026-05-31T12:00:00Z")
+    return value
+
+
+# A query's instant: ISO 8601 with an explicit offset (the contract's timestamps).
+Instant = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
 
 
 class WalletCreate(BaseModel):
@@ -144,3 +158,24 @@ class BalanceRead(BaseModel):
     held: int | None
     available: int | None
     at: datetime
+
+
+class StatementLine(BaseModel):
+    transaction_id: int
+    date: datetime
+    type: Literal["deposit", "withdrawal", "transfer"]
+    counterparty: str
+    amount: int = Field(description="Signed minor units: credits positive, debits negative")
+    balance: int = Field(description="The wallet's balance right after this line")
+
+
+class Statement(BaseModel):
+    wallet_id: int
+    currency: str
+    from_: datetime = Field(alias="from", serialization_alias="from")
+    to: datetime
+    opening_balance: int
+    closing_balance: int
+    lines: list[StatementLine]
+
+    model_config = ConfigDict(populate_by_name=True)

@@ -6,17 +6,22 @@ go in the outbox with the booking), and the outcome is recorded with it."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import IntegrityError
 
 from svckit.aiodb import Database, transaction
+from svckit.db import utcnow
 from wallet import holds_repository, repository
 from wallet.domain import EXTERNAL_DESTINATION, EXTERNAL_SOURCE, Locked, LockedWallet, Party, SystemWallets, book
 from wallet.errors import (
     CurrencyMismatch,
     InsufficientFunds,
+    InvalidRange,
+    OffsetWithAfter,
     RecipientNotFound,
     SelfTransfer,
+    StatementTooLarge,
     TransactionNotFound,
     UnsupportedCurrency,
     WalletExists,
@@ -24,6 +29,7 @@ from wallet.errors import (
     WalletNotFound,
 )
 from wallet.idempotency import Answer, Once
+from wallet.ledger import CREDIT
 from wallet.models import OPEN, USER
 from wallet.schemas import (
     History,
@@ -31,6 +37,8 @@ from wallet.schemas import (
     LedgerEntryRead,
     Message,
     MovementResult,
+    Statement,
+    StatementLine,
     TransferResult,
     WalletCreated,
     WalletRead,
@@ -230,10 +238,34 @@ async def transfer(uow: UnitOfWork, *, user_id: int, key: str, to_wallet_id: int
 # --- reads -------------------------------------------------------------------------------
 
 
-async def history(uow: UnitOfWork, *, user_id: int, limit: int, offset: int) -> History:
+async def history(
+    uow: UnitOfWork,
+    *,
+    user_id: int,
+    limit: int,
+    offset: int | None = None,
+    after: int | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> History:
+    """A page of the user's history: by `offset`, or (extension) by keyset, the items older
+    than transaction `after`; optionally only one `kind`, or a time range."""
+    if after is not None and offset is not None:
+        raise OffsetWithAfter()
+    since, until = _range(since, until)
     async with transaction(uow.reads, read_only=True) as conn:
         wallet_ids = await repository.user_wallet_ids(conn, user_id)
-        rows = await repository.history(conn, wallet_ids=wallet_ids, limit=limit, offset=offset)
+        rows = await repository.history(
+            conn,
+            wallet_ids=wallet_ids,
+            limit=limit,
+            offset=offset or 0,
+            after=after,
+            kind=kind,
+            since=since,
+            until=until,
+        )
     items = [
         HistoryItem(
             id=txn_id,
@@ -246,7 +278,87 @@ async def history(uow: UnitOfWork, *, user_id: int, limit: int, offset: int) -> 
         )
         for txn_id, amount, currency, kind, created_at, src_name, src_kind, dst_name, dst_kind in rows
     ]
-    return History(transactions=items, limit=limit, offset=offset)
+    return History(transactions=items, limit=limit, offset=offset or 0)
+
+
+STATEMENT_DEFAULT_DAYS = 30
+STATEMENT_MAX_SPAN = timedelta(days=366)
+
+
+def _utc(moment: datetime | None, name: str) -> datetime | None:
+    """The instant in UTC; one that UTC cannot write (before year 1 or after 9999) is a 422."""
+    try:
+        return None if moment is None else moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidRange(f"`{name}` is out of range (years 1 to 9999 in UTC).") from exc
+
+
+def _range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    since, until = _utc(since, "from"), _utc(until, "to")
+    if since is not None and until is not None and since > until:
+        raise InvalidRange("`from` is after `to`.")
+    return since, until
+
+
+async def statement(
+    uow: UnitOfWork, *, user_id: int, since: datetime | None, until: datetime | None, max_lines: int
+) -> Statement:
+    """The open wallet's lines from `since` to `until` (default: the last 30 days), oldest
+    first, with the running balance, between the opening and the closing balance.
+
+    Bounded by `max_lines`: a range holding more is refused (422 statement_too_large, the
+    detail saying where the first `max_lines` end), never answered truncated, since a
+    statement's closing balance must be the balance at `to`."""
+    since, until = _range(since, until)
+    until = until or utcnow()
+    if since is None:
+        try:
+            since = until - timedelta(days=STATEMENT_DEFAULT_DAYS)
+        except OverflowError:  # a `to` in year 1
+            since = datetime.min.replace(tzinfo=UTC)
+    _range(since, until)
+    if until - since > STATEMENT_MAX_SPAN:
+        raise InvalidRange("A statement covers at most 366 days.")
+    async with transaction(uow.db, read_only=True) as conn:
+        wallet = await repository.open_wallet_of(conn, user_id)
+        if wallet is None:
+            raise WalletNotFound()
+        opening = await repository.opening_balance(conn, wallet_id=wallet.id, since=since)
+        rows = await repository.statement_lines(
+            conn, wallet_id=wallet.id, since=since, until=until, limit=max_lines + 1
+        )
+    if len(rows) > max_lines:
+        last = rows[max_lines - 1].created_at
+        raise StatementTooLarge(
+            f"The range holds more than {max_lines} lines; ask for a narrower one "
+            f"(the first {max_lines} end at {last.isoformat()})."
+        )
+    lines = [
+        StatementLine(
+            transaction_id=txn_id,
+            date=created_at,
+            type=kind,
+            counterparty=other_name if other_kind == USER else _OUTSIDE[kind],
+            amount=amount if entry_type == CREDIT else -amount,
+            balance=snapshot,
+        )
+        for txn_id, created_at, kind, entry_type, amount, snapshot, other_name, other_kind in rows
+    ]
+    closing = lines[-1].balance if lines else opening
+    if opening + sum(line.amount for line in lines) != closing:  # the ledger's own rule; refuse to answer if not
+        raise RuntimeError(f"statement of wallet {wallet.id} does not add up")
+    return Statement(
+        wallet_id=wallet.id,
+        currency=wallet.currency,
+        from_=since,
+        to=until,
+        opening_balance=opening,
+        closing_balance=closing,
+        lines=lines,
+    )
+
+
+_OUTSIDE = {"deposit": EXTERNAL_SOURCE, "withdrawal": EXTERNAL_DESTINATION, "transfer": "External"}
 
 
 async def ledger_of(
