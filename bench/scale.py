@@ -17,9 +17,9 @@ idempotency keys, bench/money.lua) through the gateway at each connection count
 A configuration saturates at the first connection count whose throughput is less than
 10% above the previous one's; the bottleneck there is the process group using the most
 of a core (wallet replicas summed, Postgres, Traefik, ...). Then, on the last stack,
-the ledger of one wallet is grown to 10^4, 10^6 and 10^7 entries (in SQL) and reads are
-measured at each: history's first page, a keyset page (`after`), a statement and a
-transaction's ledger, when the wallet serves them.
+the ledger of one wallet is grown to 10^4, 10^6 and 10^7 entries (in SQL) and `make
+bench`'s reads are measured at each: history's first page, a keyset page (`after`), a
+transaction's ledger, a statement and a balance at a time.
 
 Written to bench/results/scale.json, drawn in bench/results/scale.png. Long: about 15
 minutes at the defaults (BENCH_QUICK=1: 5 s runs, 8 and 32 connections, 1 and 2
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -283,34 +284,6 @@ def stack_redis_url(stack: b.Stack) -> str:
     return f"redis://127.0.0.1:{(stack.ports or {})['redis']}/0"
 
 
-def reads(stack: b.Stack, env: dict[str, str], token: str, wallet: int, sizes: tuple[int, ...], seconds: float):
-    out: dict[str, dict[str, Any]] = {}
-    owner_url = env.get("WALLET_MIGRATION_DATABASE_URL") or env["WALLET_DATABASE_URL"]
-    headers = {"Authorization": f"Bearer {token}"}
-    for size in sizes:
-        b.progress(f"seeding the ledger to {size:.0e} entries")
-        txn = b.seed_ledger(owner_url, wallet, size)
-        paths = {
-            "history, first page": "/transaction/history?limit=10&offset=0",
-            "history, keyset page": f"/transaction/history?limit=10&after={txn - size // 4}",
-            "statement, last day": "/wallet/statement?from=" + _since_hours(24),
-            "ledger of one transaction": f"/transaction/{txn}/ledger",
-        }
-        with httpx.Client(base_url=stack.url, timeout=60) as api:
-            for label, path in paths.items():
-                if api.get(path, headers=headers).status_code != 200:
-                    continue  # not served by this version (or too much for one page): no figure
-                r = b.wrk(f"{stack.url}{path}", "read.lua", seconds, 32, BENCH_TOKEN=token, BENCH_PATH=path)
-                out.setdefault(label, {})[f"{size:.0e}"] = r
-    return out
-
-
-def _since_hours(hours: int) -> str:
-    from urllib.parse import quote
-
-    return quote(datetime.fromtimestamp(time.time() - hours * 3600, tz=UTC).isoformat(timespec="seconds"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5 if QUICK else 12)
@@ -367,7 +340,12 @@ def main() -> None:
                 figures["footprint"] = footprint(stack, env, args.database_url, database)
                 token, wallet, _ = users[0]
                 sizes = (10**4, 10**5) if QUICK else (10**4, 10**6, 10**7)
-                figures["reads"] = reads(stack, env, token, wallet, sizes, min(args.seconds, 8))
+                run = {"seconds": min(args.seconds, 8), "connections": 32}
+                by_size: dict[str, dict[str, Any]] = defaultdict(dict)
+                for name, r in b.reads(stack, env, token, wallet, sizes, run, chain=False).items():
+                    label, size = re.match(r"GET (.+) at (\S+) entries", name).groups()  # type: ignore[union-attr]
+                    by_size[label][size] = r
+                figures["reads"] = dict(by_size)
         finally:
             b.progress("stopping the stack")
             stack.stop()
