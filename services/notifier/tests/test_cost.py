@@ -147,3 +147,19 @@ def test_each_worker_thread_keeps_one_redis_connection_for_the_markers(
     monkeypatch.undo()
     assert len(sent) == 60
     assert all(markers.is_sent(e) for e in sent)
+
+
+def test_a_thread_connection_redis_dropped_is_replaced_and_the_marker_still_written(redis_url: str) -> None:
+    """A restart, failover or idle timeout closes the thread's held connection: the next
+    script runs again on a fresh one, so an email Brevo accepted is still marked sent."""
+    client = redis_client(redis_url)
+    markers = SentMarkers(client, ttl_s=60, claim_ms=2000)
+    first = uuid.uuid4().hex
+    begun = markers.begin(first)
+    assert begun.token is not None
+    admin = redis.Redis.from_url(redis_url)
+    assert int(admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")) >= 1
+    markers.finish(first, begun.token)  # over a dead connection: replaced, not raised
+    assert admin.exists(SENT_MARKER.format(first)) == 1
+    assert markers.begin(first).sent
+    admin.close()

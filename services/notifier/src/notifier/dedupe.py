@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis
 
@@ -63,11 +63,22 @@ class SentMarkers:
             self._local.client = own
         return own
 
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script on this thread's connection; once more on a fresh one if Redis
+        dropped it (a restart, a failover, an idle timeout): the pool's own check for that
+        is what the held connection skips. Both scripts are safe to run twice."""
+        try:
+            return script(keys=keys, args=args, client=self._own())
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._local.client.close()
+            self._local.client = None
+            return script(keys=keys, args=args, client=self._own())
+
     def begin(self, email_id: str) -> Begun:
         """Before sending, in one round trip: is_sent, then claim, then claimed_for_ms."""
         token = secrets.token_hex(8)
         keys = [SENT_MARKER.format(email_id), _claim_key(email_id)]
-        found = int(self._begin(keys=keys, args=[token, self.claim_ms], client=self._own()))  # type: ignore[arg-type]
+        found = int(self._run(self._begin, keys, [token, self.claim_ms]))
         if found == -1:
             return Begun(sent=True, token=None, busy_ms=0)
         if found == -2:
@@ -77,7 +88,7 @@ class SentMarkers:
     def finish(self, email_id: str, token: str) -> None:
         """After sending, in one round trip: the sent marker, and the claim released."""
         keys = [SENT_MARKER.format(email_id), _claim_key(email_id)]
-        self._finish(keys=keys, args=[token, self.ttl_s], client=self._own())
+        self._run(self._finish, keys, [token, self.ttl_s])
 
     def is_sent(self, email_id: str) -> bool:
         return bool(self.redis.exists(SENT_MARKER.format(email_id)))
