@@ -454,3 +454,27 @@ class TestPipelinedPublishing:
         time.sleep(0.01)
         assert relay.reconcile() == 3
         assert batches == [ids, ids]
+
+
+def test_the_relay_leaves_queue_maintenance_to_the_notifier(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dramatiq's enqueue runs queue maintenance now and then, with the enqueuing broker's
+    settings: from the relay that would drop dead letters after Dramatiq's 7 days, not the
+    notifier's 30 (NOTIFIER_DEAD_MESSAGE_TTL_MS). The relay never runs it."""
+    import random
+
+    from svckit.messages import QUEUE, WelcomeEmail, new_email_id
+    from svckit.outbox import Publisher, outbox_row
+
+    client = redis_client(redis_url)
+    client.flushdb()
+    eight_days_ms = 8 * 86_400_000
+    dead = f"dramatiq:{QUEUE}.XQ"
+    client.zadd(dead, {"old-dead-letter": int(time.time() * 1000) - eight_days_ms})
+    client.hset(f"{dead}.msgs", "old-dead-letter", "{}")
+    monkeypatch.setattr(random, "randint", lambda a, b: a)  # every draw would pick maintenance
+    publisher = Publisher(client)
+    payload = outbox_row(WelcomeEmail(email_id=new_email_id(), user_id=1))["payload"]
+    publisher.publish_many([payload, payload])
+    publisher.publish(payload)
+    assert client.zscore(dead, "old-dead-letter") is not None
+    assert client.hexists(f"{dead}.msgs", "old-dead-letter")

@@ -136,7 +136,9 @@ class Publisher:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.broker = RedisBroker(client=client)
+        # No queue maintenance from here: it would apply this broker's defaults (dead letters
+        # dropped after 7 days, a 60 s heartbeat timeout), not the notifier's, which runs it.
+        self.broker = RedisBroker(client=client, maintenance_chance=0)
         self.broker.declare_queue(QUEUE)
 
     def publish(self, payload: str) -> None:
