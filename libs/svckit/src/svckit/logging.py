@@ -18,11 +18,22 @@ from pythonjsonlogger.json import JsonEncoder, JsonFormatter
 from svckit.requestid import current_request_id
 
 
+def _redacted(arg: Any) -> Any:
+    """A Dramatiq message (or its worker-side proxy) as its actor and id: its str() is the
+    whole call, the recipient's address and names included, which Dramatiq's worker logs
+    on every failed attempt."""
+    if hasattr(arg, "actor_name") and hasattr(arg, "message_id"):
+        return f"{arg.actor_name}#{arg.message_id}"
+    return arg
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
             record.request_id = current_request_id()
         record.__dict__.pop("color_message", None)  # uvicorn's ANSI copy of the message
+        if record.name.startswith("dramatiq") and isinstance(record.args, tuple):
+            record.args = tuple(_redacted(a) for a in record.args)
         return True
 
 
