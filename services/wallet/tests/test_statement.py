@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -204,16 +205,6 @@ class TestStatementRefusals:
         response = client.get("/wallet/statement", headers=new_user(signer, auth_fake).headers)
         assert (response.status_code, response.json()["code"]) == (404, "wallet_not_found")
 
-    def test_a_range_over_the_line_cap_is_422_naming_where_to_cut(self, client: TestClient, jane: User) -> None:
-        client.app.state.settings.statement_max_lines = 2  # type: ignore[attr-defined]
-        for amount in (1, 2):
-            assert move(client, jane, "deposit", amount=amount).status_code == 200
-        response = client.get("/wallet/statement", headers=jane.headers)
-        assert (response.status_code, response.json()["code"]) == (422, "statement_too_large")
-        assert "narrower" in response.json()["detail"]
-        first_two = statement(client, jane, to=response.json()["detail"].rsplit(" at ", 1)[1].rstrip(")."))
-        assert [line["amount"] for line in first_two["lines"]] == [500, 1]
-
 
 class TestStatementEdges:
     @pytest.mark.parametrize(
@@ -239,3 +230,60 @@ class TestStatementEdges:
     def test_far_past_to_with_default_from_is_an_empty_statement(self, client: TestClient, jane: User) -> None:
         body = statement(client, jane, to="0001-01-31T00:00:00Z")
         assert (body["opening_balance"], body["closing_balance"], body["lines"]) == (0, 0, [])
+
+
+class TestTimeOrder:
+    """Reads by time rely on a wallet's entries never going back in time."""
+
+    def test_a_clock_stepping_back_does_not_put_an_entry_before_the_last(
+        self, client: TestClient, signer: Signer, auth_fake: AuthFake, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from wallet import repository
+
+        user = new_user(signer, auth_fake)
+        open_wallet(client, user, balance=100)
+        assert move(client, user, "deposit", amount=7).status_code == 200
+        real = repository.utcnow
+        # SQLite's movements take the process's clock (Postgres's, the server's): 5 s back.
+        monkeypatch.setattr(repository, "utcnow", lambda: real() - timedelta(seconds=5))
+        assert move(client, user, "deposit", amount=50).status_code == 200
+        monkeypatch.setattr(repository, "utcnow", real)
+        lines = statement(client, user)["lines"]
+        assert [line["amount"] for line in lines] == [100, 7, 50]
+        dates = [datetime.fromisoformat(line["date"]) for line in lines]
+        assert dates == sorted(dates)
+        assert len(set(dates)) == 3
+        seen, after = [], None
+        while True:
+            params = {"to": "2999-01-01T00:00:00Z", "limit": "1"} | ({"after": str(after)} if after else {})
+            page = client.get("/transaction/history", headers=user.headers, params=params).json()["transactions"]
+            if not page:
+                break
+            seen.append(page[0]["amount"])
+            after = page[0]["id"]
+        assert seen == [50, 7, 100]
+
+    def test_an_after_naming_no_transaction_bounds_nothing_by_time(self, client: TestClient, jane: User) -> None:
+        params = {"after": "9000000000", "to": "2999-01-01T00:00:00Z"}
+        timed = client.get("/transaction/history", headers=jane.headers, params=params).json()["transactions"]
+        plain = client.get("/transaction/history", headers=jane.headers, params={"after": "9000000000"}).json()
+        assert timed == plain["transactions"]
+        assert timed
+
+    def test_resuming_where_the_too_large_answer_says_counts_no_line_twice(
+        self, client: TestClient, jane: User
+    ) -> None:
+        client.app.state.settings.statement_max_lines = 2  # type: ignore[attr-defined]
+        for amount in (1, 2):
+            assert move(client, jane, "deposit", amount=amount).status_code == 200
+        start = iso(now() - timedelta(days=1))
+        refused = client.get("/wallet/statement", headers=jane.headers, params={"from": start})
+        assert (refused.status_code, refused.json()["code"]) == (422, "statement_too_large")
+        found = re.search(r"end at (\S+): the next begin from=(\S+)\)", refused.json()["detail"])
+        assert found is not None
+        end, resume = found.groups()
+        first = statement(client, jane, **{"from": start, "to": end})
+        second = statement(client, jane, **{"from": resume})
+        assert first["closing_balance"] == second["opening_balance"]
+        ids = [line["transaction_id"] for line in first["lines"] + second["lines"]]
+        assert len(ids) == len(set(ids)) == 3

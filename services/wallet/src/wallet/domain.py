@@ -49,6 +49,7 @@ class LockedWallet:
     owner_email: str | None = None
     owner_first_name: str | None = None
     owner_last_name: str | None = None
+    updated_at: datetime | None = None  # its last movement's time (or its opening's)
 
     @property
     def recipient(self) -> Recipient | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -157,6 +157,7 @@ _LOCKED_COLUMNS = (
     *(W.c.id, W.c.user_id, W.c.kind, W.c.status, W.c.currency, W.c.balance, W.c.owner_name, W.c.held),
     W.c.chain_head,
     *(W.c[c] for c in _OWNER),
+    W.c.updated_at,
 )
 _LOCK_WHERE = or_(
     (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
@@ -212,11 +213,15 @@ async def lock_for_movement(conn: Connection, *, user_id: int, other_id: int) ->
     result = await conn.execute(_LOCK_FOR_MOVEMENT[conn.dialect_name], {"user_id": user_id, "other_id": other_id})
     rows = result.all()
     first = rows[0]._mapping if rows else {}
-    return Locked(
-        wallets={row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows},
-        transaction_id=int(first.get("next_transaction_id", 0)),
-        now=first.get("now") or utcnow(),
-    )
+    wallets = {row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows}
+    now = first.get("now") or utcnow()
+    # A wallet's entries never go back in time, whatever the clock did (an NTP step, a
+    # failover to a server whose clock is behind): statements, balances at a time and
+    # time-filtered history read them in time order.
+    last = max((w.updated_at for w in wallets.values() if w.updated_at is not None), default=None)
+    if last is not None and now <= last:
+        now = last + timedelta(microseconds=1)
+    return Locked(wallets=wallets, transaction_id=int(first.get("next_transaction_id", 0)), now=now)
 
 
 def _insert_rows(table: Table, prefixes: Sequence[str], columns: Sequence[str]) -> Insert:
@@ -392,7 +397,8 @@ def _history(dialect: str, *, one: bool, after: bool, kind: bool, since: bool, u
         query = query.where(L.c.transaction_id < _bind(L, "transaction_id", "after"), T.c.id < _bind(T, "id", "after"))
         if timed:
             after_time = select(T.c.created_at).where(T.c.id == _bind(T, "id", "after")).scalar_subquery()
-            query = query.where(L.c.created_at <= after_time)
+            # An `after` naming no transaction bounds nothing by time (NULL would match none).
+            query = query.where(L.c.created_at <= func.coalesce(after_time, L.c.created_at))
     if kind:
         query = query.where(T.c.type == _bind(T, "type", "kind"))
     if since:

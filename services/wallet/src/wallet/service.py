@@ -329,9 +329,12 @@ async def statement(
         )
     if len(rows) > max_lines:
         last = rows[max_lines - 1].created_at
+        # `to` is inclusive: the next statement starts a microsecond later, so no line is in
+        # both (a wallet's entries are never two at one time: repository.lock_for_movement).
+        resume = (last + timedelta(microseconds=1)).isoformat()
         raise StatementTooLarge(
             f"The range holds more than {max_lines} lines; ask for a narrower one "
-            f"(the first {max_lines} end at {last.isoformat()})."
+            f"(the first {max_lines} end at {last.isoformat()}: the next begin from={resume})."
         )
     lines = [
         StatementLine(
