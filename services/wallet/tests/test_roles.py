@@ -156,6 +156,12 @@ class TestTheServiceRole:
             ("DELETE FROM wallets", "permission denied for table wallets"),
             ("ALTER TABLE wallets DROP CONSTRAINT ck_wallets_held", "must be owner of table"),
             ("DELETE FROM holds", "permission denied for table holds"),
+            # Nor hand a wallet (and its money) to another user, or change what a hold reserves.
+            ("UPDATE wallets SET user_id = user_id + 1", "permission denied for table wallets"),
+            ("UPDATE wallets SET currency = 'EUR'", "permission denied for table wallets"),
+            ("UPDATE wallets SET owner_email = 'thief@example.com'", "permission denied for table wallets"),
+            ("UPDATE holds SET amount = 1", "permission denied for table holds"),
+            ("UPDATE holds SET wallet_id = wallet_id + 1", "permission denied for table holds"),
             ("UPDATE refunds SET amount = amount + 1", "permission denied for table refunds"),
             ("DELETE FROM refunds", "permission denied for table refunds"),
             # It may DELETE records (wallet-purge), but never age one to get past the trigger.

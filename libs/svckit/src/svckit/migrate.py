@@ -72,13 +72,20 @@ def run_migrations(target_metadata: MetaData, settings: BaseServiceSettings, gra
     engine.dispose()
 
 
+def _split(privilege: str) -> tuple[str, tuple[str, ...]]:
+    """ "UPDATE" -> ("UPDATE", ()); "UPDATE (balance, status)" -> ("UPDATE", ("balance",
+    "status")): a privilege on those columns only."""
+    name, _, columns = privilege.partition("(")
+    return name.strip().upper(), tuple(c.strip().lower() for c in columns.rstrip(") ").split(",") if c.strip())
+
+
 def check_grants(target_metadata: MetaData, grants: Grants) -> None:
     """Every table of the service has a declaration (possibly empty), and only known privileges."""
     missing = sorted(set(target_metadata.tables) - set(grants))
     if missing:
         raise ValueError(f"tables without a GRANTS entry: {missing} (declare what the service needs, or ())")
     for table, privileges in grants.items():
-        wrong = {p.upper() for p in privileges} - PRIVILEGES
+        wrong = {p for p, columns in map(_split, privileges) if p not in PRIVILEGES or (columns and p == "DELETE")}
         if wrong:
             raise ValueError(f"{table}: privileges {sorted(wrong)} may not be granted (only {sorted(PRIVILEGES)})")
 
@@ -128,10 +135,18 @@ def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
             conn.exec_driver_sql(f"REVOKE ALL ON {kind} {quote(r.relname)} FROM {grantee}")
     tables = {r.relname: r.oid for r in rows if r.relkind != "S"}
     for table, privileges in grants.items():
-        wanted = {p.upper() for p in privileges}
-        if table not in tables or not wanted:
+        if table not in tables or not privileges:
             continue  # not there (yet, or any more: a downgrade), or nothing to grant
-        conn.exec_driver_sql(f"GRANT {', '.join(sorted(wanted))} ON TABLE {quote(table)} TO {grantee}")
+        parsed = [_split(p) for p in privileges]
+        wanted = {p for p, columns in parsed if not columns}
+        if wanted:
+            conn.exec_driver_sql(f"GRANT {', '.join(sorted(wanted))} ON TABLE {quote(table)} TO {grantee}")
+        existing = set(conn.execute(_COLUMNS, {"table": tables[table]}).scalars())
+        for privilege, columns in parsed:
+            # Columns a later migration adds are granted once it has run.
+            present = [quote(c) for c in columns if c in existing]
+            if present:
+                conn.exec_driver_sql(f"GRANT {privilege} ({', '.join(present)}) ON TABLE {quote(table)} TO {grantee}")
         if "INSERT" in wanted:  # the ids its inserts draw (serial or identity columns)
             for (sequence,) in conn.execute(_OWNED_SEQUENCES, {"table": tables[table]}):
                 conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE {quote(sequence)} TO {grantee}")
@@ -140,6 +155,9 @@ def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
     log.info("granted %s its privileges on %d tables", role, len(grants))
 
 
+_COLUMNS = text(
+    "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:table AS oid) AND attnum > 0 AND NOT attisdropped"
+)
 _OWNED_SEQUENCES = text(
     "SELECT s.relname FROM pg_depend d "
     "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "

@@ -258,19 +258,21 @@ class OutboxMessage(Base, table=True):
 
 # What the service's database role may do (applied by every migration run, see
 # svckit.migrate): the ledger is SELECT and INSERT only, so history cannot be rewritten
-# whatever the triggers; wallets change balance and status; records are written once and
+# whatever the triggers; wallets change only the columns movements, holds and closing move
+# (never their owner, currency or kind: a wallet cannot be handed to another user by the
+# service's role); records are written once and
 # deleted by wallet-purge (a trigger refuses it before 24 hours, migration 0007), and so
 # are outbox rows once confirmed. The entries' hashes are as append-only as the rest of
 # them; `wallets.chain_head` the service moves with every booking (the published digest of
 # `wallet-audit --chain-head` is what holds against a rewrite by the tables' owner).
 GRANTS = {
-    "wallets": ("SELECT", "INSERT", "UPDATE"),
+    "wallets": ("SELECT", "INSERT", "UPDATE (balance, held, chain_head, status, closed_at, updated_at)"),
     "transactions": ("SELECT", "INSERT"),
     "ledger_entries": ("SELECT", "INSERT"),
     "idempotency_records": ("SELECT", "INSERT", "DELETE"),
     "outbox": (*OUTBOX_GRANTS, "DELETE"),
     # Holds change status (active to captured, voided or expired) and are never deleted;
     # refunds are written once.
-    "holds": ("SELECT", "INSERT", "UPDATE"),
+    "holds": ("SELECT", "INSERT", "UPDATE (status, captured_amount, recipient_wallet_id, transaction_id, updated_at)"),
     "refunds": ("SELECT", "INSERT"),
 }
