@@ -304,3 +304,31 @@ class TestTampering:
         assert f'"id": {target.id}' in out
         assert "entry_chain" in out
         assert "rewritten" in out
+
+
+class TestTheTransactionRow:
+    """The chain covers the entries; the audit ties each transaction row to them, so a
+    rewritten payer, payee or time (which a refund or history would believe) is named."""
+
+    @pytest.mark.parametrize(
+        "rewrite",
+        [
+            "from_wallet_id = to_wallet_id, to_wallet_id = from_wallet_id",
+            "created_at = '2025-01-01 00:00:00+00:00'",
+        ],
+    )
+    def test_a_rewritten_transaction_row_is_named_by_the_audit(self, ledger: Ledger, rewrite: str) -> None:
+        with ledger.engine.connect() as conn:
+            txn = conn.execute(
+                text("SELECT max(id) FROM transactions WHERE type = 'transfer' AND from_wallet_id = :w"),
+                {"w": ledger.jane_wallet},
+            ).scalar_one()
+        assert audit(ledger.engine).violations == []
+        with ledger.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL session_replication_role = replica"))
+            else:
+                conn.execute(text("DROP TRIGGER transactions_no_update"))
+            conn.execute(text(f"UPDATE transactions SET {rewrite} WHERE id = :id"), {"id": txn})
+        violations = audit(ledger.engine).violations
+        assert any(f"transaction {txn}: its payer, payee or time differs" in v for v in violations), violations

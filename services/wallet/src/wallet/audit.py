@@ -59,7 +59,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from sqlalchemy import ColumnElement, Connection, Engine, case, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Engine, and_, case, func, or_, select
 
 from svckit.db import SessionLimits, make_engine
 from wallet import chain
@@ -82,6 +82,7 @@ CHECKS = (
     "currency_sums_to_zero",
     "held_is_active_holds",
     "held_within_balance",
+    "transaction_matches_its_entries",
 )
 
 
@@ -262,13 +263,30 @@ def _check_transactions(conn: Connection, scope: Scope, report: Report, progress
             func.coalesce(func.sum(case((L.c.entry_type == "debit", L.c.amount), else_=0)), 0),
             func.coalesce(func.sum(case((L.c.entry_type == "credit", L.c.amount), else_=0)), 0),
             func.sum(case((L.c.currency != T.c.currency, 1), else_=0)),
+            # The row says what its entries say: who paid, who was paid, when (the hash chain
+            # covers the entries; this ties the transaction row to them).
+            func.sum(
+                case(
+                    (and_(L.c.entry_type == "debit", L.c.wallet_id != T.c.from_wallet_id), 1),
+                    (and_(L.c.entry_type == "credit", L.c.wallet_id != T.c.to_wallet_id), 1),
+                    (L.c.created_at != T.c.created_at, 1),
+                    else_=0,
+                )
+            ),
         )
         .select_from(T.outerjoin(L, L.c.transaction_id == T.c.id))
         .where(*scope.transactions())
         .group_by(T.c.id, T.c.amount)
     )
-    for txn_id, amount, n, debits, credits, wrong_currency in _stream(conn, per_txn):
+    for txn_id, amount, n, debits, credits, wrong_currency, mismatched in _stream(conn, per_txn):
         progress.advance()
+        if mismatched:
+            report.add(
+                CHECKS[8],
+                "transaction",
+                txn_id,
+                f"transaction {txn_id}: its payer, payee or time differs from its ledger entries'",
+            )
         if n < 2 or debits != credits or debits != amount or wrong_currency:
             report.add(
                 CHECKS[0],
