@@ -402,14 +402,16 @@ def plot(figures: dict[str, Any], path: Path) -> None:
     fig, (ax_rps, ax_p99, ax_reads) = plt.subplots(1, 3, figsize=(18, 5.5))
     for replicas, curve in figures["curves"].items():
         conns = [p["connections"] for p in curve]
-        ax_rps.plot(conns, [p["rps"] for p in curve], marker="o", label=f"{replicas} replica(s)")
+        ok = [p["rps"] - p["non2xx"] / figures["run"]["seconds"] for p in curve]  # refusals are not throughput
+        ax_rps.plot(conns, ok, marker="o", label=f"{replicas} replica(s)")
         ax_p99.plot(conns, [p["p99"] for p in curve], marker="o", label=f"{replicas} replica(s) p99")
         ax_p99.plot(conns, [p["p50"] for p in curve], marker=".", linestyle=":", label=f"{replicas} replica(s) p50")
     for ax in (ax_rps, ax_p99):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("wrk connections")
         ax.legend(fontsize=8)
-    ax_rps.set_ylabel("transfers/s")
+    ax_rps.set_ylabel("transfers/s answered 2xx")
+    ax_rps.set_ylim(bottom=0)
     ax_rps.set_title("throughput")
     ax_p99.set_yscale("log")
     ax_p99.set_ylabel("latency, ms (log)")
