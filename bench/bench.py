@@ -278,13 +278,7 @@ def _utc(ts: float) -> datetime:
 
 
 def memory(launcher_pid: int) -> dict[str, float]:
-    parents: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
+    parents = _parents()
     rss: dict[str, float] = defaultdict(float)
     frontier = [launcher_pid]
     while frontier:
