@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 SERVICE_TESTS := $(wildcard services/*/tests)
 
-.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose check-alerts test-compose test-k8s clean bench bench-scale bench-partitioning
+.PHONY: run test venv lint check-k8s test-fuzz fuzz test-chaos test-unit test-auth test-wallet test-notifier test-e2e test-postgres check-compose check-alerts test-compose test-k8s clean bench bench-scale bench-partitioning bench-replica
 
 $(STAMP): requirements/bootstrap.txt requirements/base.txt requirements/dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -116,6 +116,12 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/scale.py
+
+# Reads on a streaming replica (a primary and a replica of its own, apart from the local
+# Postgres; needs Debian's postgresql-15 binaries and root for runuser; figures only).
+bench-replica: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/replica.py
 
 # The time-partitioning trial of deploy/SCALING.md (the local Postgres; figures only).
 bench-partitioning: $(STAMP)
