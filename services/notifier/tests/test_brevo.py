@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from pathlib import Path
 
 import httpx
@@ -80,3 +82,116 @@ class TestFolderTransport:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["id-1.json", "id-2.json"]
         body = json.loads((tmp_path / "id-1.json").read_text())
         assert body["headers"]["idempotencyKey"] == "id-1"
+
+
+class Hangup(bytes):
+    """Scripted bytes after which the server closes the connection."""
+
+
+class ScriptedServer:
+    """A raw TCP server answering each request on a connection with the next scripted
+    bytes (None: close the connection without answering; Hangup: close after them), to show how the transport reads
+    answers Brevo's stand-in never gives: chunked, cut short, garbled, or a dropped
+    keep-alive connection."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:  # Hangup is bytes
+        self.answers = list(answers)
+        self.connections = 0
+        self.requests = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while self.answers:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                length = int(next(v for k, v in _headers(head) if k == "content-length"))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                buffer = rest[length:]
+                self.requests += 1
+                answer = self.answers.pop(0)
+                if answer is None:
+                    return
+                conn.sendall(answer)
+                if isinstance(answer, Hangup):
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _headers(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+
+
+ACCEPTED = b'HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 19\r\n\r\n{"messageId":"<m>"}'
+
+
+class TestReadingAnswers:
+    def test_a_chunked_answer_is_read_whole_and_the_connection_kept(self) -> None:
+        chunked = (
+            b'HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{"mes\r\ne\r\nsageId":"<c>"}\r\n0\r\n\r\n'
+        )
+        server = ScriptedServer([chunked, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<c>"
+        assert client.send(email("b")) == "<m>"
+        assert (server.connections, server.requests, client.connections.opened) == (1, 2, 1)
+        server.close()
+
+    def test_connection_close_is_honoured(self) -> None:
+        closing = ACCEPTED.replace(b"\r\ncontent-type", b"\r\nconnection: close\r\ncontent-type")
+        server = ScriptedServer([closing, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        assert client.send(email("b")) == "<m>"
+        assert server.connections == 2  # the first was not reused
+        server.close()
+
+    def test_a_kept_alive_connection_the_server_dropped_is_retried_once_on_a_new_one(self) -> None:
+        server = ScriptedServer([ACCEPTED, None, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        assert client.send(email("b")) == "<m>"  # the dropped connection, then a new one
+        assert (server.connections, server.requests) == (2, 3)
+        server.close()
+
+    def test_a_new_connection_closed_before_an_answer_is_transient(self) -> None:
+        server = ScriptedServer([None])
+        with pytest.raises(TransientError, match="unreachable"):
+            transport(server.url).send(email("a"))
+        assert server.requests == 1  # not retried: the connection was new
+        server.close()
+
+    @pytest.mark.parametrize(
+        "answer",
+        [Hangup(ACCEPTED[:-5]), b"this is not HTTP\r\n\r\n"],
+        ids=["cut short", "garbled"],
+    )
+    def test_a_broken_answer_is_transient_and_its_connection_dropped(self, answer: bytes) -> None:
+        server = ScriptedServer([answer, ACCEPTED])
+        client = transport(server.url)
+        with pytest.raises(TransientError, match="unreachable"):
+            client.send(email("a"))
+        assert client.connections.idle == []
+        assert client.send(email("a")) == "<m>"
+        assert server.connections == 2
+        server.close()
