@@ -22,6 +22,10 @@ through the API; then drives it with wrk (32 connections) through the gateway:
     in SQL), to show reads do not grow with the table;
   - resident memory of every process at the end, and of each process at the start and the
     end of the load (growth flagged);
+  - PATCH /transaction/transfer on the default SQLite stack once the Postgres one is down:
+    what `make run` starts (a SQLite file per service, embedded Redis, one wallet process,
+    emails to var/outbox), funded and driven the same way, then wallet-audit on its file
+    (`--sqlite-only`: this measure alone, printed as JSON, nothing written);
   - notifier CPU per email (bench/notifier_cpu.py, once the stack is down): 5,000 receipts
     through the real outbox relay, Redis and notifier workers to the Brevo stand-in, the
     workers' CPU time (/proc/<pid>/stat) over the emails sent;
@@ -558,6 +562,41 @@ def reads(
     return results
 
 
+SQLITE_TRANSFERS = "PATCH transfer, default SQLite stack"
+
+
+def sqlite_transfers(work: Path, seconds: float, connections: int) -> dict[str, Any]:
+    """Transfers through the gateway of the stack `make run` starts (deploy/local/stack.py's
+    defaults: a SQLite file per service, embedded Redis, one wallet process, emails to
+    var/outbox, its log levels and no background niceness), on a var/ of its own; funded and
+    driven like the Postgres transfers (money.lua), then wallet-audit on its wallet file."""
+    var = work / "sqlite-var"
+    var.mkdir()
+    progress("default SQLite stack (make run's defaults, 1 wallet process): starting")
+    high = {f"GATEWAY_AUTH_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")}  # setup signs up the users
+    stack = start_stack(var, WALLET_REPLICAS="1", **high)
+    try:
+        with httpx.Client(base_url=stack.url, timeout=30) as api:
+            progress(f"  funding {WALLETS} wallets through the API")
+            wallets = work / "sqlite-wallets.txt"
+            wallets.write_text("".join(f"{t} {w}\n" for t, w, _ in fund(api, WALLETS)))
+        time.sleep(3)  # let the funding's receipts drain
+        result: dict[str, Any] = wrk(
+            stack.url, "money.lua", seconds, connections, BENCH_WALLETS=str(wallets), BENCH_KIND="transfer"
+        )
+    finally:
+        stack.stop()
+    audit = subprocess.run(
+        [str(BIN / "wallet-audit"), "--database-url", stack.wallet_database_url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    result["audit_failed"] = audit.returncode
+    progress(f"  wallet-audit on the SQLite file: {'clean' if audit.returncode == 0 else audit.stdout.strip()}")
+    return result
+
+
 def notifier_cpu() -> dict[str, Any]:
     """bench/notifier_cpu.py once the stack is down: receipts through the real relay, Redis
     and notifier workers to the Brevo stand-in, the workers' CPU time per email."""
@@ -585,9 +624,16 @@ def main() -> None:
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
     )
+    parser.add_argument(
+        "--sqlite-only", action="store_true", help="only the default SQLite stack's transfers, printed, not written"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is not installed (make bench installs it with apt-get)")
+    if args.sqlite_only:
+        only = sqlite_transfers(Path(tempfile.mkdtemp(prefix="wallet-bench-")), args.seconds, args.connections)
+        print(json.dumps({SQLITE_TRANSFERS: only}))
+        sys.exit(only["audit_failed"])
     began = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="wallet-bench-"))
     os.environ["TEST_DATABASE_URL"] = args.database_url
@@ -690,6 +736,7 @@ def main() -> None:
         stack.stop()
         stub_proc.terminate()
         drop_databases(env)  # also when a run fails half way
+    results[SQLITE_TRANSFERS] = sqlite_transfers(work, args.seconds, args.connections)
     extra["notifier_cpu"] = notifier_cpu()
     extra["run"] = {
         "started": began.isoformat(timespec="seconds"),
@@ -703,7 +750,8 @@ def main() -> None:
         "cores": os.cpu_count(),
     }
     report(results, rss, audit.stdout.strip(), args, extra)
-    sys.exit(audit.returncode or int(bool(extra.get("verify_chain", {}).get("violations"))))
+    failed = audit.returncode or results[SQLITE_TRANSFERS]["audit_failed"]
+    sys.exit(failed or int(bool(extra.get("verify_chain", {}).get("violations"))))
 
 
 def report(
@@ -720,12 +768,13 @@ def report(
     print(f"{'measure':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  notes")
     for name, r in results.items():
         keys = ("non2xx", "socket_errors", "backlog", "receipts", "missing", "drained_s")
-        keys += ("target_rate", "shed", "pacer_late_p99")
+        keys += ("target_rate", "shed", "pacer_late_p99", "audit_failed")
         notes = ", ".join(f"{k} {r[k]:.0f}" for k in keys if r.get(k))
         print(f"{name:<40}{r.get('rps', float('nan')):>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}  {notes}")
     trivial = results[TRIVIAL]["rps"]
     transfers = results["PATCH /transaction/transfer"]["rps"]
     print(f"transfers / trivial endpoint = {transfers / trivial:.2f}")
+    print(f"{SQLITE_TRANSFERS}: 1 wallet process, make run's defaults (target >= 300/s)")
     bare = results[BARE]["rps"]
     print(f"trivial endpoint / bare FastAPI behind Traefik = {trivial / bare:.2f} (target >= 0.6)")
     print("resident memory at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())))
