@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select, text
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from svckit.aiodb import Database, _asyncpg_dsn, _translated, make_database, transaction
-from svckit.db import SessionLimits
+from svckit.db import SessionLimits, UTCDateTime
 from svckit.testing import fresh_database
 
 META = MetaData()
@@ -149,6 +150,39 @@ def test_a_commit_of_a_failed_transaction_is_refused(url: str) -> None:
                 await conn.commit()
         finally:
             await conn.close()
+        await db.dispose()
+
+    asyncio.run(scenario())
+
+
+EVENTS = Table(
+    "aiodb_events", META, Column("id", Integer, primary_key=True), Column("at", UTCDateTime(), nullable=False)
+)
+
+
+def test_types_literals_labels_and_expanding_binds_as_through_sqlalchemy(url: str) -> None:
+    """Datetimes go in and come back aware (bind and result conversions), a literal in a
+    statement is bound, a label names its column, and an expanding IN (which SQLite runs
+    through SQLAlchemy's own execution) reads the same transaction."""
+    if make_url(url).get_backend_name() != "sqlite":
+        pytest.skip("SQLite's statements on sqlite3 (Postgres: asyncpg, no expanding IN)")
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    add = insert(EVENTS).values(id=bindparam("event_id", type_=Integer()), at=bindparam("at", type_=UTCDateTime()))
+    newest = select((func.max(EVENTS.c.id) + 1).label("next_id"), func.max(EVENTS.c.at).label("last_at"))
+    some = select(EVENTS.c.id).where(EVENTS.c.id.in_(bindparam("ids", expanding=True))).order_by(EVENTS.c.id)
+
+    async def scenario() -> None:
+        db = await make_database(url)
+        async with transaction(db) as conn:
+            await conn.execute(text("CREATE TABLE aiodb_events (id INTEGER PRIMARY KEY, at VARCHAR(40) NOT NULL)"))
+        async with transaction(db) as conn:
+            for i in (1, 2, 3):
+                await conn.execute(add, {"event_id": i, "at": at})
+            row = (await conn.execute(newest)).one()
+            assert (row.next_id, row.last_at, row._mapping["last_at"]) == (4, at, at)
+            assert list((await conn.execute(some, {"ids": [1, 3, 9]})).scalars()) == [1, 3]
+        async with transaction(db, read_only=True) as conn:
+            assert (await conn.execute(select(EVENTS.c.at).where(EVENTS.c.id == 2))).scalar_one() == at
         await db.dispose()
 
     asyncio.run(scenario())

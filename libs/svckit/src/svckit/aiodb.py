@@ -1,13 +1,15 @@
 """A database for code on the event loop: asyncpg on Postgres, a SQLite file in process
-(SQLAlchemy's synchronous engine, its lock waits made cooperative), behind one small
-interface.
+(sqlite3 under SQLAlchemy's synchronous engine, its lock waits made cooperative), behind
+one small interface.
 
 Statements are SQLAlchemy Core, written once. On Postgres each is compiled once (SQLAlchemy's
 asyncpg dialect: `$n` placeholders, each bind cast to its column's type) and run by asyncpg,
 which prepares it once per connection. Going through SQLAlchemy's asyncio layer instead costs
 about three times the CPU per statement (greenlet hops, the execution context), more than the
 worker-thread hop it would save. Only static statements are compiled this way: a list
-parameter is one array bind (`= ANY(:ids)`), never an expanding IN.
+parameter is one array bind (`= ANY(:ids)`), never an expanding IN. On SQLite each static
+statement is compiled once too and run on the sqlite3 connection itself; the rest (an
+expanding IN, Python-side column defaults) goes through SQLAlchemy's execution.
 
 Errors come back as SQLAlchemy's, so callers handle one family on both databases:
 IntegrityError for a violated constraint, OperationalError for a timeout, a deadlock, a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,7 +34,7 @@ from sqlalchemy import Connection as SyncConnection
 from sqlalchemy import Engine, Executable, event
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 
 from svckit.db import READ_ONLY, SessionLimits, make_engine
 
@@ -73,11 +76,111 @@ async def transaction(db: Database, *, read_only: bool = False) -> AsyncIterator
         await conn.close()
 
 
+class _Rows:
+    """A statement's rows, fetched (asyncpg's records, or SqliteRow)."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def all(self) -> list[Any]:
+        return self._rows
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise LookupError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalars(self) -> Iterator[Any]:
+        return (row[0] for row in self._rows)
+
+
+_MAX_COMPILED = 1024  # static statements only; past this, something builds them per call
+
 # --- SQLite: in process, on the loop ------------------------------------------------------
 
 # A write transaction waits for SQLite's write lock (held by another process: the relay, a
 # second replica) this long at most, polling without blocking the loop.
 SQLITE_LOCK_WAIT_S = 30.0
+
+
+class SqliteRow(tuple):  # type: ignore[type-arg]
+    """A result row: a tuple, also by attribute (`row.id`) and as `row._mapping`, like
+    SQLAlchemy's. Each statement's rows are of a subclass that names its columns."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[self._index[name]]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return {name: self[i] for name, i in self._index.items()}
+
+
+def _row_class(keys: tuple[str, ...]) -> type[SqliteRow]:
+    index: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        index.setdefault(key, i)
+    return type("SqliteRow", (SqliteRow,), {"__slots__": (), "_index": index})
+
+
+@dataclass(frozen=True)
+class _SqliteCompiled:
+    sql: str
+    names: tuple[str, ...]  # the bind of each ?, in order
+    defaults: dict[str, Any]  # values the statement carries itself (literals)
+    binds: tuple[Callable[[Any], Any] | None, ...]  # each ?'s type conversion (datetimes to text, ...)
+    row_class: type[SqliteRow] | None  # None: named from the cursor (textual SQL)
+    results: tuple[Callable[[Any], Any] | None, ...]  # each column's conversion (text to datetimes, ...)
+
+
+_sqlite_compiled: dict[Executable, _SqliteCompiled | None] = {}
+
+
+def compile_for_sqlite(statement: Executable, dialect: Any) -> _SqliteCompiled | None:
+    """The statement compiled once for the sqlite3 connection itself, with each bind's and
+    each column's type conversion, or None for what only SQLAlchemy's execution handles
+    (expanding or literal-execute binds, Python-side column defaults). SQLAlchemy's
+    execution of a cached statement costs about as much CPU again as SQLite running it
+    (an execution context, parameter and result processing, events): a transfer runs six."""
+    try:
+        return _sqlite_compiled[statement]
+    except KeyError:
+        pass
+    compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    binds = compiled.binds
+    found = None
+    if not (
+        compiled.insert_prefetch
+        or compiled.update_prefetch
+        or compiled.post_compile_params
+        or compiled.literal_execute_params
+        or any(bind.expanding for bind in binds.values())
+    ):
+        names = tuple(compiled.positiontup or ())
+        processors = compiled._bind_processors
+        columns = compiled._result_columns
+        found = _SqliteCompiled(
+            sql=compiled.string,
+            names=names,
+            defaults={n: binds[n].effective_value for n in names if n in binds and not binds[n].required},
+            binds=tuple(processors.get(n) for n in names),
+            row_class=_row_class(tuple(c.keyname for c in columns)) if columns else None,
+            results=tuple(c.type._cached_result_processor(dialect, None) for c in columns),
+        )
+    if len(_sqlite_compiled) < _MAX_COMPILED:
+        _sqlite_compiled[statement] = found
+    return found
 
 
 def _no_busy_wait(dbapi_conn: Any, _: Any) -> None:
@@ -94,7 +197,34 @@ class _SqliteConnection:
         self._release = release
 
     async def execute(self, statement: Executable, params: dict[str, Any] | None = None) -> Result:
-        return self._conn.execute(statement, params)  # type: ignore[return-value]
+        compiled = compile_for_sqlite(statement, self._conn.dialect)
+        if compiled is None:  # expanding IN, Python-side defaults, ...: SQLAlchemy's own path
+            return self._conn.execute(statement, params)  # type: ignore[return-value]
+        values = {**compiled.defaults, **params} if params else compiled.defaults
+        try:
+            args = [
+                value if process is None else process(value)
+                for value, process in zip((values[name] for name in compiled.names), compiled.binds, strict=True)
+            ]
+        except KeyError as missing:
+            raise StatementError(f"no value for bind parameter {missing}", compiled.sql, None, None) from None
+        dbapi = self._conn.connection.dbapi_connection
+        if dbapi is None:
+            raise OperationalError(compiled.sql, None, RuntimeError("connection closed"))  # type: ignore[arg-type]
+        try:
+            cursor = dbapi.execute(compiled.sql, args)
+            raw = cursor.fetchall() if cursor.description else []
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(
+                compiled.sql, None, exc, sqlite3.Error, hide_parameters=True, dialect=self._conn.dialect
+            ) from exc
+        if not raw:
+            return _Rows([])
+        row_class = compiled.row_class or _row_class(tuple(d[0] for d in cursor.description))
+        if any(compiled.results):
+            processors = compiled.results
+            return _Rows([row_class(p(v) if p else v for p, v in zip(processors, r, strict=True)) for r in raw])
+        return _Rows([row_class(r) for r in raw])
 
     async def commit(self) -> None:
         self._conn.commit()
@@ -114,7 +244,9 @@ class SqliteDatabase:
     loop for it. Within the process, writers queue on an asyncio lock; against other
     processes, a refused BEGIN is retried after a short sleep, up to SQLITE_LOCK_WAIT_S.
     Reads (BEGIN) take no lock in WAL mode. Measured against aiosqlite, whose thread hop per
-    statement cost about 1.7 times the CPU per transfer (see the README)."""
+    statement cost about 1.7 times the CPU per transfer (see the README). SQLAlchemy's
+    Connection holds the transaction (BEGIN IMMEDIATE, COMMIT, the pool's rollback); the
+    statements run on its sqlite3 connection (compile_for_sqlite)."""
 
     dialect_name = "sqlite"
 
@@ -161,7 +293,6 @@ class SqliteDatabase:
 # --- Postgres: asyncpg ----------------------------------------------------------------------
 
 _DIALECT = PGDialect_asyncpg()
-_MAX_COMPILED = 1024  # static statements only; past this, something builds them per call
 
 
 @dataclass(frozen=True)
@@ -200,28 +331,6 @@ class Row(asyncpg.Record):
     @property
     def _mapping(self) -> dict[str, Any]:
         return dict(self.items())
-
-
-class _Rows:
-    def __init__(self, rows: list[Row]) -> None:
-        self._rows = rows
-
-    def all(self) -> list[Row]:
-        return self._rows
-
-    def first(self) -> Row | None:
-        return self._rows[0] if self._rows else None
-
-    def one(self) -> Row:
-        if len(self._rows) != 1:
-            raise LookupError(f"expected one row, got {len(self._rows)}")
-        return self._rows[0]
-
-    def scalar_one(self) -> Any:
-        return self.one()[0]
-
-    def scalars(self) -> Iterator[Any]:
-        return (row[0] for row in self._rows)
 
 
 _LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError)

@@ -1,7 +1,7 @@
 """Wallet service app factory: `uvicorn wallet.main:create_app --factory`.
 
 Everything on the event loop: the database through svckit.aiodb (asyncpg on Postgres,
-aiosqlite for the default SQLite file), Redis through redis.asyncio, the auth service
+sqlite3 in process for the default SQLite file), Redis through redis.asyncio, the auth service
 through httpx.AsyncClient. No movement waits for a worker thread.
 """
 

@@ -1,5 +1,5 @@
 """Every query of the wallet service, in SQLAlchemy Core, run on the event loop
-(svckit.aiodb: asyncpg on Postgres, aiosqlite on SQLite). Every statement is built once, at
+(svckit.aiodb: asyncpg on Postgres, sqlite3 in process on SQLite). Every statement is built once, at
 import, with a bind for each value, so it is compiled once (a list is one array bind on
 Postgres).
 
