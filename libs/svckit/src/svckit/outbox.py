@@ -241,19 +241,31 @@ class Relay:
         if not self._has_lease():
             return 0
         t = self.table
-        with self.engine.begin() as conn:
-            query = (
-                select(t.c.id, t.c.payload)
-                .where(t.c.published_at.is_(None))
-                .order_by(t.c.created_at, t.c.id)
-                .limit(self.batch)
-            )
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = conn.execute(query).all()
+        query = (
+            select(t.c.id, t.c.payload)
+            .where(t.c.published_at.is_(None))
+            .order_by(t.c.created_at, t.c.id)
+            .limit(self.batch)
+        )
+        if self.engine.dialect.name == "postgresql":
+            # The rows stay claimed (SKIP LOCKED) while they are published: replicas share the work.
+            with self.engine.begin() as conn:
+                rows = conn.execute(query.with_for_update(skip_locked=True)).all()
+                self.publish_many([payload for _, payload in rows])
+                if rows:
+                    conn.execute(update(t).where(t.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
+        else:
+            # SQLite: the lease makes this the only relay, so the rows are read without the
+            # database's write lock and marked in a short write transaction once published:
+            # the service's writers never wait on the Redis round trip. A crash between the
+            # two publishes them again, as one before COMMIT would: the notifier drops what
+            # it has sent (the outbox id).
+            with self.engine.execution_options(**READ_ONLY).begin() as conn:
+                rows = conn.execute(query).all()
             self.publish_many([payload for _, payload in rows])
             if rows:
-                conn.execute(update(t).where(t.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
+                with self.engine.begin() as conn:
+                    conn.execute(update(t).where(t.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
         PUBLISHED.labels(self.name).inc(len(rows))
         return len(rows)
 
@@ -358,7 +370,7 @@ class Relay:
             return
         self._measured = time.monotonic()
         t = self.table
-        with self.engine.connect() as conn:
+        with self.engine.execution_options(**READ_ONLY).connect() as conn:  # no write lock on SQLite
             count, oldest = conn.execute(
                 select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None))
             ).one()
