@@ -21,26 +21,27 @@ from svckit.redis import redis_client
 API_KEY = "unit-brevo-key"  # conftest.py starts the stand-in with it
 
 
-class CountingRedis(redis.Redis):
-    """A real client that counts what it sends: one command or pipeline is one round trip."""
+class CountingConnection(redis.Connection):
+    """A real connection that counts what it writes: one command or pipeline is one round
+    trip (counted where it meets the socket, whatever layer of the client sent it)."""
 
     round_trips = 0
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         type(self).round_trips += 1
-        return super().execute_command(*args, **options)
+        super().send_packed_command(command, check_health)
 
 
 @pytest.fixture
-def counted(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> type[CountingRedis]:
-    client = CountingRedis.from_url(redis_url)
+def counted(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> type[CountingConnection]:
+    client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection))
     markers = SentMarkers(client, ttl_s=60, claim_ms=2000)
     transport = FolderTransport(str(tmp_path), sender_email="s@example.com", sender_name="S")
     # auth at a port nobody listens on: any lookup would fail the send
     ctx = actors.Context(transport=transport, markers=markers, auth=httpx.Client(base_url="http://127.0.0.1:9"))
     monkeypatch.setattr(actors, "context", lambda: ctx)
-    CountingRedis.round_trips = 0
-    return CountingRedis
+    CountingConnection.round_trips = 0
+    return CountingConnection
 
 
 def welcome(**extra: Any) -> dict[str, Any]:
@@ -51,7 +52,7 @@ RECIPIENT = {"email": "jane@example.com", "first_name": "Jane", "last_name": "Do
 
 
 def test_a_message_costs_two_redis_round_trips_and_a_redelivery_one(
-    counted: type[CountingRedis], redis_url: str
+    counted: type[CountingConnection], redis_url: str
 ) -> None:
     actors.send_welcome.fn(welcome(recipient=RECIPIENT))  # the first loads the scripts (once per Redis)
     counted.round_trips = 0
@@ -64,7 +65,7 @@ def test_a_message_costs_two_redis_round_trips_and_a_redelivery_one(
     assert counted.round_trips == 3
 
 
-def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: type[CountingRedis]) -> None:
+def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: type[CountingConnection]) -> None:
     sent: list[Email] = []
     ctx = actors.context()
     ctx.transport.send = lambda email: sent.append(email) or "ok"  # type: ignore[method-assign]
@@ -73,7 +74,9 @@ def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: t
     assert (email.to_email, email.to_name) == ("jane@example.com", "Jane Doe")
 
 
-def test_a_message_of_the_old_shape_is_looked_up(counted: type[CountingRedis], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_message_of_the_old_shape_is_looked_up(
+    counted: type[CountingConnection], monkeypatch: pytest.MonkeyPatch
+) -> None:
     looked_up: list[int] = []
 
     def lookup(user_id: int) -> dict[str, Any]:
@@ -162,4 +165,20 @@ def test_a_thread_connection_redis_dropped_is_replaced_and_the_marker_still_writ
     markers.finish(first, begun.token)  # over a dead connection: replaced, not raised
     assert admin.exists(SENT_MARKER.format(first)) == 1
     assert markers.begin(first).sent
+    admin.close()
+
+
+def test_a_redis_that_lost_the_scripts_gets_them_again(redis_url: str) -> None:
+    """A restarted or flushed Redis has no scripts: the thread's connection loads them
+    and runs the script once more, so the claim and the marker still happen."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    email_id = uuid.uuid4().hex
+    admin = redis.Redis.from_url(redis_url)
+    admin.script_flush()
+    begun = markers.begin(email_id)
+    assert begun.token is not None
+    admin.script_flush()
+    markers.finish(email_id, begun.token)
+    assert admin.exists(SENT_MARKER.format(email_id)) == 1
+    assert not admin.exists(f"notifier:sending:{email_id}")
     admin.close()
