@@ -311,6 +311,28 @@ def _parents() -> dict[int, int]:
     return parents
 
 
+def tree(pid: int, parents: dict[int, int] | None = None) -> list[int]:
+    """The process and its descendants (in `parents`, a snapshot of _parents(), if given)."""
+    parents = _parents() if parents is None else parents
+    out, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent]
+        out += children
+        frontier += children
+    return out
+
+
+def app_name(cmd: list[str], by_port: dict[str, str]) -> str | None:
+    """The stack's name of a uvicorn process (auth, wallet1, docs, ...) from its command
+    line, by its --port in `by_port` (port: name); None for any other process."""
+    app = next((c.split(":")[0] for c in cmd if c.endswith(":create_app")), None)
+    if not app:
+        return None
+    port = cmd[cmd.index("--port") + 1] if "--port" in cmd[:-1] else ""
+    return by_port.get(port, app.split(".")[0])
+
+
 def processes(stack: Stack) -> dict[str, float]:
     """Resident memory (MiB, VmRSS of /proc/<pid>/status) of each process of the stack, by
     name: auth, wallet1, wallet2, docs, the relays, the notifier and its worker processes,
@@ -320,15 +342,9 @@ def processes(stack: Stack) -> dict[str, float]:
         return {}
     by_port = {str(port): name for name, port in (stack.ports or {}).items()}
     parents = _parents()
-    tree, frontier = [], [stack.process.pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        tree += children
-        frontier += children
     labels: dict[int, str] = {}
     rss: dict[str, float] = {}
-    for pid in sorted(tree):
+    for pid in sorted(tree(stack.process.pid, parents)[1:]):
         proc = Path("/proc") / str(pid)
         try:
             comm = (proc / "comm").read_text().strip()
@@ -339,10 +355,8 @@ def processes(stack: Stack) -> dict[str, float]:
         if comm == "sh" or not kb or str(ROOT / "deploy" / "local" / "stack.py") in cmd:
             continue  # the restart loops' shells, honcho's forks of the launcher
         names = [Path(c).name for c in cmd]
-        app = next((c.split(":")[0] for c in cmd if c.endswith(":create_app")), None)
-        if app:
-            port = cmd[cmd.index("--port") + 1] if "--port" in cmd[:-1] else ""
-            label = by_port.get(port, app.split(".")[0])
+        if app := app_name(cmd, by_port):
+            label = app
         elif relay := next((n for n in names if n.endswith("-relay")), None):
             label = relay
         elif "dramatiq" in names:
