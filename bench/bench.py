@@ -381,6 +381,24 @@ def memory_growth(start: dict[str, float], end: dict[str, float]) -> dict[str, d
     return out
 
 
+def start_load_stack(var: Path, **env: str) -> Stack:
+    """The stack as scale.py and replica.py load it: logs at WARNING, the gateway's rate
+    limits out of the way, the background processes niced, and wallet pools of 8 with no
+    overflow (4 replicas x 8 stay inside the server's 100 connections with auth and the
+    relays); `env` on top."""
+    return start_stack(
+        var,
+        **{
+            **{f"{service}_LOG_LEVEL": "WARNING" for service in ("AUTH", "WALLET", "NOTIFIER")},
+            **{f"GATEWAY_{k}_RATE_{x}": "100000" for k in ("AUTH", "MONEY") for x in ("AVERAGE", "BURST")},
+            "WALLET_DB_POOL_SIZE": "8",
+            "WALLET_DB_MAX_OVERFLOW": "0",
+            "STACK_BACKGROUND_NICE": str(BACKGROUND_NICE),
+            **env,
+        },
+    )
+
+
 def _wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -297,20 +297,7 @@ def main() -> None:
         if env is None:
             sys.exit("bench-scale: needs BENCH_DATABASE_URL's Postgres")
         b.progress(f"starting the stack with {replicas} wallet replica(s)")
-        stack = b.start_stack(
-            work / "var",
-            WALLET_REPLICAS=str(replicas),
-            # 4 replicas x 8 stay inside the server's 100 connections with auth and the relays.
-            WALLET_DB_POOL_SIZE="8",
-            WALLET_DB_MAX_OVERFLOW="0",
-            AUTH_LOG_LEVEL="WARNING",
-            WALLET_LOG_LEVEL="WARNING",
-            NOTIFIER_LOG_LEVEL="WARNING",
-            STACK_BACKGROUND_NICE=str(b.BACKGROUND_NICE),
-            **{f"GATEWAY_AUTH_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")},
-            **{f"GATEWAY_MONEY_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")},
-            **env,
-        )
+        stack = b.start_load_stack(work / "var", WALLET_REPLICAS=str(replicas), **env)
         try:
             with httpx.Client(base_url=stack.url, timeout=30) as api:
                 users = b.fund(api, 20 if QUICK else b.WALLETS)
