@@ -182,3 +182,60 @@ def test_a_redis_that_lost_the_scripts_gets_them_again(redis_url: str) -> None:
     assert admin.exists(SENT_MARKER.format(email_id)) == 1
     assert not admin.exists(f"notifier:sending:{email_id}")
     admin.close()
+
+
+def test_a_redis_restart_drops_the_connection_and_the_scripts_and_the_marker_is_still_written(redis_url: str) -> None:
+    """A Redis 7 restart does both at once: the held connection is dead and the scripts are
+    gone. The thread reconnects and loads the script, each once, and the marker is written."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    admin = redis.Redis.from_url(redis_url)
+
+    def restart() -> None:
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        admin.script_flush()
+
+    email_id = uuid.uuid4().hex
+    begun = markers.begin(email_id)
+    assert begun.token is not None
+    restart()
+    markers.finish(email_id, begun.token)
+    assert admin.exists(SENT_MARKER.format(email_id)) == 1
+    assert not admin.exists(f"notifier:sending:{email_id}")
+    restart()
+    assert markers.begin(uuid.uuid4().hex).token is not None
+    admin.close()
+
+
+def test_a_begin_run_again_with_its_own_token_finds_the_claim_its_own(redis_url: str) -> None:
+    """BEGIN ran but its answer was lost (a stall past the socket timeout): run again with
+    the same token it is still ours, not another worker's for the claim's whole life."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=60_000)
+    keys = [SENT_MARKER.format("e-again"), "notifier:sending:e-again"]
+    assert markers._run(markers._begin, keys, ["tok", 60_000]) == -2
+    assert markers._run(markers._begin, keys, ["tok", 60_000]) == -2  # ours still
+    assert markers._run(markers._begin, keys, ["other", 60_000]) > 0  # another's: busy
+
+
+class Interrupted(BaseException):
+    """What Dramatiq's time limit raises into a worker thread, wherever it is."""
+
+
+def test_a_call_interrupted_between_write_and_read_never_leaves_its_answer_for_the_next(redis_url: str) -> None:
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    sent = uuid.uuid4().hex
+    first = markers.begin(sent)
+    assert first.token is not None
+    markers.finish(sent, first.token)
+    conn = markers._connection()
+    real = conn.send_command
+
+    def then_interrupted(*args: Any, **kwargs: Any) -> None:
+        conn.send_command = real  # type: ignore[method-assign]
+        real(*args, **kwargs)
+        raise Interrupted()
+
+    conn.send_command = then_interrupted  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        markers.begin(uuid.uuid4().hex)  # its answer ("ours") is never read
+    assert markers.begin(sent).sent  # not that stale answer
+    assert markers.begin(uuid.uuid4().hex).token is not None
