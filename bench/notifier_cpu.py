@@ -32,6 +32,10 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import tree
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STUB = ROOT / "tests" / "tools" / "brevo_stub.py"
@@ -47,24 +51,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14 and 15 of stat(5)
-
-
-def tree(pid: int) -> list[int]:
-    """The process and its descendants."""
-    parents: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = [pid], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent]
-        out += children
-        frontier += children
-    return out
 
 
 def stage(database_url: str, n: int, carry: bool) -> None:

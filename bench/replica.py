@@ -107,17 +107,7 @@ def one_run(root: Path, port: int, on_replica: bool, entries: int, seconds: floa
             make_url(env["WALLET_DATABASE_URL"]).set(port=port + 1).render_as_string(hide_password=False)
         )
     work = Path(tempfile.mkdtemp(prefix="wallet-replica-"))
-    stack = b.start_stack(
-        work / "var",
-        WALLET_LOG_LEVEL="WARNING",
-        AUTH_LOG_LEVEL="WARNING",
-        NOTIFIER_LOG_LEVEL="WARNING",
-        WALLET_DB_POOL_SIZE="8",
-        WALLET_DB_MAX_OVERFLOW="0",
-        STACK_BACKGROUND_NICE=str(b.BACKGROUND_NICE),
-        **{f"GATEWAY_{k}_RATE_{x}": "100000" for k in ("AUTH", "MONEY") for x in ("AVERAGE", "BURST")},
-        **env,
-    )
+    stack = b.start_load_stack(work / "var", **env)
     try:
         with httpx.Client(base_url=stack.url, timeout=30) as api:
             users = b.fund(api, 100)

@@ -68,15 +68,8 @@ def groups(stack: b.Stack) -> dict[int, str]:
     """Every process that serves a transfer, by group: the stack's (wallet replicas as
     `wallet`), Postgres' server processes and wrk's."""
     out: dict[int, str] = {}
-    parents = b._parents()
-    tree, frontier = [], [stack.process.pid] if stack.process else []
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        tree += children
-        frontier += children
     by_port = {str(port): name for name, port in (stack.ports or {}).items()}
-    for pid in tree:
+    for pid in b.tree(stack.process.pid)[1:] if stack.process else []:
         proc = Path("/proc") / str(pid)
         try:
             comm = (proc / "comm").read_text().strip()
@@ -85,10 +78,7 @@ def groups(stack: b.Stack) -> dict[int, str]:
             continue
         if comm == "sh":
             continue
-        app = next((c.split(":")[0] for c in cmd if c.endswith(":create_app")), None)
-        if app:
-            port = cmd[cmd.index("--port") + 1] if "--port" in cmd[:-1] else ""
-            name = by_port.get(port, app.split(".")[0])
+        if name := b.app_name(cmd, by_port):
             out[pid] = "wallet" if name.startswith("wallet") else name
         elif any(Path(c).name.endswith("-relay") for c in cmd):
             out[pid] = "relays"
@@ -307,20 +297,7 @@ def main() -> None:
         if env is None:
             sys.exit("bench-scale: needs BENCH_DATABASE_URL's Postgres")
         b.progress(f"starting the stack with {replicas} wallet replica(s)")
-        stack = b.start_stack(
-            work / "var",
-            WALLET_REPLICAS=str(replicas),
-            # 4 replicas x 8 stay inside the server's 100 connections with auth and the relays.
-            WALLET_DB_POOL_SIZE="8",
-            WALLET_DB_MAX_OVERFLOW="0",
-            AUTH_LOG_LEVEL="WARNING",
-            WALLET_LOG_LEVEL="WARNING",
-            NOTIFIER_LOG_LEVEL="WARNING",
-            STACK_BACKGROUND_NICE=str(b.BACKGROUND_NICE),
-            **{f"GATEWAY_AUTH_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")},
-            **{f"GATEWAY_MONEY_RATE_{k}": "100000" for k in ("AVERAGE", "BURST")},
-            **env,
-        )
+        stack = b.start_load_stack(work / "var", WALLET_REPLICAS=str(replicas), **env)
         try:
             with httpx.Client(base_url=stack.url, timeout=30) as api:
                 users = b.fund(api, 20 if QUICK else b.WALLETS)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
 import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -98,6 +101,7 @@ class ScriptedServer:
         self.answers = list(answers)
         self.connections = 0
         self.requests = 0
+        self.open: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -109,10 +113,18 @@ class ScriptedServer:
             except OSError:
                 return
             self.connections += 1
+            self.open.append(conn)
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
+    def unsolicited(self, data: bytes) -> None:
+        """Bytes on the newest connection, asked for by no request (closed after a Hangup)."""
+        conn = self.open[-1]
+        conn.sendall(data)
+        if isinstance(data, Hangup):
+            conn.shutdown(socket.SHUT_RDWR)
+
     def _talk(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):
             buffer = b""
             while self.answers:
                 while b"\r\n\r\n" not in buffer:
@@ -194,4 +206,29 @@ class TestReadingAnswers:
         assert client.connections.idle == []
         assert client.send(email("a")) == "<m>"
         assert server.connections == 2
+        server.close()
+
+    def test_an_idle_connection_the_server_said_goodbye_on_is_not_reused(self) -> None:
+        """nginx and others answer an idle keep-alive connection with a 408 and close it:
+        those bytes are not the next email's answer."""
+        goodbye = Hangup(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+        server = ScriptedServer([ACCEPTED, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        [(_, conn)] = client.connections.idle
+        server.unsolicited(goodbye)
+        deadline = time.monotonic() + 5
+        while not select.select([conn.sock], [], [], 0)[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fresh, reused = client.connections.take()
+        assert not reused and fresh is not conn  # dropped, not handed to the next email
+        client.connections.give_back(fresh)
+        assert client.send(email("b")) == "<m>"
+        assert (server.connections, server.requests) == (2, 2)
+        server.close()
+
+    def test_a_408_is_transient(self) -> None:
+        server = ScriptedServer([b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"])
+        with pytest.raises(TransientError, match="408"):
+            transport(server.url).send(email("a"))
         server.close()

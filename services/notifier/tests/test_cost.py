@@ -21,26 +21,27 @@ from svckit.redis import redis_client
 API_KEY = "unit-brevo-key"  # conftest.py starts the stand-in with it
 
 
-class CountingRedis(redis.Redis):
-    """A real client that counts what it sends: one command or pipeline is one round trip."""
+class CountingConnection(redis.Connection):
+    """A real connection that counts what it writes: one command or pipeline is one round
+    trip (counted where it meets the socket, whatever layer of the client sent it)."""
 
     round_trips = 0
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         type(self).round_trips += 1
-        return super().execute_command(*args, **options)
+        super().send_packed_command(command, check_health)
 
 
 @pytest.fixture
-def counted(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> type[CountingRedis]:
-    client = CountingRedis.from_url(redis_url)
+def counted(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> type[CountingConnection]:
+    client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection))
     markers = SentMarkers(client, ttl_s=60, claim_ms=2000)
     transport = FolderTransport(str(tmp_path), sender_email="s@example.com", sender_name="S")
     # auth at a port nobody listens on: any lookup would fail the send
     ctx = actors.Context(transport=transport, markers=markers, auth=httpx.Client(base_url="http://127.0.0.1:9"))
     monkeypatch.setattr(actors, "context", lambda: ctx)
-    CountingRedis.round_trips = 0
-    return CountingRedis
+    CountingConnection.round_trips = 0
+    return CountingConnection
 
 
 def welcome(**extra: Any) -> dict[str, Any]:
@@ -51,7 +52,7 @@ RECIPIENT = {"email": "jane@example.com", "first_name": "Jane", "last_name": "Do
 
 
 def test_a_message_costs_two_redis_round_trips_and_a_redelivery_one(
-    counted: type[CountingRedis], redis_url: str
+    counted: type[CountingConnection], redis_url: str
 ) -> None:
     actors.send_welcome.fn(welcome(recipient=RECIPIENT))  # the first loads the scripts (once per Redis)
     counted.round_trips = 0
@@ -64,7 +65,7 @@ def test_a_message_costs_two_redis_round_trips_and_a_redelivery_one(
     assert counted.round_trips == 3
 
 
-def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: type[CountingRedis]) -> None:
+def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: type[CountingConnection]) -> None:
     sent: list[Email] = []
     ctx = actors.context()
     ctx.transport.send = lambda email: sent.append(email) or "ok"  # type: ignore[method-assign]
@@ -73,7 +74,9 @@ def test_a_message_carrying_its_recipient_is_sent_without_asking_auth(counted: t
     assert (email.to_email, email.to_name) == ("jane@example.com", "Jane Doe")
 
 
-def test_a_message_of_the_old_shape_is_looked_up(counted: type[CountingRedis], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_message_of_the_old_shape_is_looked_up(
+    counted: type[CountingConnection], monkeypatch: pytest.MonkeyPatch
+) -> None:
     looked_up: list[int] = []
 
     def lookup(user_id: int) -> dict[str, Any]:
@@ -163,3 +166,76 @@ def test_a_thread_connection_redis_dropped_is_replaced_and_the_marker_still_writ
     assert admin.exists(SENT_MARKER.format(first)) == 1
     assert markers.begin(first).sent
     admin.close()
+
+
+def test_a_redis_that_lost_the_scripts_gets_them_again(redis_url: str) -> None:
+    """A restarted or flushed Redis has no scripts: the thread's connection loads them
+    and runs the script once more, so the claim and the marker still happen."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    email_id = uuid.uuid4().hex
+    admin = redis.Redis.from_url(redis_url)
+    admin.script_flush()
+    begun = markers.begin(email_id)
+    assert begun.token is not None
+    admin.script_flush()
+    markers.finish(email_id, begun.token)
+    assert admin.exists(SENT_MARKER.format(email_id)) == 1
+    assert not admin.exists(f"notifier:sending:{email_id}")
+    admin.close()
+
+
+def test_a_redis_restart_drops_the_connection_and_the_scripts_and_the_marker_is_still_written(redis_url: str) -> None:
+    """A Redis 7 restart does both at once: the held connection is dead and the scripts are
+    gone. The thread reconnects and loads the script, each once, and the marker is written."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    admin = redis.Redis.from_url(redis_url)
+
+    def restart() -> None:
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        admin.script_flush()
+
+    email_id = uuid.uuid4().hex
+    begun = markers.begin(email_id)
+    assert begun.token is not None
+    restart()
+    markers.finish(email_id, begun.token)
+    assert admin.exists(SENT_MARKER.format(email_id)) == 1
+    assert not admin.exists(f"notifier:sending:{email_id}")
+    restart()
+    assert markers.begin(uuid.uuid4().hex).token is not None
+    admin.close()
+
+
+def test_a_begin_run_again_with_its_own_token_finds_the_claim_its_own(redis_url: str) -> None:
+    """BEGIN ran but its answer was lost (a stall past the socket timeout): run again with
+    the same token it is still ours, not another worker's for the claim's whole life."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=60_000)
+    keys = [SENT_MARKER.format("e-again"), "notifier:sending:e-again"]
+    assert markers._run(markers._begin, keys, ["tok", 60_000]) == -2
+    assert markers._run(markers._begin, keys, ["tok", 60_000]) == -2  # ours still
+    assert markers._run(markers._begin, keys, ["other", 60_000]) > 0  # another's: busy
+
+
+class Interrupted(BaseException):
+    """What Dramatiq's time limit raises into a worker thread, wherever it is."""
+
+
+def test_a_call_interrupted_between_write_and_read_never_leaves_its_answer_for_the_next(redis_url: str) -> None:
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    sent = uuid.uuid4().hex
+    first = markers.begin(sent)
+    assert first.token is not None
+    markers.finish(sent, first.token)
+    conn = markers._connection()
+    real = conn.send_command
+
+    def then_interrupted(*args: Any, **kwargs: Any) -> None:
+        conn.send_command = real  # type: ignore[method-assign]
+        real(*args, **kwargs)
+        raise Interrupted()
+
+    conn.send_command = then_interrupted  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        markers.begin(uuid.uuid4().hex)  # its answer ("ours") is never read
+    assert markers.begin(sent).sent  # not that stale answer
+    assert markers.begin(uuid.uuid4().hex).token is not None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
-import socket
+import select
 import ssl
 import tempfile
 import threading
@@ -14,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
-
-import httptools
 
 from notifier.metrics import BREVO_CALLS
 
@@ -60,42 +59,11 @@ class Transport(Protocol):
     def send(self, email: Email) -> str: ...
 
 
-class _Answer:
-    """One HTTP answer, filled in by httptools' parser callbacks."""
-
-    __slots__ = ("body", "headers", "keep_alive", "parser", "status")
-
-    def __init__(self) -> None:
-        self.headers: dict[str, str] = {}
-        self.body: list[bytes] = []
-        self.keep_alive = False
-        self.status = 0
-        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        parser, self.parser = self.parser, None  # no reference cycle left behind
-        if parser is not None:  # both only known here: the parser resets after
-            self.status, self.keep_alive = parser.get_status_code(), parser.should_keep_alive()
-
-
-class ClosedBeforeAnswer(ConnectionError):
-    """The server closed the connection before any byte of an answer (an idle keep-alive
-    connection it had dropped, typically)."""
-
-
 class _Connections:
     """Keep-alive HTTP/1.1 connections to one origin, shared by a worker's threads.
 
-    Plain sockets, a request written in one piece and answers read with httptools (the C
-    parser uvicorn uses), not httpx or http.client: the notifier sends one small request
-    per email, and http.client's header parsing (the email package) alone cost a sixth of
-    the notifier's CPU per email, httpx three times that (bench/notifier_cost.py). A thread
+    The standard library's client, not httpx: per email it costs a third of the CPU
+    (bench/notifier_cost.py), and the notifier sends one small request per email. A thread
     takes an idle connection (or opens one), and gives it back only after reading the whole
     answer; a connection that failed in any way is closed, never reused. Idle connections
     older than `idle_s` are dropped (the server may have closed them by then).
@@ -105,93 +73,79 @@ class _Connections:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
-        https = url.scheme == "https"
+        self.https = url.scheme == "https"
         self.host = url.hostname
-        self.port = url.port or (443 if https else 80)
-        self.authority = self.host if url.port is None else f"{self.host}:{self.port}"
+        self.port = url.port or (443 if self.https else 80)
         self.prefix = url.path.rstrip("/")
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.idle_s = idle_s
-        self.tls = ssl.create_default_context() if https else None
+        self.tls = ssl.create_default_context() if self.https else None
         self.lock = threading.Lock()
-        self.idle: list[tuple[float, socket.socket]] = []
+        self.idle: list[tuple[float, http.client.HTTPConnection]] = []
         self.opened = 0  # connections opened by this pool (its keep-alive shows as few)
 
-    def take(self) -> tuple[socket.socket, bool]:
+    def take(self) -> tuple[http.client.HTTPConnection, bool]:
         """An idle connection (True: reused) or a new, connected one (False)."""
         now = time.monotonic()
         with self.lock:
             while self.idle:
-                since, sock = self.idle.pop()
-                if now - since < self.idle_s:
-                    return sock, True
-                sock.close()
+                since, conn = self.idle.pop()
+                if now - since < self.idle_s and not _readable(conn):
+                    return conn, True
+                conn.close()
             self.opened += 1
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-            sock.settimeout(self.timeout_s)  # each read and write from now on
-        except BaseException:
-            sock.close()
-            raise
-        return sock, False
+        conn: http.client.HTTPConnection
+        if self.tls is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout_s, context=self.tls)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout_s)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(self.timeout_s)  # each read and write from now on
+        return conn, False
 
-    def give_back(self, sock: socket.socket) -> None:
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
         with self.lock:
-            self.idle.append((time.monotonic(), sock))
+            self.idle.append((time.monotonic(), conn))
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         """POST and read the whole answer. A reused connection that turns out closed by the
         server (before any answer) is retried once on a new one: a POST that may have
         arrived anyway is safe here, because each email carries its idempotencyKey."""
-        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        request = (
-            f"POST {self.prefix}{path} HTTP/1.1\r\nhost: {self.authority}\r\n{head}content-length: {len(body)}\r\n\r\n"
-        ).encode("latin-1") + body
         for attempt in (1, 2):
-            sock, reused = self.take()
+            conn, reused = self.take()
             try:
-                status, answer, keep_alive = _exchange(sock, request)
-            except (ClosedBeforeAnswer, ConnectionResetError, BrokenPipeError):
-                sock.close()
+                conn.request("POST", self.prefix + path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
                 if reused and attempt == 1:
                     continue
                 raise
             except BaseException:
-                sock.close()
+                conn.close()
                 raise
-            if keep_alive:
-                self.give_back(sock)
+            if response.will_close:
+                conn.close()
             else:
-                sock.close()
-            return status, answer.headers, b"".join(answer.body)
+                self.give_back(conn)
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self.lock:
             idle, self.idle = self.idle, []
-        for _, sock in idle:
-            sock.close()
+        for _, conn in idle:
+            conn.close()
 
 
-def _exchange(sock: socket.socket, request: bytes) -> tuple[int, _Answer, bool]:
-    """Write the request, read one answer: its status, headers and body, and whether the
-    connection may carry another."""
-    sock.sendall(request)
-    answer = _Answer()
-    started = False
-    while answer.parser is not None:
-        data = sock.recv(65536)
-        if not data:
-            if started:  # an answer cut short (or one delimited by the close: not Brevo's)
-                raise ConnectionError("the server closed the connection mid-answer")
-            raise ClosedBeforeAnswer("the server closed the connection before answering")
-        started = True
-        answer.parser.feed_data(data)
-    return answer.status, answer, answer.keep_alive
+def _readable(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection with something to read is done for: the server closed it, or
+    said goodbye first (a 408 Request Timeout, as nginx and others do), and those bytes
+    would be read as the next email's answer."""
+    return conn.sock is None or bool(select.select([conn.sock], [], [], 0)[0])
 
 
 class BrevoTransport:
@@ -212,7 +166,7 @@ class BrevoTransport:
         except TimeoutError as exc:  # socket.timeout: connecting, sending or waiting for the answer
             BREVO_CALLS.labels("timeout").inc()
             raise TransientError("Brevo timed out") from exc
-        except (OSError, httptools.HttpParserError) as exc:  # refused, reset, TLS, a garbled answer
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, TLS, a garbled answer
             BREVO_CALLS.labels("unreachable").inc()
             raise TransientError(f"Brevo unreachable: {type(exc).__name__}") from exc
         BREVO_CALLS.labels(str(status)).inc()
@@ -228,7 +182,7 @@ class BrevoTransport:
             reset = headers.get("x-sib-ratelimit-reset")
             delay = int(float(reset) * 1000) if reset and reset.replace(".", "", 1).isdigit() else None
             raise TransientError("Brevo rate limit", retry_after_ms=delay)
-        if status >= 500:
+        if status >= 500 or status == 408:  # 408: the server timed the request out; try again
             raise TransientError(f"Brevo answered {status}")
         raise PermanentError(f"Brevo refused the email: {status} {code}")
 

@@ -90,44 +90,15 @@ def encode(
     return (VERSION + "".join([f";{len(f)}:{f}" for f in fields])).encode()
 
 
-def entry_hash(
-    *,
-    wallet_id: int,
-    transaction_id: int,
-    entry_type: str,
-    amount: int,
-    currency: str,
-    balance_snapshot: int,
-    created_at: datetime,
-    prev_hash: str | None,
-) -> str:
-    return hashlib.sha256(
-        encode(
-            wallet_id=wallet_id,
-            transaction_id=transaction_id,
-            entry_type=entry_type,
-            amount=amount,
-            currency=currency,
-            balance_snapshot=balance_snapshot,
-            created_at=created_at,
-            prev_hash=prev_hash,
-        )
-    ).hexdigest()
+def entry_hash(**fields: Any) -> str:
+    """The hash of an entry: SHA-256 of `encode(**fields)`, in lowercase hex."""
+    return hashlib.sha256(encode(**fields)).hexdigest()
 
 
 def row_hash(row: Any, prev_hash: str | None) -> str:
     """The hash of a stored entry (a row with the CONTENT columns) after `prev_hash`."""
     m = row._mapping
-    return entry_hash(
-        wallet_id=m["wallet_id"],
-        transaction_id=m["transaction_id"],
-        entry_type=m["entry_type"],
-        amount=m["amount"],
-        currency=m["currency"],
-        balance_snapshot=m["balance_snapshot"],
-        created_at=m["created_at"],
-        prev_hash=prev_hash,
-    )
+    return entry_hash(**{c.key: m[c.key] for c in CONTENT}, prev_hash=prev_hash)
 
 
 def head_digest(heads: Iterable[tuple[int, str]]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import AwareDatetime
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -217,18 +217,3 @@ MONEY_PATHS = {
     ("/holds/{hold_id}/void", "post"),
     ("/transaction/{transaction_id}/refund", "post"),
 }
-
-
-def require_idempotency_key_in_docs(app: FastAPI) -> None:
-    """As wallet.routes does for deposit, withdraw and transfer."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        doc = build()
-        for path, method in MONEY_PATHS:
-            for parameter in doc["paths"][path][method].get("parameters", []):
-                if parameter["name"] == "Idempotency-Key":
-                    parameter["required"] = True
-        return doc
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -29,7 +29,7 @@ from wallet import extension_routes, holds, service
 from wallet.config import Settings, get_settings
 from wallet.errors import WalletBusy
 from wallet.idempotency import IdempotencyCache, timed_out
-from wallet.routes import require_idempotency_key_in_docs, router
+from wallet.routes import MONEY_PATHS, require_idempotency_key_in_docs, router
 from wallet.uow import UnitOfWork
 
 _PING = text("SELECT 1")
@@ -110,8 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(extension_routes.router)  # after: /transaction/history before /transaction/{id}
     app.add_exception_handler(OperationalError, _database_busy)
-    require_idempotency_key_in_docs(app)
-    extension_routes.require_idempotency_key_in_docs(app)
+    require_idempotency_key_in_docs(app, MONEY_PATHS)
+    require_idempotency_key_in_docs(app, extension_routes.MONEY_PATHS)
     # Money moves without Redis (idempotency falls back to the database's unique key, see
     # wallet.idempotency): Redis down is degraded, not unready. Only the database is required.
     # A replica down fails history and ledgers only: degraded, like Redis.

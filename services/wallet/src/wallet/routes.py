@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
@@ -321,16 +321,23 @@ async def ledger(
     )
 
 
-def require_idempotency_key_in_docs(app: FastAPI) -> None:
-    """Money movements need a key: document `Idempotency-Key` as required. (At run time the
-    older `X-Idempotency-Key` is accepted instead, which one schema cannot say; a missing
-    key is a 400 problem, not a validation error.)"""
+MONEY_PATHS = {
+    ("/transaction/deposit", "patch"),
+    ("/transaction/withdraw", "patch"),
+    ("/transaction/transfer", "patch"),
+}
+
+
+def require_idempotency_key_in_docs(app: FastAPI, operations: Collection[tuple[str, str]]) -> None:
+    """Money movements need a key: document `Idempotency-Key` as required on each (path,
+    method) of `operations`. (At run time the older `X-Idempotency-Key` is accepted instead,
+    which one schema cannot say; a missing key is a 400 problem, not a validation error.)"""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         doc = build()
-        for path in ("/transaction/deposit", "/transaction/withdraw", "/transaction/transfer"):
-            for parameter in doc["paths"][path]["patch"].get("parameters", []):
+        for path, method in operations:
+            for parameter in doc["paths"][path][method].get("parameters", []):
                 if parameter["name"] == "Idempotency-Key":
                     parameter["required"] = True
         return doc
