@@ -8,7 +8,7 @@ of the notifier's processes (the dramatiq parent and its workers) from the relay
 the last email at the stand-in, divided by the emails it accepted. Their boot is not counted.
 
     .venv/bin/python bench/notifier_cpu.py [--receipts 5000] [--processes 1] [--threads 8]
-        [--old-shape] [--tree PATH] [--json]
+        [--emails-per-message N] [--old-shape] [--tree PATH] [--json]
 
 --old-shape: receipts without their recipient, so each is looked up at a stand-in for auth's
 `GET /internal/users` (bench/notifier_cost.py --serve-auth; a per-process cache in the
@@ -35,6 +35,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import tree
+
+from svckit.settings import BaseServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -89,7 +91,13 @@ RELAY = """
 import sys
 from svckit.outbox import serve
 from svckit.testing import outbox_table
-serve(service="bench", database_url=sys.argv[1], redis_url=sys.argv[2], table=outbox_table(), log_level="WARNING")
+# Emails per notifier message, as the deployed relay's setting; left out at 1, so a --tree
+# from before batches (no such argument) runs too.
+batched = {"emails_per_message": int(sys.argv[3])} if int(sys.argv[3]) > 1 else {}
+serve(
+    service="bench", database_url=sys.argv[1], redis_url=sys.argv[2], table=outbox_table(), log_level="WARNING",
+    **batched,
+)
 """
 
 
@@ -150,7 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pids = tree(notifier.pid)
             before = {pid: cpu_seconds(pid) for pid in pids}
             t0 = time.monotonic()
-            relay = subprocess.Popen([sys.executable, "-c", RELAY, database_url, redis_url], env=env, **quiet)
+            relay = subprocess.Popen(
+                [sys.executable, "-c", RELAY, database_url, redis_url, str(args.emails_per_message)], env=env, **quiet
+            )
             procs.append(relay)
             received = [0]
 
@@ -175,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recipient_carried": not args.old_shape,
         "processes": args.processes,
         "threads": args.threads,
+        "emails_per_message": args.emails_per_message,
         "emails_sent": sent,
         "duplicates_refused": emails.get("duplicates", 0),
         "notifier_cpu_s": round(cpu, 2),
@@ -197,6 +208,12 @@ def main() -> None:
     parser.add_argument("--receipts", type=int, default=5000)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--emails-per-message",
+        type=int,
+        default=BaseServiceSettings.model_fields["outbox_emails_per_message"].default,
+        help="the relay's OUTBOX_EMAILS_PER_MESSAGE (default: its default; 1 for a --tree from before batches)",
+    )
     parser.add_argument("--old-shape", action="store_true", help="receipts without their recipient (looked up)")
     parser.add_argument("--tree", help="run the relay and notifier from this checkout's sources")
     parser.add_argument("--log-level", default="INFO", help="the notifier's (INFO: a line per email, as deployed)")

@@ -225,6 +225,11 @@ class TestReconcile:
         assert REGISTRY.get_sample_value("outbox_dead_lettered", {"service": relay.name}) == 2
 
 
+def outbox_row_payload(engine: Engine, email_id: str) -> str:
+    with engine.connect() as conn:
+        return conn.execute(select(OUTBOX.c.payload).where(OUTBOX.c.id == email_id)).scalar_one()
+
+
 def outcomes(engine: Engine) -> dict[str, str | None]:
     with engine.connect() as conn:
         return {r.id: r.outcome for r in conn.execute(select(OUTBOX.c.id, OUTBOX.c.outcome))}
@@ -434,6 +439,47 @@ class TestPipelinedPublishing:
             consumer.ack(proxy)
         assert client.hlen(f"dramatiq:{QUEUE}.msgs") == 0  # acknowledged: nothing left behind
         assert client.llen(f"dramatiq:{QUEUE}") == 0
+
+    def test_emails_go_in_batches_of_the_set_size_each_email_once_with_its_own_message(
+        self, engine: Engine, redis_url: str
+    ) -> None:
+        from dramatiq.brokers.redis import RedisBroker
+
+        from svckit.messages import QUEUE, SEND_BATCH
+        from svckit.outbox import Publisher
+
+        client = redis_client(redis_url)
+        client.flushdb()
+        publisher = Publisher(client, emails_per_message=10)
+        relay = Relay(engine, OUTBOX, publisher.publish, publish_many=publisher.publish_many, lease=None, name="g")
+        ids = stage(engine, 21)
+        other = dict(json.loads(outbox_row(WelcomeEmail(email_id="x", user_id=1))["payload"]), actor_name="other.actor")
+        publisher.publish_many([json.dumps(other)])
+        assert relay.run_once() == 21
+        consumer = RedisBroker(client=redis_client(redis_url)).consume(QUEUE, prefetch=100, timeout=100)
+        got = []
+        for _ in range(100):
+            proxy = next(consumer)
+            if proxy is not None:
+                got.append(proxy)
+                consumer.ack(proxy)
+            if len(got) == 4:
+                break
+        assert [p.actor_name for p in got] == ["other.actor", SEND_BATCH, SEND_BATCH, "notifier.send_welcome"]
+        first, second = (p.kwargs["messages"] for p in got[1:3])
+        assert [m["message_id"] for m in first + second] + [got[3].message_id] == ids  # each once, in order
+        assert first[0] == json.loads(outbox_row_payload(engine, ids[0]))  # each as it would go alone
+        assert got[1].message_id != got[2].message_id
+        assert len({got[1].message_id, got[2].message_id} & set(ids)) == 0  # a batch has an id of its own
+
+    def test_one_email_per_message_publishes_each_alone(self, redis_url: str) -> None:
+        from svckit.outbox import Publisher
+
+        client = redis_client(redis_url)
+        client.flushdb()
+        payloads = [outbox_row(WelcomeEmail(email_id=f"e{i}", user_id=1))["payload"] for i in range(3)]
+        Publisher(client, emails_per_message=1).publish_many(payloads)
+        assert client.hlen("dramatiq:notifications.msgs") == 3
 
     def test_republishing_goes_through_the_batch_too(self, engine: Engine, redis_url: str) -> None:
         batches: list[list[str]] = []

@@ -9,6 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from notifier import actors
+from notifier.brevo import Email, FolderTransport, TransientError
+from notifier.dedupe import SentMarkers
+from svckit.redis import redis_client
 from svckit.testing import free_port, redis_server
 
 STUB = Path(__file__).resolve().parents[3] / "tests" / "tools" / "brevo_stub.py"
@@ -48,3 +52,26 @@ def stub(brevo_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=brevo_url) as client:
         client.post("/_stub/reset")
         yield client
+
+
+class Recording(FolderTransport):
+    def __init__(self, folder: Path) -> None:
+        super().__init__(str(folder), sender_email="s@example.com", sender_name="S")
+        self.sent: list[str] = []
+        self.fail_next = 0
+
+    def send(self, email: Email) -> str:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise TransientError("Brevo answered 503")
+        self.sent.append(email.email_id)
+        return super().send(email)
+
+
+@pytest.fixture
+def transport(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Recording:
+    recording = Recording(tmp_path)
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    ctx = actors.Context(transport=recording, markers=markers, auth=httpx.Client())
+    monkeypatch.setattr(actors, "context", lambda: ctx)
+    return recording

@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from notifier import actors
-from notifier.brevo import Email, FolderTransport, TransientError
+from notifier.brevo import Email, TransientError
 from notifier.dedupe import SentMarkers
 from svckit.messages import Receipt
 from svckit.redis import redis_client
 
-
-class Recording(FolderTransport):
-    def __init__(self, folder: Path) -> None:
-        super().__init__(str(folder), sender_email="s@example.com", sender_name="S")
-        self.sent: list[str] = []
-        self.fail_next = 0
-
-    def send(self, email: Email) -> str:
-        if self.fail_next:
-            self.fail_next -= 1
-            raise TransientError("Brevo answered 503")
-        self.sent.append(email.email_id)
-        return super().send(email)
-
-
-@pytest.fixture
-def transport(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Recording:
-    recording = Recording(tmp_path)
-    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
-    ctx = actors.Context(transport=recording, markers=markers, auth=httpx.Client())
-    monkeypatch.setattr(actors, "context", lambda: ctx)
-    return recording
+from .conftest import Recording
 
 
 def make(email_id: str) -> Email:

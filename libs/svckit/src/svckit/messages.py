@@ -20,6 +20,9 @@ SENT_MARKER = "notifier:sent:{}"
 DEAD_MARKER = "notifier:dead:{}"
 SEND_WELCOME = "notifier.send_welcome"
 SEND_RECEIPT = "notifier.send_receipt"
+# Several emails in one Dramatiq message (the relay groups what one round publishes): each
+# item is the message the relay would otherwise have published alone (dramatiq_payload).
+SEND_BATCH = "notifier.send_batch"
 
 
 class Recipient(BaseModel):
@@ -77,4 +80,20 @@ def dramatiq_payload(message: NotifierMessage, *, request_id: str | None) -> dic
         },
         "options": {"request_id": request_id} if request_id else {},
         "message_id": message.email_id,
+    }
+
+
+def batch_payload(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One Dramatiq message carrying several emails' own messages (each a dramatiq_payload).
+
+    Its id is new each time: the emails keep theirs (the outbox ids), which the notifier's
+    markers and Brevo's idempotencyKey go by, so a batch published twice sends nothing twice.
+    """
+    return {
+        "queue_name": QUEUE,
+        "actor_name": SEND_BATCH,
+        "args": [],
+        "kwargs": {"messages": payloads},
+        "options": {},
+        "message_id": uuid.uuid4().hex,
     }

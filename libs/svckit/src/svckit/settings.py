@@ -68,6 +68,8 @@ class BaseServiceSettings(BaseSettings):
     relay_heartbeat_file: str = ""
     # An outbox message not confirmed delivered this long after publishing is published again.
     outbox_republish_after_s: float = 60.0
+    # Emails the relay puts in one notifier message (svckit.outbox.Publisher); 1: one each.
+    outbox_emails_per_message: int = Field(default=10, ge=1, le=100)
     # `<service>-purge` (svckit.retention): rows per transaction, the pause between two, and
     # how long an outbox row stays after the notifier confirmed its email sent.
     retention_batch_size: int = Field(default=1_000, ge=1, le=10_000)

@@ -4,7 +4,9 @@ Each job: validate the message, skip it if this email was already sent, look the
 recipient up at the auth service, render, deliver (Brevo, with the email id as its
 idempotencyKey; or the local outbox folder), then mark it sent. Timeouts, 5xx and 429 are
 retried with exponential backoff and jitter (429 waits for Brevo's reset); any other
-4xx, or an exhausted retry budget, sends the message to the dead-letter queue.
+4xx, or an exhausted retry budget, sends the message to the dead-letter queue. A batch
+(send_batch) does the same for each of its emails, and hands any it cannot send on as
+a message of its own, which then takes that path.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from notifier.config import get_settings
 from notifier.dedupe import SentMarkers
 from notifier.metrics import ALREADY_AT_BREVO, DELIVERED, DUPLICATES, RECEIPT_LAG
 from svckit.http import service_client
-from svckit.messages import QUEUE, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
+from svckit.messages import QUEUE, SEND_BATCH, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
 from svckit.redis import redis_client
+from svckit.requestid import request_id_var
 
 log = logging.getLogger("notifier.actors")
 settings = get_settings()
@@ -146,17 +149,21 @@ def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -
     except BaseException:
         ctx.markers.release(email_id, token)
         raise
+    _count(email_id, outcome, kind)
+    ctx.markers.finish(email_id, token)  # one round trip: the sent marker, the claim released
+    return True
+
+
+def _count(email_id: str, outcome: str, kind: str) -> None:
     # Counted before the marker: a worker killed between the two leaves an email that its
     # redelivery sends again (Brevo answers "duplicate") and counts once more, so the counts
     # never miss a delivery (delivered >= sent, delivered - already_at_brevo <= sent).
     DELIVERED.labels(kind).inc()
     if outcome == "duplicate":
         ALREADY_AT_BREVO.labels(kind).inc()
-    ctx.markers.finish(email_id, token)  # one round trip: the sent marker, the claim released
     # DEBUG: a line per routine delivery cost a sixth of the notifier's CPU per email
     # (bench/notifier_cpu.py); deliveries are counted (DELIVERED), failures still logged.
     log.debug("email %s delivered (%s)", email_id, outcome)
-    return True
 
 
 def _parse(model: type[WelcomeEmail] | type[Receipt], message: dict[str, Any]) -> Any:
@@ -175,31 +182,104 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
+def _welcome(welcome: WelcomeEmail) -> Email:
+    user = carried_or_looked_up(welcome)
+    return emails.welcome(
+        email_id=welcome.email_id, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
+    )
+
+
+def _receipt(receipt: Receipt) -> Email:
+    user = carried_or_looked_up(receipt)
+    return emails.receipt(receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"])
+
+
+def _lag(receipt: Receipt) -> None:
+    RECEIPT_LAG.observe(max((datetime.now(UTC) - receipt.occurred_at).total_seconds(), 0.0))
+
+
 @dramatiq.actor(actor_name=SEND_WELCOME, **_OPTIONS)
 def send_welcome(message: dict[str, Any]) -> None:
     welcome: WelcomeEmail = _parse(WelcomeEmail, message)
-
-    def build() -> Email:
-        user = carried_or_looked_up(welcome)
-        return emails.welcome(
-            email_id=welcome.email_id,
-            to_email=user["email"],
-            first_name=user["first_name"],
-            last_name=user["last_name"],
-        )
-
-    deliver(welcome.email_id, build, kind="welcome")
+    deliver(welcome.email_id, lambda: _welcome(welcome), kind="welcome")
 
 
 @dramatiq.actor(actor_name=SEND_RECEIPT, **_OPTIONS)
 def send_receipt(message: dict[str, Any]) -> None:
     receipt: Receipt = _parse(Receipt, message)
+    if deliver(receipt.email_id, lambda: _receipt(receipt), kind=receipt.kind):
+        _lag(receipt)
 
-    def build() -> Email:
-        user = carried_or_looked_up(receipt)
-        return emails.receipt(
-            receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
-        )
 
-    if deliver(receipt.email_id, build, kind=receipt.kind):
-        RECEIPT_LAG.observe(max((datetime.now(UTC) - receipt.occurred_at).total_seconds(), 0.0))
+@dramatiq.actor(actor_name=SEND_BATCH, **_OPTIONS)
+def send_batch(messages: list[dict[str, Any]]) -> None:
+    """Several emails in one Dramatiq message (the relay groups what one round publishes):
+    one fetch and acknowledgement, one marker round trip before the sends and one after.
+
+    An email that cannot be sent now (another worker holds its claim, or its send failed in
+    any way) goes on as the message of its own that the relay would otherwise have
+    published: its own retries with backoff, its own dead letter and dead marker. If the
+    batch itself is interrupted, what it sent is marked sent, what it had not yet tried is
+    released, and its retry (or the relay's republishing) skips what was sent.
+    """
+    ctx = context()
+    try:
+        ids = [str(item["message_id"]) for item in messages]
+    except (KeyError, TypeError) as exc:
+        raise PermanentError(f"malformed batch: {type(exc).__name__}") from exc
+    begun = ctx.markers.begin_many(ids)
+    token = next((b.token for b in begun if b.token is not None), None)
+    sent: list[str] = []
+    settled: set[str] = set()
+    try:
+        for item, email_id, b in zip(messages, ids, begun, strict=True):
+            if b.sent or email_id in settled:  # sent already, or twice in this batch
+                DUPLICATES.inc()
+            elif b.token is None:  # another worker is sending it: try again after its claim
+                _hand_off(item, b.busy_ms + random.randint(100, 1_000))  # nosec B311
+            else:
+                request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
+                try:
+                    _send_item(ctx, item)
+                except Exception as exc:  # noqa: BLE001  (any failure: this email goes on alone, the rest are sent)
+                    ctx.markers.release(email_id, b.token)
+                    log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
+                    _hand_off(item, _delay_after(exc))
+                else:
+                    sent.append(email_id)
+            settled.add(email_id)
+    finally:
+        if token is not None:
+            ctx.markers.finish_many(sent, token)
+            for email_id, b in zip(ids, begun, strict=True):
+                if b.token is not None and email_id not in settled:
+                    ctx.markers.release(email_id, b.token)
+
+
+def _send_item(ctx: Context, item: dict[str, Any]) -> None:
+    actor = item.get("actor_name")
+    message = (item.get("kwargs") or {}).get("message")
+    if actor == SEND_RECEIPT:
+        receipt: Receipt = _parse(Receipt, message)
+        _count(receipt.email_id, ctx.transport.send(_receipt(receipt)), receipt.kind)
+        _lag(receipt)
+    elif actor == SEND_WELCOME:
+        welcome: WelcomeEmail = _parse(WelcomeEmail, message)
+        _count(welcome.email_id, ctx.transport.send(_welcome(welcome)), "welcome")
+    else:
+        raise PermanentError(f"no email actor {actor!r}")
+
+
+def _delay_after(exc: Exception) -> int:
+    """When an email a batch could not send goes on alone: at once for a permanent failure
+    (its own message dead-letters it), after Brevo's reset for a 429, else after a backoff."""
+    if isinstance(exc, PermanentError):
+        return 0
+    if isinstance(exc, TransientError) and exc.retry_after_ms is not None:
+        return exc.retry_after_ms + random.randint(0, 1_000)  # nosec B311
+    return random.randint(settings.min_backoff_ms, 2 * settings.min_backoff_ms)  # nosec B311
+
+
+def _hand_off(item: dict[str, Any], delay_ms: int) -> None:
+    """Enqueue one email of a batch as its own message, with its id (the outbox id)."""
+    dramatiq.get_broker().enqueue(dramatiq.Message(**item), delay=delay_ms or None)

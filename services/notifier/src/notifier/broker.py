@@ -11,7 +11,7 @@ from dramatiq.middleware import Middleware, Retries, TimeLimit
 
 from notifier.config import Settings, get_settings
 from notifier.metrics import register_dead_letters
-from svckit.messages import DEAD_MARKER
+from svckit.messages import DEAD_MARKER, SEND_BATCH
 from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
 from svckit.requestid import request_id_var
@@ -37,7 +37,10 @@ class DeadLetterMarker(Middleware):
         self.ttl_ms = ttl_ms
 
     def after_nack(self, broker: Any, message: dramatiq.Message) -> None:  # type: ignore[type-arg]
-        self.client.set(DEAD_MARKER.format(message.message_id), 1, px=self.ttl_ms)
+        # A batch given up on is no email given up on: the relay publishes what it did not
+        # send again (never confirmed), and each email dead-letters on its own if it must.
+        if message.actor_name != SEND_BATCH:
+            self.client.set(DEAD_MARKER.format(message.message_id), 1, px=self.ttl_ms)
 
 
 class MetricsServer(Middleware):

@@ -13,20 +13,28 @@ import redis
 from svckit.messages import SENT_MARKER
 
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-# One round trip before a send: already sent (-1), claimed for us (-2), or claimed by
-# another worker for this many more milliseconds (>= 0). Atomic, so no worker can mark the
-# email sent between the check and the claim. A claim already holding our token is ours: a
-# run whose answer was lost, run again.
+# One round trip before sending one email or a batch (KEYS: each email's sent marker and
+# claim, in pairs): for each, already sent (-1), claimed for us (-2), or claimed by another
+# worker for this many more milliseconds (>= 0). Atomic, so no worker can mark an email
+# sent between the check and the claim. A claim already holding our token is ours: a run
+# whose answer was lost, run again.
 _BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return -2 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -2 end
-return math.max(redis.call('PTTL', KEYS[2]), 0)
+local found = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then found[#found + 1] = -1
+  elseif redis.call('GET', KEYS[i + 1]) == ARGV[1] then found[#found + 1] = -2
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then found[#found + 1] = -2
+  else found[#found + 1] = math.max(redis.call('PTTL', KEYS[i + 1]), 0) end
+end
+return found
 """
-# One round trip after a send: the sent marker, then our claim released (if still ours).
+# One round trip after sending (the same pairs): each sent marker, then its claim released
+# (if still ours).
 _FINISH = """
-redis.call('SET', KEYS[1], 1, 'EX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+for i = 1, #KEYS, 2 do
+  redis.call('SET', KEYS[i], 1, 'EX', ARGV[2])
+  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
+end
 return 1
 """
 
@@ -40,8 +48,20 @@ class Begun(NamedTuple):
     busy_ms: int
 
 
+def _begun(found: int, token: str) -> Begun:
+    if found == -1:
+        return Begun(sent=True, token=None, busy_ms=0)
+    if found == -2:
+        return Begun(sent=False, token=token, busy_ms=0)
+    return Begun(sent=False, token=None, busy_ms=found)
+
+
 def _claim_key(email_id: str) -> str:
     return f"notifier:sending:{email_id}"
+
+
+def _keys(email_id: str) -> tuple[str, str]:
+    return SENT_MARKER.format(email_id), _claim_key(email_id)
 
 
 class SentMarkers:
@@ -93,19 +113,25 @@ class SentMarkers:
 
     def begin(self, email_id: str) -> Begun:
         """Before sending, in one round trip: is_sent, then claim, then claimed_for_ms."""
+        return self.begin_many([email_id])[0]
+
+    def begin_many(self, email_ids: list[str]) -> list[Begun]:
+        """`begin` for several emails in one round trip, all claimed with one token and for
+        as long as sending them one after another may take."""
         token = secrets.token_hex(8)
-        keys = [SENT_MARKER.format(email_id), _claim_key(email_id)]
-        found = int(self._run(self._begin, keys, [token, self.claim_ms]))
-        if found == -1:
-            return Begun(sent=True, token=None, busy_ms=0)
-        if found == -2:
-            return Begun(sent=False, token=token, busy_ms=0)
-        return Begun(sent=False, token=None, busy_ms=found)
+        keys = [key for email_id in email_ids for key in _keys(email_id)]
+        found = self._run(self._begin, keys, [token, self.claim_ms * len(email_ids)])
+        return [_begun(int(f), token) for f in found]
 
     def finish(self, email_id: str, token: str) -> None:
         """After sending, in one round trip: the sent marker, and the claim released."""
-        keys = [SENT_MARKER.format(email_id), _claim_key(email_id)]
-        self._run(self._finish, keys, [token, self.ttl_s])
+        self.finish_many([email_id], token)
+
+    def finish_many(self, email_ids: list[str], token: str) -> None:
+        """`finish` for several emails claimed with one token, in one round trip."""
+        if email_ids:
+            keys = [key for email_id in email_ids for key in _keys(email_id)]
+            self._run(self._finish, keys, [token, self.ttl_s])
 
     def is_sent(self, email_id: str) -> bool:
         return bool(self.redis.exists(SENT_MARKER.format(email_id)))

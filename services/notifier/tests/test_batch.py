@@ -1,0 +1,177 @@
+"""A batch of emails in one Dramatiq message (notifier.send_batch), with real Redis markers
+and a real RedisBroker for the emails it hands on: each email is sent once, and one it
+cannot send goes on as a message of its own, with its own id."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.brokers.redis import RedisBroker
+
+from notifier import actors
+from notifier.brevo import Email, PermanentError, TransientError
+from notifier.dedupe import SentMarkers
+from svckit.messages import QUEUE, SENT_MARKER, Receipt, Recipient, batch_payload
+from svckit.outbox import outbox_row
+from svckit.redis import redis_client
+
+from .conftest import Recording
+
+
+class Failing(Recording):
+    """Fails the send of chosen emails, each with its own exception."""
+
+    def __init__(self, recording: Recording) -> None:
+        self.__dict__.update(recording.__dict__)
+        self.failures: dict[str, BaseException] = {}
+
+    def send(self, email: Email) -> str:
+        failure = self.failures.get(email.email_id)
+        if failure is not None:
+            raise failure
+        return super().send(email)
+
+
+@pytest.fixture
+def failing(transport: Recording, monkeypatch: pytest.MonkeyPatch) -> Failing:
+    wrapped = Failing(transport)
+    monkeypatch.setattr(actors.context(), "transport", wrapped)
+    return wrapped
+
+
+@pytest.fixture
+def broker(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisBroker]:
+    """Where handed-on emails go: a RedisBroker of its own namespace."""
+    broker = RedisBroker(client=redis_client(redis_url), namespace=f"batch-{uuid.uuid4().hex}")
+    monkeypatch.setattr(dramatiq, "get_broker", lambda: broker)
+    yield broker
+    broker.close()
+
+
+def handed_on(broker: RedisBroker) -> dict[str, tuple[bool, dramatiq.Message[Any]]]:
+    """The messages enqueued on the broker, by id: (delayed, message)."""
+    found = {}
+    for delayed, name in ((False, QUEUE), (True, f"{QUEUE}.DQ")):
+        for raw in broker.client.hvals(f"{broker.namespace}:{name}.msgs"):
+            message = dramatiq.Message.decode(raw)
+            found[message.message_id] = (delayed, message)
+    return found
+
+
+def receipt_item(email_id: str | None = None) -> dict[str, Any]:
+    receipt = Receipt(
+        email_id=email_id or uuid.uuid4().hex,
+        user_id=7,
+        recipient=Recipient(email="j@example.com", first_name="J", last_name="D"),
+        transaction_id=1,
+        kind="deposit",
+        amount=200,
+        currency="USD",
+        balance_after=200,
+        counterparty="External Source",
+        occurred_at=datetime.now(UTC),
+    )
+    return json.loads(outbox_row(receipt)["payload"])
+
+
+def run(items: list[dict[str, Any]]) -> None:
+    """The batch as a worker runs it (the actor's function, from the relay's message)."""
+    actors.send_batch.fn(**batch_payload(items)["kwargs"])
+
+
+def ids(items: list[dict[str, Any]]) -> list[str]:
+    return [item["message_id"] for item in items]
+
+
+def test_each_email_is_sent_once_and_a_redelivered_batch_sends_nothing(
+    transport: Recording, broker: RedisBroker, redis_url: str
+) -> None:
+    items = [receipt_item() for _ in range(5)]
+    run(items)
+    run(items)  # the same batch again (a redelivery, or the relay republishing)
+    assert transport.sent == ids(items)
+    client = redis_client(redis_url)
+    assert all(client.exists(SENT_MARKER.format(i)) for i in ids(items))
+    assert not any(client.exists(f"notifier:sending:{i}") for i in ids(items))  # claims released
+    assert handed_on(broker) == {}
+
+
+def test_an_email_twice_in_one_batch_is_sent_once(transport: Recording, broker: RedisBroker) -> None:
+    item = receipt_item()
+    run([item, receipt_item(), item])
+    assert transport.sent.count(item["message_id"]) == 1
+    assert len(transport.sent) == 2
+
+
+def test_a_failed_email_goes_on_alone_with_its_id_and_the_rest_are_sent(
+    failing: Failing, broker: RedisBroker, redis_url: str
+) -> None:
+    items = [receipt_item() for _ in range(4)]
+    transient, permanent = ids(items)[1], ids(items)[2]
+    failing.failures = {transient: TransientError("Brevo answered 503"), permanent: PermanentError("400")}
+    run(items)
+    assert failing.sent == [ids(items)[0], ids(items)[3]]
+    queued = handed_on(broker)
+    assert set(queued) == {transient, permanent}
+    assert queued[transient][0]  # after a backoff (the delay queue)
+    assert not queued[permanent][0]  # at once: its own message dead-letters it
+    assert queued[transient][1].actor_name == "notifier.send_receipt"
+    assert queued[transient][1].kwargs == items[1]["kwargs"]  # the message the relay made for it
+    # Its claim was released: the handed-on message sends it.
+    del failing.failures[transient]
+    actors.send_receipt.fn(**queued[transient][1].kwargs)
+    assert failing.sent[-1] == transient
+    assert redis_client(redis_url).exists(SENT_MARKER.format(transient))
+
+
+def test_an_email_another_worker_is_sending_goes_on_after_its_claim(
+    transport: Recording, broker: RedisBroker, redis_url: str
+) -> None:
+    items = [receipt_item() for _ in range(2)]
+    other = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=5_000)
+    assert other.claim(ids(items)[0])
+    run(items)
+    assert transport.sent == [ids(items)[1]]
+    delayed, message = handed_on(broker)[ids(items)[0]]
+    assert delayed
+    assert message.options["eta"] >= int(datetime.now(UTC).timestamp() * 1000) + 3_000  # not before the claim ends
+
+
+class Interrupted(BaseException):
+    """What Dramatiq's time limit raises into a worker thread."""
+
+
+def test_an_interrupted_batch_marks_what_it_sent_and_releases_the_rest(
+    failing: Failing, broker: RedisBroker, redis_url: str
+) -> None:
+    items = [receipt_item() for _ in range(3)]
+    failing.failures = {ids(items)[1]: Interrupted()}
+    with pytest.raises(Interrupted):
+        run(items)
+    client = redis_client(redis_url)
+    assert client.exists(SENT_MARKER.format(ids(items)[0]))
+    assert not any(client.exists(f"notifier:sending:{i}") for i in ids(items))  # the retry need not wait
+    del failing.failures[ids(items)[1]]
+    run(items)  # Dramatiq's retry of the batch
+    assert failing.sent == ids(items)  # the first not twice
+    assert handed_on(broker) == {}
+
+
+def test_a_dead_batch_marks_no_email_dead(redis_url: str) -> None:
+    from notifier.broker import DeadLetterMarker
+    from svckit.messages import DEAD_MARKER
+
+    client = redis_client(redis_url)
+    marker = DeadLetterMarker(client, ttl_ms=60_000)
+    batch = dramatiq.Message(**batch_payload([receipt_item()]))
+    single = dramatiq.Message(**receipt_item())
+    marker.after_nack(None, batch)
+    marker.after_nack(None, single)
+    assert not client.exists(DEAD_MARKER.format(batch.message_id))
+    assert client.exists(DEAD_MARKER.format(single.message_id))
