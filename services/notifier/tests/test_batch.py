@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,16 +25,20 @@ from .conftest import Recording
 
 
 class Failing(Recording):
-    """Fails the send of chosen emails, each with its own exception."""
+    """Fails the send of chosen emails, each with its own exception, and runs chosen
+    callables during the send of others (what another worker does meanwhile)."""
 
     def __init__(self, recording: Recording) -> None:
         self.__dict__.update(recording.__dict__)
         self.failures: dict[str, BaseException] = {}
+        self.meanwhile: dict[str, Callable[[], None]] = {}
 
     def send(self, email: Email) -> str:
         failure = self.failures.get(email.email_id)
         if failure is not None:
             raise failure
+        if email.email_id in self.meanwhile:
+            self.meanwhile[email.email_id]()
         return super().send(email)
 
 
@@ -161,6 +165,48 @@ def test_an_interrupted_batch_marks_what_it_sent_and_releases_the_rest(
     run(items)  # Dramatiq's retry of the batch
     assert failing.sent == ids(items)  # the first not twice
     assert handed_on(broker) == {}
+
+
+def test_each_email_is_marked_sent_right_after_its_send(failing: Failing, redis_url: str) -> None:
+    """Not at the batch's end: a worker killed mid-batch leaves unmarked at most the email
+    it was sending, as a message of its own would."""
+    items = [receipt_item() for _ in range(3)]
+    client = redis_client(redis_url)
+    marked: list[list[bool]] = []
+    failing.meanwhile = {
+        ids(items)[2]: lambda: marked.append([bool(client.exists(SENT_MARKER.format(i))) for i in ids(items)])
+    }
+    run(items)
+    assert marked == [[True, True, False]]
+
+
+def test_an_email_another_worker_sent_during_the_batch_is_not_sent_again(
+    failing: Failing, broker: RedisBroker, redis_url: str
+) -> None:
+    """Each email is checked right before its send, not once at the batch's start: a copy
+    handed on or republished may have been sent by another worker meanwhile."""
+    items = [receipt_item() for _ in range(3)]
+    other = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=5_000)
+
+    def another_worker_sends_the_second() -> None:
+        begun = other.begin(ids(items)[1])
+        assert begun.token is not None  # not claimed by the batch yet
+        other.finish(ids(items)[1], begun.token)
+
+    failing.meanwhile = {ids(items)[0]: another_worker_sends_the_second}
+    run(items)
+    assert failing.sent == [ids(items)[0], ids(items)[2]]
+    assert handed_on(broker) == {}
+
+
+def test_a_claim_lasts_as_one_emails_send_not_the_batchs(failing: Failing, redis_url: str) -> None:
+    items = [receipt_item() for _ in range(10)]
+    client = redis_client(redis_url)
+    ttls: list[int] = []
+    failing.meanwhile = {ids(items)[9]: lambda: ttls.append(client.pttl(f"notifier:sending:{ids(items)[9]}"))}
+    run(items)
+    [ttl] = ttls
+    assert 0 < ttl <= actors.context().markers.claim_ms
 
 
 def test_a_dead_batch_marks_no_email_dead(redis_url: str) -> None:

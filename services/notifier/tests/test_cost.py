@@ -211,10 +211,9 @@ def test_a_begin_run_again_with_its_own_token_finds_the_claim_its_own(redis_url:
     the same token it is still ours, not another worker's for the claim's whole life."""
     markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=60_000)
     keys = [SENT_MARKER.format("e-again"), "notifier:sending:e-again"]
-    assert markers._run(markers._begin, keys, ["tok", 60_000]) == [-2]
-    assert markers._run(markers._begin, keys, ["tok", 60_000]) == [-2]  # ours still
-    [busy] = markers._run(markers._begin, keys, ["other", 60_000])
-    assert busy > 0  # another's
+    assert markers._run(markers._step, keys, ["tok", 60_000, 60, ""]) == -2
+    assert markers._run(markers._step, keys, ["tok", 60_000, 60, ""]) == -2  # ours still
+    assert markers._run(markers._step, keys, ["other", 60_000, 60, ""]) > 0  # another's: busy
 
 
 class Interrupted(BaseException):

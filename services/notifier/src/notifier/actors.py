@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -214,46 +215,54 @@ def send_receipt(message: dict[str, Any]) -> None:
 @dramatiq.actor(actor_name=SEND_BATCH, **_OPTIONS)
 def send_batch(messages: list[dict[str, Any]]) -> None:
     """Several emails in one Dramatiq message (the relay groups what one round publishes):
-    one fetch and acknowledgement, one marker round trip before the sends and one after.
+    one fetch and acknowledgement per batch, one marker round trip per email.
 
-    An email that cannot be sent now (another worker holds its claim, or its send failed in
-    any way) goes on as the message of its own that the relay would otherwise have
-    published: its own retries with backoff, its own dead letter and dead marker. If the
-    batch itself is interrupted, what it sent is marked sent, what it had not yet tried is
-    released, and its retry (or the relay's republishing) skips what was sent.
+    Each email is checked and claimed right before its send and marked sent right after
+    it (the same round trip as the next one's check), as a message of its own would be. One
+    that cannot be sent now (another worker holds its claim, or its send failed in any way)
+    goes on as the message the relay would otherwise have published: its own id, retries
+    with backoff and dead letter. A batch interrupted or retried sends nothing it sent
+    before (the markers); an email it handed on may be handed on again by its retry (a
+    permanent failure then lies twice in the dead-letter queue; replaying both sends once).
     """
     ctx = context()
     try:
         ids = [str(item["message_id"]) for item in messages]
     except (KeyError, TypeError) as exc:
         raise PermanentError(f"malformed batch: {type(exc).__name__}") from exc
-    begun = ctx.markers.begin_many(ids)
-    token = next((b.token for b in begun if b.token is not None), None)
-    sent: list[str] = []
-    settled: set[str] = set()
+    token = secrets.token_hex(8)
+    done: str | None = None  # sent, its marker not yet written
+    claimed: str | None = None  # claimed, its send not yet over
+    seen: set[str] = set()
     try:
-        for item, email_id, b in zip(messages, ids, begun, strict=True):
-            if b.sent or email_id in settled:  # sent already, or twice in this batch
+        for item, email_id in zip(messages, ids, strict=True):
+            request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
+            if email_id in seen:  # twice in this batch
+                continue
+            seen.add(email_id)
+            begun = ctx.markers.step(token, done=done, sent=True, then=email_id)
+            done = None
+            if begun.sent:
                 DUPLICATES.inc()
-            elif b.token is None:  # another worker is sending it: try again after its claim
-                _hand_off(item, b.busy_ms + random.randint(100, 1_000))  # nosec B311
+                log.info("email %s already sent; duplicate dropped", email_id)
+            elif begun.token is None:  # another worker is sending it: try again after its claim
+                _hand_off(item, begun.busy_ms + random.randint(100, 1_000))  # nosec B311
             else:
-                request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
+                claimed = email_id
                 try:
                     _send_item(ctx, item)
                 except Exception as exc:  # noqa: BLE001  (any failure: this email goes on alone, the rest are sent)
-                    ctx.markers.release(email_id, b.token)
+                    claimed = None
+                    ctx.markers.release(email_id, token)
                     log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
                     _hand_off(item, _delay_after(exc))
                 else:
-                    sent.append(email_id)
-            settled.add(email_id)
+                    done, claimed = email_id, None
     finally:
-        if token is not None:
-            ctx.markers.finish_many(sent, token)
-            for email_id, b in zip(ids, begun, strict=True):
-                if b.token is not None and email_id not in settled:
-                    ctx.markers.release(email_id, b.token)
+        if done is not None:
+            ctx.markers.finish(done, token)
+        elif claimed is not None:  # interrupted during its send
+            ctx.markers.release(claimed, token)
 
 
 def _send_item(ctx: Context, item: dict[str, Any]) -> None:

@@ -12,30 +12,26 @@ import redis
 
 from svckit.messages import SENT_MARKER
 
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-# One round trip before sending one email or a batch (KEYS: each email's sent marker and
-# claim, in pairs): for each, already sent (-1), claimed for us (-2), or claimed by another
-# worker for this many more milliseconds (>= 0). Atomic, so no worker can mark an email
-# sent between the check and the claim. A claim already holding our token is ours: a run
-# whose answer was lost, run again.
-_BEGIN = """
-local found = {}
-for i = 1, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then found[#found + 1] = -1
-  elseif redis.call('GET', KEYS[i + 1]) == ARGV[1] then found[#found + 1] = -2
-  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then found[#found + 1] = -2
-  else found[#found + 1] = math.max(redis.call('PTTL', KEYS[i + 1]), 0) end
+# One round trip per email, whatever the order: what became of the email done last (its
+# sent marker; its claim released if still ours), then the next one checked and claimed:
+# already sent (-1), claimed for us (-2), or claimed by another worker for this many more
+# milliseconds (>= 0); -3 when there is no next one. Atomic, so no worker can mark an
+# email sent between the check and the claim. A claim already holding our token is ours: a
+# run whose answer was lost, run again.
+# KEYS: the done email's sent marker and claim (if ARGV[4] says one was done), then the
+# next one's (if any). ARGV: token, claim ms, sent marker seconds, "sent" / "failed" / "".
+_STEP = """
+local k = 1
+if ARGV[4] ~= '' then
+  if ARGV[4] == 'sent' then redis.call('SET', KEYS[1], 1, 'EX', ARGV[3]) end
+  if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+  k = 3
 end
-return found
-"""
-# One round trip after sending (the same pairs): each sent marker, then its claim released
-# (if still ours).
-_FINISH = """
-for i = 1, #KEYS, 2 do
-  redis.call('SET', KEYS[i], 1, 'EX', ARGV[2])
-  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
-end
-return 1
+if not KEYS[k] then return -3 end
+if redis.call('EXISTS', KEYS[k]) == 1 then return -1 end
+if redis.call('GET', KEYS[k + 1]) == ARGV[1] then return -2 end
+if redis.call('SET', KEYS[k + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -2 end
+return math.max(redis.call('PTTL', KEYS[k + 1]), 0)
 """
 
 
@@ -69,14 +65,12 @@ class SentMarkers:
         self.redis = client
         self.ttl_s = ttl_s
         self.claim_ms = claim_ms
-        self._release = client.register_script(_RELEASE)
-        self._begin = client.register_script(_BEGIN)
-        self._finish = client.register_script(_FINISH)
+        self._step = client.register_script(_STEP)
         self._local = threading.local()
 
     def _connection(self) -> Any:
         """This thread's connection, taken from the shared pool once and kept: a worker
-        thread's two scripts per email skip the pool's take and give back, and the client's
+        thread's scripts skip the pool's take and give back, and the client's
         command layers (retries, deprecation checks, observability hooks: a quarter of a
         call's CPU here) by writing EVALSHA on it and reading the answer."""
         conn = getattr(self._local, "conn", None)
@@ -87,8 +81,8 @@ class SentMarkers:
     def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script on this thread's connection. Once more on it if Redis dropped it (a
         restart, a failover, an idle timeout: it reconnects on the next write), and once
-        more if Redis lacks the script (restarted or flushed: a restart does both). Both
-        scripts are safe to run twice. Anything else that interrupts a call (a time limit
+        more if Redis lacks the script (restarted or flushed: a restart does both). The
+        script is safe to run twice. Anything else that interrupts a call (a time limit
         raised into the thread) drops the connection: an answer left unread on it would
         be read as the next script's."""
         reconnected = loaded = False
@@ -111,27 +105,26 @@ class SentMarkers:
                 conn.disconnect()
                 raise
 
-    def begin(self, email_id: str) -> Begun:
-        """Before sending, in one round trip: is_sent, then claim, then claimed_for_ms."""
-        return self.begin_many([email_id])[0]
+    def step(self, token: str, *, done: str | None = None, sent: bool = False, then: str | None = None) -> Begun:
+        """In one round trip: the email `done` marked sent (if `sent`) and its claim released,
+        then the email `then` checked and claimed with `token` (what the Begun says; a
+        Begun with neither `sent` nor `token` when there is no `then`)."""
+        keys = [*(_keys(done) if done else ()), *(_keys(then) if then else ())]
+        outcome = ("sent" if sent else "failed") if done else ""
+        found = int(self._run(self._step, keys, [token, self.claim_ms, self.ttl_s, outcome]))
+        return _begun(found, token) if then else Begun(sent=False, token=None, busy_ms=0)
 
-    def begin_many(self, email_ids: list[str]) -> list[Begun]:
-        """`begin` for several emails in one round trip, all claimed with one token and for
-        as long as sending them one after another may take."""
-        token = secrets.token_hex(8)
-        keys = [key for email_id in email_ids for key in _keys(email_id)]
-        found = self._run(self._begin, keys, [token, self.claim_ms * len(email_ids)])
-        return [_begun(int(f), token) for f in found]
+    def begin(self, email_id: str) -> Begun:
+        """Before sending, in one round trip: sent already, claimed for us, or busy for how long."""
+        return self.step(secrets.token_hex(8), then=email_id)
 
     def finish(self, email_id: str, token: str) -> None:
         """After sending, in one round trip: the sent marker, and the claim released."""
-        self.finish_many([email_id], token)
+        self.step(token, done=email_id, sent=True)
 
-    def finish_many(self, email_ids: list[str], token: str) -> None:
-        """`finish` for several emails claimed with one token, in one round trip."""
-        if email_ids:
-            keys = [key for email_id in email_ids for key in _keys(email_id)]
-            self._run(self._finish, keys, [token, self.ttl_s])
+    def release(self, email_id: str, token: str) -> None:
+        """The claim released (if still ours), the email not marked sent."""
+        self.step(token, done=email_id)
 
     def is_sent(self, email_id: str) -> bool:
         return bool(self.redis.exists(SENT_MARKER.format(email_id)))
@@ -139,13 +132,3 @@ class SentMarkers:
     def claim(self, email_id: str) -> str | None:
         token = secrets.token_hex(8)
         return token if self.redis.set(_claim_key(email_id), token, nx=True, px=self.claim_ms) else None
-
-    def claimed_for_ms(self, email_id: str) -> int:
-        """How long another worker's claim on this email still lasts (0 if none)."""
-        return max(int(self.redis.pttl(_claim_key(email_id))), 0)  # type: ignore[arg-type]
-
-    def mark_sent(self, email_id: str, token: str) -> None:
-        self.finish(email_id, token)
-
-    def release(self, email_id: str, token: str) -> None:
-        self._release(keys=[_claim_key(email_id)], args=[token])
