@@ -100,6 +100,7 @@ class NotifierCounts:
     accepted: float  # Brevo calls answered 201 (a new email)
     duplicates_dropped: float
     dead_letters: float | None
+    calls: Counter[str]  # Brevo calls by outcome (status, timeout, unreachable): for the summary
 
     @classmethod
     def scrape(cls, stack: Stack) -> NotifierCounts:
@@ -116,19 +117,22 @@ class NotifierCounts:
         already: Counter[str] = Counter()
         accepted = dropped = 0.0
         dead: float | None = None
+        calls: Counter[str] = Counter()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "notifier_emails_delivered_total":
                     delivered[sample.labels["kind"]] += int(sample.value)
                 elif sample.name == "notifier_emails_already_at_brevo_total":
                     already[sample.labels["kind"]] += int(sample.value)
-                elif sample.name == "notifier_brevo_calls_total" and sample.labels["outcome"] == "201":
-                    accepted += sample.value
+                elif sample.name == "notifier_brevo_calls_total":
+                    calls[sample.labels["outcome"]] += int(sample.value)
+                    if sample.labels["outcome"] == "201":
+                        accepted += sample.value
                 elif sample.name == "notifier_duplicates_dropped_total":
                     dropped += sample.value
                 elif sample.name == "notifier_dead_letters":
                     dead = (dead or 0.0) + sample.value
-        return cls(delivered, already, accepted, dropped, dead)
+        return cls(delivered, already, accepted, dropped, dead, calls)
 
     def since(self, before: NotifierCounts) -> NotifierCounts:
         return NotifierCounts(
@@ -137,6 +141,7 @@ class NotifierCounts:
             self.accepted - before.accepted,
             self.duplicates_dropped - before.duplicates_dropped,
             self.dead_letters,
+            Counter({k: n - before.calls[k] for k, n in self.calls.items()}),
         )
 
 
@@ -258,7 +263,8 @@ class Load:
         print(
             f"\nemails: {want} expected; notifier delivered {dict(counts.delivered)}, "
             f"Brevo already had {dict(+counts.already)}, 201s {counts.accepted:.0f}, "
-            f"redeliveries dropped {counts.duplicates_dropped:.0f}, dead letters {counts.dead_letters}; "
+            f"redeliveries dropped {counts.duplicates_dropped:.0f}, dead letters {counts.dead_letters}, "
+            f"Brevo calls by outcome {dict(+counts.calls)}; "
             f"5xx retried in fault windows: {dict(Counter((e.status, e.body[:80]) for e in self.server_errors))}"
         )
         # Brevo's stand-in: each email accepted once (it refuses repeated keys, so count them).

@@ -209,6 +209,27 @@ def test_a_claim_lasts_as_one_emails_send_not_the_batchs(failing: Failing, redis
     assert 0 < ttl <= actors.context().markers.claim_ms
 
 
+def test_a_failure_after_the_send_never_sends_it_again(
+    transport: Recording, broker: RedisBroker, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What fails once Brevo has the email (the lag metric, say) marks it sent, not handed on."""
+    items = [receipt_item() for _ in range(2)]
+
+    def broken(receipt: Receipt) -> None:
+        raise TypeError("metrics broke")
+
+    working = actors._lag
+    monkeypatch.setattr(actors, "_lag", broken)
+    with pytest.raises(TypeError):
+        run(items)
+    assert transport.sent == [ids(items)[0]]
+    assert redis_client(redis_url).exists(SENT_MARKER.format(ids(items)[0]))
+    assert handed_on(broker) == {}
+    monkeypatch.setattr(actors, "_lag", working)
+    run(items)  # the batch's retry
+    assert transport.sent == ids(items)
+
+
 def test_a_dead_batch_marks_no_email_dead(redis_url: str) -> None:
     from notifier.broker import DeadLetterMarker
     from svckit.messages import DEAD_MARKER

@@ -250,14 +250,19 @@ def send_batch(messages: list[dict[str, Any]]) -> None:
             else:
                 claimed = email_id
                 try:
-                    _send_item(ctx, item)
+                    email, kind, receipt = _built(item)
+                    outcome = ctx.transport.send(email)
                 except Exception as exc:  # noqa: BLE001  (any failure: this email goes on alone, the rest are sent)
                     claimed = None
                     ctx.markers.release(email_id, token)
                     log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
                     _hand_off(item, _delay_after(exc))
                 else:
+                    # Sent: from here on nothing may hand it on or release it unmarked.
                     done, claimed = email_id, None
+                    _count(email_id, outcome, kind)
+                    if receipt is not None:
+                        _lag(receipt)
     finally:
         if done is not None:
             ctx.markers.finish(done, token)
@@ -265,18 +270,16 @@ def send_batch(messages: list[dict[str, Any]]) -> None:
             ctx.markers.release(claimed, token)
 
 
-def _send_item(ctx: Context, item: dict[str, Any]) -> None:
+def _built(item: dict[str, Any]) -> tuple[Email, str, Receipt | None]:
+    """A batch item's email, its kind (the metrics' label) and, for a receipt, the receipt."""
     actor = item.get("actor_name")
     message = (item.get("kwargs") or {}).get("message")
     if actor == SEND_RECEIPT:
         receipt: Receipt = _parse(Receipt, message)
-        _count(receipt.email_id, ctx.transport.send(_receipt(receipt)), receipt.kind)
-        _lag(receipt)
-    elif actor == SEND_WELCOME:
-        welcome: WelcomeEmail = _parse(WelcomeEmail, message)
-        _count(welcome.email_id, ctx.transport.send(_welcome(welcome)), "welcome")
-    else:
-        raise PermanentError(f"no email actor {actor!r}")
+        return _receipt(receipt), receipt.kind, receipt
+    if actor == SEND_WELCOME:
+        return _welcome(_parse(WelcomeEmail, message)), "welcome", None
+    raise PermanentError(f"no email actor {actor!r}")
 
 
 def _delay_after(exc: Exception) -> int:

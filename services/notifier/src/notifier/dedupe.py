@@ -109,10 +109,10 @@ class SentMarkers:
         """In one round trip: the email `done` marked sent (if `sent`) and its claim released,
         then the email `then` checked and claimed with `token` (what the Begun says; a
         Begun with neither `sent` nor `token` when there is no `then`)."""
-        keys = [*(_keys(done) if done else ()), *(_keys(then) if then else ())]
-        outcome = ("sent" if sent else "failed") if done else ""
+        keys = [*(_keys(done) if done is not None else ()), *(_keys(then) if then is not None else ())]
+        outcome = ("sent" if sent else "failed") if done is not None else ""
         found = int(self._run(self._step, keys, [token, self.claim_ms, self.ttl_s, outcome]))
-        return _begun(found, token) if then else Begun(sent=False, token=None, busy_ms=0)
+        return _begun(found, token) if then is not None else Begun(sent=False, token=None, busy_ms=0)
 
     def begin(self, email_id: str) -> Begun:
         """Before sending, in one round trip: sent already, claimed for us, or busy for how long."""
