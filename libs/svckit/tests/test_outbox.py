@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -384,6 +385,23 @@ def test_a_message_without_a_recipient_keeps_the_old_shape_and_one_with_it_carri
     assert WelcomeEmail.model_validate(carried["kwargs"]["message"]).recipient == who
 
 
+def consumed(redis_url: str, n: int) -> tuple[Any, list[Any]]:
+    """The first `n` messages of the queue, as a worker's consumer reads them (not acked)."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    from svckit.messages import QUEUE
+
+    consumer = RedisBroker(client=redis_client(redis_url)).consume(QUEUE, prefetch=100, timeout=100)
+    got: list[Any] = []
+    for _ in range(200):
+        proxy = next(consumer)
+        if proxy is not None:
+            got.append(proxy)
+        if len(got) == n:
+            break
+    return consumer, got
+
+
 class TestPipelinedPublishing:
     """The relay's batch goes to Redis in one pipeline, each message as RedisBroker.enqueue
     would have put it: a worker's consumer reads and acknowledges it the same way."""
@@ -391,7 +409,6 @@ class TestPipelinedPublishing:
     def test_a_batch_costs_two_round_trips_and_arrives_as_enqueued(
         self, engine: Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        from dramatiq.brokers.redis import RedisBroker
 
         from svckit.messages import QUEUE
         from svckit.outbox import Publisher
@@ -422,14 +439,7 @@ class TestPipelinedPublishing:
         monkeypatch.undo()
         assert sent[0] <= 2  # the pipeline, and redis-py's SCRIPT EXISTS before it (not 50)
 
-        consumer = RedisBroker(client=redis_client(redis_url)).consume(QUEUE, prefetch=100, timeout=100)
-        got = []
-        for _ in range(200):
-            proxy = next(consumer)
-            if proxy is not None:
-                got.append(proxy)
-            if len(got) == 51:
-                break
+        consumer, got = consumed(redis_url, 51)
         assert [p.message_id for p in got] == warm + ids  # in order, each once
         first = got[0]
         assert first.actor_name == "notifier.send_welcome"
@@ -443,9 +453,8 @@ class TestPipelinedPublishing:
     def test_emails_go_in_batches_of_the_set_size_each_email_once_with_its_own_message(
         self, engine: Engine, redis_url: str
     ) -> None:
-        from dramatiq.brokers.redis import RedisBroker
 
-        from svckit.messages import QUEUE, SEND_BATCH
+        from svckit.messages import SEND_BATCH
         from svckit.outbox import Publisher
 
         client = redis_client(redis_url)
@@ -456,15 +465,9 @@ class TestPipelinedPublishing:
         other = dict(json.loads(outbox_row(WelcomeEmail(email_id="x", user_id=1))["payload"]), actor_name="other.actor")
         publisher.publish_many([json.dumps(other)])
         assert relay.run_once() == 21
-        consumer = RedisBroker(client=redis_client(redis_url)).consume(QUEUE, prefetch=100, timeout=100)
-        got = []
-        for _ in range(100):
-            proxy = next(consumer)
-            if proxy is not None:
-                got.append(proxy)
-                consumer.ack(proxy)
-            if len(got) == 4:
-                break
+        consumer, got = consumed(redis_url, 4)
+        for proxy in got:
+            consumer.ack(proxy)
         assert [p.actor_name for p in got] == ["other.actor", SEND_BATCH, SEND_BATCH, "notifier.send_welcome"]
         first, second = (p.kwargs["messages"] for p in got[1:3])
         assert [m["message_id"] for m in first + second] + [got[3].message_id] == ids  # each once, in order

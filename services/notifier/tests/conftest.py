@@ -3,8 +3,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from notifier import actors
 from notifier.brevo import Email, FolderTransport, TransientError
 from notifier.dedupe import SentMarkers
+from svckit.messages import Receipt
 from svckit.redis import redis_client
 from svckit.testing import free_port, redis_server
 
@@ -75,3 +79,19 @@ def transport(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -
     ctx = actors.Context(transport=recording, markers=markers, auth=httpx.Client())
     monkeypatch.setattr(actors, "context", lambda: ctx)
     return recording
+
+
+def make_receipt(**changes: Any) -> Receipt:
+    """A deposit's receipt with fresh ids; `changes` override any field."""
+    fields: dict[str, Any] = {
+        "email_id": uuid.uuid4().hex,
+        "user_id": 7,
+        "transaction_id": 1,
+        "kind": "deposit",
+        "amount": 200,
+        "currency": "USD",
+        "balance_after": 200,
+        "counterparty": "External Source",
+        "occurred_at": datetime.now(UTC),
+    }
+    return Receipt(**{**fields, **changes})

@@ -21,7 +21,7 @@ from svckit.messages import QUEUE, SENT_MARKER, Receipt, Recipient, batch_payloa
 from svckit.outbox import outbox_row
 from svckit.redis import redis_client
 
-from .conftest import Recording
+from .conftest import Recording, make_receipt
 
 
 class Failing(Recording):
@@ -68,19 +68,8 @@ def handed_on(broker: RedisBroker) -> dict[str, tuple[bool, dramatiq.Message[Any
     return found
 
 
-def receipt_item(email_id: str | None = None) -> dict[str, Any]:
-    receipt = Receipt(
-        email_id=email_id or uuid.uuid4().hex,
-        user_id=7,
-        recipient=Recipient(email="j@example.com", first_name="J", last_name="D"),
-        transaction_id=1,
-        kind="deposit",
-        amount=200,
-        currency="USD",
-        balance_after=200,
-        counterparty="External Source",
-        occurred_at=datetime.now(UTC),
-    )
+def receipt_item() -> dict[str, Any]:
+    receipt = make_receipt(recipient=Recipient(email="j@example.com", first_name="J", last_name="D"))
     return json.loads(outbox_row(receipt)["payload"])
 
 

@@ -11,10 +11,9 @@ from prometheus_client import REGISTRY
 from notifier import actors
 from notifier.brevo import Email, TransientError
 from notifier.dedupe import SentMarkers
-from svckit.messages import Receipt
 from svckit.redis import redis_client
 
-from .conftest import Recording
+from .conftest import Recording, make_receipt
 
 
 def make(email_id: str) -> Email:
@@ -62,17 +61,7 @@ def test_a_delivered_receipt_records_its_lag_from_the_movement_once(
     transport: Recording, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(actors, "recipient", lambda _: {"email": "j@example.com", "first_name": "J", "last_name": "D"})
-    receipt = Receipt(
-        email_id=uuid.uuid4().hex,
-        user_id=7,
-        transaction_id=1,
-        kind="deposit",
-        amount=200,
-        currency="USD",
-        balance_after=200,
-        counterparty="External Source",
-        occurred_at=datetime.now(UTC) - timedelta(seconds=45),
-    )
+    receipt = make_receipt(occurred_at=datetime.now(UTC) - timedelta(seconds=45))
 
     def lag() -> tuple[float, float, float]:
         return tuple(  # type: ignore[return-value]
