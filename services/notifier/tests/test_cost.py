@@ -168,6 +168,30 @@ def test_a_thread_connection_redis_dropped_is_replaced_and_the_marker_still_writ
     admin.close()
 
 
+def test_a_sent_emails_marker_outlasts_a_redis_that_is_away_a_moment(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finish() tries again over about a second; past that it gives up (raises)."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    monkeypatch.setattr("notifier.dedupe.FINISH_PAUSES_S", (0.0, 0.0))
+    working = markers._run
+    failures = [2]
+
+    def away(*args: object) -> object:
+        if failures[0]:
+            failures[0] -= 1
+            raise redis.ConnectionError("Redis is restarting")
+        return working(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(markers, "_run", away)
+    email_id = uuid.uuid4().hex
+    markers.finish(email_id, "tok")  # two failures, then written
+    assert markers.is_sent(email_id)
+    failures[0] = 3
+    with pytest.raises(redis.ConnectionError):
+        markers.finish(uuid.uuid4().hex, "tok")
+
+
 def test_a_redis_that_lost_the_scripts_gets_them_again(redis_url: str) -> None:
     """A restarted or flushed Redis has no scripts: the thread's connection loads them
     and runs the script once more, so the claim and the marker still happen."""

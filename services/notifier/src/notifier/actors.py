@@ -221,8 +221,9 @@ def send_batch(messages: list[dict[str, Any]]) -> None:
     it (the same round trip as the next one's check), as a message of its own would be. One
     that cannot be sent now (another worker holds its claim, or its send failed in any way)
     goes on as the message the relay would otherwise have published: its own id, retries
-    with backoff and dead letter. A batch interrupted or retried sends nothing it sent
-    before (the markers); an email it handed on may be handed on again by its retry (a
+    with backoff and dead letter. A batch interrupted or retried sends nothing again that it
+    marked sent (the markers; the one email an interruption kept unmarked, Brevo's
+    idempotencyKey refuses); an email it handed on may be handed on again by its retry (a
     permanent failure then lies twice in the dead-letter queue; replaying both sends once).
     """
     ctx = context()

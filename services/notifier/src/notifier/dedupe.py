@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from typing import Any, NamedTuple
 
 import redis
@@ -33,6 +34,10 @@ if redis.call('GET', KEYS[k + 1]) == ARGV[1] then return -2 end
 if redis.call('SET', KEYS[k + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -2 end
 return math.max(redis.call('PTTL', KEYS[k + 1]), 0)
 """
+
+
+# The pauses between tries of a sent email's marker (SentMarkers.finish).
+FINISH_PAUSES_S = (0.2, 0.8)
 
 
 class Begun(NamedTuple):
@@ -119,8 +124,19 @@ class SentMarkers:
         return self.step(secrets.token_hex(8), then=email_id)
 
     def finish(self, email_id: str, token: str) -> None:
-        """After sending, in one round trip: the sent marker, and the claim released."""
-        self.step(token, done=email_id, sent=True)
+        """After sending, in one round trip: the sent marker, and the claim released.
+
+        The marker is all that keeps a sent email from going out again (but for Brevo's
+        idempotencyKey), so a Redis that does not answer (a restart, a failover) is tried
+        again over about a second (each try reconnecting once) before this gives up."""
+        for pause in (*FINISH_PAUSES_S, None):
+            try:
+                self.step(token, done=email_id, sent=True)
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if pause is None:
+                    raise
+                time.sleep(pause)
 
     def release(self, email_id: str, token: str) -> None:
         """The claim released (if still ours), the email not marked sent."""
