@@ -123,6 +123,18 @@ def test_a_failed_email_goes_on_alone_with_its_id_and_the_rest_are_sent(
     assert redis_client(redis_url).exists(SENT_MARKER.format(transient))
 
 
+def test_a_malformed_email_goes_on_alone_at_once_and_the_rest_are_sent(
+    transport: Recording, broker: RedisBroker
+) -> None:
+    items = [receipt_item() for _ in range(3)]
+    del items[1]["kwargs"]["message"]["amount"]
+    run(items)
+    assert transport.sent == [ids(items)[0], ids(items)[2]]
+    delayed, message = handed_on(broker)[ids(items)[1]]
+    assert not delayed  # its own message dead-letters it
+    assert message.kwargs == items[1]["kwargs"]
+
+
 def test_an_email_another_worker_is_sending_goes_on_after_its_claim(
     transport: Recording, broker: RedisBroker, redis_url: str
 ) -> None:

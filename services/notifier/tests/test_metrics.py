@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -23,8 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from notifier import actors
 from notifier.brevo import Email
 from notifier.dedupe import SentMarkers
+from svckit.messages import Recipient
 from svckit.redis import redis_client
 from svckit.testing import free_port, redis_server, scrape_metrics
+
+from .conftest import make_receipt
 
 WORKER = textwrap.dedent(
     """
@@ -104,9 +106,8 @@ def test_an_email_brevo_already_had_is_counted_apart(redis_url: str, monkeypatch
         )
 
     before = counts()
-    email_id = uuid.uuid4().hex
-    email = Email(email_id=email_id, to_email="j@example.com", to_name="J", subject="s", html="h", text="t")
-    actors.deliver(email_id, lambda: email, kind="deposit")
+    receipt = make_receipt(recipient=Recipient(email="j@example.com", first_name="J", last_name="D"))
+    actors.send_receipt.fn(receipt.model_dump(mode="json"))  # a deposit's
     assert counts() == (before[0] + 1, before[1] + 1)
 
 

@@ -16,7 +16,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +31,7 @@ from notifier.config import get_settings
 from notifier.dedupe import SentMarkers
 from notifier.metrics import ALREADY_AT_BREVO, DELIVERED, DUPLICATES, RECEIPT_LAG
 from svckit.http import service_client
-from svckit.messages import QUEUE, SEND_BATCH, SEND_RECEIPT, SEND_WELCOME, Receipt, WelcomeEmail
+from svckit.messages import QUEUE, SEND_BATCH, SEND_RECEIPT, SEND_WELCOME, NotifierMessage, Receipt, WelcomeEmail
 from svckit.redis import redis_client
 from svckit.requestid import request_id_var
 
@@ -126,35 +126,6 @@ def carried_or_looked_up(message: WelcomeEmail | Receipt) -> dict[str, Any]:
     return recipient(message.user_id)
 
 
-def deliver(email_id: str, build: Callable[[], Email], *, kind: str = "email") -> bool:
-    """Send the email unless it was sent already; True when this call delivered it."""
-    ctx = context()
-    begun = ctx.markers.begin(email_id)  # one round trip: sent already, ours, or another's
-    if begun.sent:
-        DUPLICATES.inc()
-        log.info("email %s already sent; duplicate dropped", email_id)
-        return False
-    token = begun.token
-    if token is None:
-        # Another worker is sending it, or was killed while sending: come back when its
-        # claim has expired (one retry, not a string of them).
-        delay = begun.busy_ms + random.randint(100, 1_000)  # nosec B311
-        raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=delay)
-    try:
-        outcome = ctx.transport.send(build())
-    except TransientError as exc:
-        ctx.markers.release(email_id, token)
-        if exc.retry_after_ms is not None:  # Brevo said when its rate limit resets
-            raise dramatiq.Retry(str(exc), delay=exc.retry_after_ms + random.randint(0, 1_000)) from exc  # nosec B311
-        raise
-    except BaseException:
-        ctx.markers.release(email_id, token)
-        raise
-    _count(email_id, outcome, kind)
-    ctx.markers.finish(email_id, token)  # one round trip: the sent marker, the claim released
-    return True
-
-
 def _count(email_id: str, outcome: str, kind: str) -> None:
     # Counted before the marker: a worker killed between the two leaves an email that its
     # redelivery sends again (Brevo answers "duplicate") and counts once more, so the counts
@@ -183,108 +154,130 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
-def _welcome(welcome: WelcomeEmail) -> Email:
-    user = carried_or_looked_up(welcome)
-    return emails.welcome(
-        email_id=welcome.email_id, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"]
-    )
-
-
-def _receipt(receipt: Receipt) -> Email:
-    user = carried_or_looked_up(receipt)
-    return emails.receipt(receipt, to_email=user["email"], first_name=user["first_name"], last_name=user["last_name"])
+def _email(message: NotifierMessage) -> Email:
+    user = carried_or_looked_up(message)
+    names = {"to_email": user["email"], "first_name": user["first_name"], "last_name": user["last_name"]}
+    if isinstance(message, Receipt):
+        return emails.receipt(message, **names)
+    return emails.welcome(email_id=message.email_id, **names)
 
 
 def _lag(receipt: Receipt) -> None:
     RECEIPT_LAG.observe(max((datetime.now(UTC) - receipt.occurred_at).total_seconds(), 0.0))
 
 
-@dramatiq.actor(actor_name=SEND_WELCOME, **_OPTIONS)
-def send_welcome(message: dict[str, Any]) -> None:
-    welcome: WelcomeEmail = _parse(WelcomeEmail, message)
-    deliver(welcome.email_id, lambda: _welcome(welcome), kind="welcome")
+def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) -> None:
+    """Send each email unless it was sent already: every actor's one path per email.
 
-
-@dramatiq.actor(actor_name=SEND_RECEIPT, **_OPTIONS)
-def send_receipt(message: dict[str, Any]) -> None:
-    receipt: Receipt = _parse(Receipt, message)
-    if deliver(receipt.email_id, lambda: _receipt(receipt), kind=receipt.kind):
-        _lag(receipt)
-
-
-@dramatiq.actor(actor_name=SEND_BATCH, **_OPTIONS)
-def send_batch(messages: list[dict[str, Any]]) -> None:
-    """Several emails in one Dramatiq message (the relay groups what one round publishes):
-    one fetch and acknowledgement per batch, one marker round trip per email.
-
-    Each email is checked and claimed right before its send and marked sent right after
-    it (the same round trip as the next one's check), as a message of its own would be. One
-    that cannot be sent now (another worker holds its claim, or its send failed in any way)
-    goes on as the message the relay would otherwise have published: its own id, retries
-    with backoff and dead letter. A batch interrupted or retried sends nothing again that it
-    marked sent (the markers; the one email an interruption kept unmarked, Brevo's
-    idempotencyKey refuses); an email it handed on may be handed on again by its retry (a
-    permanent failure then lies twice in the dead-letter queue; replaying both sends once).
+    `pending` holds each email's message and, for one of a batch, the message the relay
+    would otherwise have published for it alone (None for a message's own email). Each is
+    checked and claimed right before its send and marked sent right after it, in the same
+    round trip as the next one's check (SentMarkers.step; the last one's when the loop
+    ends): one email costs two round trips, a batch of n, n + 1. One that cannot be sent
+    now (another worker holds its claim, or its send failed in any way) goes on: a
+    message's own email by raising, for Dramatiq's retry (after a known wait, else its
+    backoff; a permanent failure dead-letters it); one of a batch as the relay's message
+    for it, which then takes that path (_hand_off). An interruption (a time limit raised
+    into the thread) marks the email sent before it and releases the one it was sending.
     """
     ctx = context()
-    try:
-        ids = [str(item["message_id"]) for item in messages]
-    except (KeyError, TypeError) as exc:
-        raise PermanentError(f"malformed batch: {type(exc).__name__}") from exc
     token = secrets.token_hex(8)
     done: str | None = None  # sent, its marker not yet written
-    claimed: str | None = None  # claimed, its send not yet over
-    seen: set[str] = set()
     try:
-        for item, email_id in zip(messages, ids, strict=True):
-            request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
-            if email_id in seen:  # twice in this batch
-                continue
-            seen.add(email_id)
+        for message, item in pending:
+            email_id = message.email_id
             begun = ctx.markers.step(token, done=done, sent=True, then=email_id)
             done = None
             if begun.sent:
                 DUPLICATES.inc()
                 log.info("email %s already sent; duplicate dropped", email_id)
-            elif begun.token is None:  # another worker is sending it: try again after its claim
-                _hand_off(item, begun.busy_ms + random.randint(100, 1_000))  # nosec B311
-            else:
-                claimed = email_id
-                try:
-                    email, kind, receipt = _built(item)
-                    outcome = ctx.transport.send(email)
-                except Exception as exc:  # noqa: BLE001  (any failure: this email goes on alone, the rest are sent)
-                    claimed = None
-                    ctx.markers.release(email_id, token)
-                    log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
-                    _hand_off(item, _delay_after(exc))
-                else:
-                    # Sent: from here on nothing may hand it on or release it unmarked.
-                    done, claimed = email_id, None
-                    _count(email_id, outcome, kind)
-                    if receipt is not None:
-                        _lag(receipt)
+                continue
+            if begun.token is None:  # another worker is sending it: try again after its claim
+                delay = begun.busy_ms + random.randint(100, 1_000)  # nosec B311
+                if item is None:  # one retry, not a string of them
+                    raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=delay)
+                _hand_off(item, delay)
+                continue
+            try:
+                outcome = ctx.transport.send(_email(message))
+            except Exception as exc:
+                ctx.markers.release(email_id, token)
+                if item is None:
+                    if isinstance(exc, TransientError) and exc.retry_after_ms is not None:  # Brevo's reset
+                        raise dramatiq.Retry(str(exc), delay=_delay_after(exc)) from exc
+                    raise
+                log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
+                _hand_off(item, _delay_after(exc))
+                continue
+            except BaseException:  # interrupted during its send
+                ctx.markers.release(email_id, token)
+                raise
+            # Sent: from here on nothing may hand it on or release it unmarked.
+            done = email_id
+            _count(email_id, outcome, message.kind if isinstance(message, Receipt) else "welcome")
+            if isinstance(message, Receipt):
+                _lag(message)
     finally:
         if done is not None:
-            ctx.markers.finish(done, token)
-        elif claimed is not None:  # interrupted during its send
-            ctx.markers.release(claimed, token)
+            ctx.markers.finish(done, token)  # one round trip: the sent marker, the claim released
 
 
-def _built(item: dict[str, Any]) -> tuple[Email, str, Receipt | None]:
-    """A batch item's email, its kind (the metrics' label) and, for a receipt, the receipt."""
-    actor = item.get("actor_name")
-    message = (item.get("kwargs") or {}).get("message")
-    if actor == SEND_RECEIPT:
-        receipt: Receipt = _parse(Receipt, message)
-        return _receipt(receipt), receipt.kind, receipt
-    if actor == SEND_WELCOME:
-        return _welcome(_parse(WelcomeEmail, message)), "welcome", None
-    raise PermanentError(f"no email actor {actor!r}")
+@dramatiq.actor(actor_name=SEND_WELCOME, **_OPTIONS)
+def send_welcome(message: dict[str, Any]) -> None:
+    deliver([(_parse(WelcomeEmail, message), None)])
+
+
+@dramatiq.actor(actor_name=SEND_RECEIPT, **_OPTIONS)
+def send_receipt(message: dict[str, Any]) -> None:
+    deliver([(_parse(Receipt, message), None)])
+
+
+@dramatiq.actor(actor_name=SEND_BATCH, **_OPTIONS)
+def send_batch(messages: list[dict[str, Any]]) -> None:
+    """Several emails in one Dramatiq message (the relay groups what one round publishes):
+    one fetch and acknowledgement per batch, one marker round trip per email (deliver).
+
+    One that cannot be sent now goes on as the message the relay would otherwise have
+    published: its own id, retries with backoff and dead letter. A batch interrupted or
+    retried sends nothing again that it marked sent (the markers; the one email an
+    interruption kept unmarked, Brevo's idempotencyKey refuses); an email it handed on may
+    be handed on again by its retry (a permanent failure then lies twice in the dead-letter
+    queue; replaying both sends once).
+    """
+    try:
+        ids = [str(item["message_id"]) for item in messages]
+    except (KeyError, TypeError) as exc:
+        raise PermanentError(f"malformed batch: {type(exc).__name__}") from exc
+    deliver(_batched(messages, ids))
+
+
+_MODELS: dict[Any, type[WelcomeEmail] | type[Receipt]] = {SEND_WELCOME: WelcomeEmail, SEND_RECEIPT: Receipt}
+
+
+def _batched(messages: list[dict[str, Any]], ids: list[str]) -> Iterator[tuple[NotifierMessage, dict[str, Any]]]:
+    """A batch's emails for deliver, each once, in order, each with its own message's
+    request id while it is sent. One that is malformed goes on alone at once: its own
+    message dead-letters it."""
+    seen: set[str] = set()
+    for item, email_id in zip(messages, ids, strict=True):
+        request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
+        if email_id in seen:  # twice in this batch
+            continue
+        seen.add(email_id)
+        try:
+            model = _MODELS.get(item.get("actor_name"))
+            if model is None:
+                raise PermanentError(f"no email actor {item.get('actor_name')!r}")
+            message: NotifierMessage = _parse(model, (item.get("kwargs") or {}).get("message"))
+        except PermanentError as exc:
+            log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
+            _hand_off(item, 0)
+            continue
+        yield message, item
 
 
 def _delay_after(exc: Exception) -> int:
-    """When an email a batch could not send goes on alone: at once for a permanent failure
+    """When an email that could not be sent is tried again: at once for a permanent failure
     (its own message dead-letters it), after Brevo's reset for a 429, else after a backoff."""
     if isinstance(exc, PermanentError):
         return 0
