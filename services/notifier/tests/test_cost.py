@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from notifier import actors
+from notifier import actors, dedupe
 from notifier.brevo import BrevoTransport, Email, FolderTransport
 from notifier.dedupe import SentMarkers
 from svckit.messages import SENT_MARKER
@@ -168,26 +168,39 @@ def test_a_thread_connection_redis_dropped_is_replaced_and_the_marker_still_writ
     admin.close()
 
 
-def test_a_sent_emails_marker_outlasts_a_redis_that_is_away_a_moment(
+def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_over_about_a_second(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """finish() tries again over about a second; past that it gives up (raises)."""
+    """One retry policy (SentMarkers._run): any script once more at once on a new
+    connection; a sent email's marker (finish) over about a second more, then it gives up."""
     markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
-    monkeypatch.setattr("notifier.dedupe.FINISH_PAUSES_S", (0.0, 0.0))
-    working = markers._run
-    failures = [2]
+    pauses: list[float] = []
+    monkeypatch.setattr(dedupe.time, "sleep", pauses.append)
+    conn = markers._connection()
+    real = conn.send_command
+    failures = [0]
 
-    def away(*args: object) -> object:
+    def away(*args: Any, **kwargs: Any) -> None:
         if failures[0]:
             failures[0] -= 1
             raise redis.ConnectionError("Redis is restarting")
-        return working(*args)  # type: ignore[arg-type]
+        real(*args, **kwargs)
 
-    monkeypatch.setattr(markers, "_run", away)
+    monkeypatch.setattr(conn, "send_command", away)
     email_id = uuid.uuid4().hex
-    markers.finish(email_id, "tok")  # two failures, then written
-    assert markers.is_sent(email_id)
+    failures[0] = 1
+    begun = markers.begin(email_id)  # one failure: claimed on the new connection
+    assert begun.token is not None
+    failures[0] = 2
+    with pytest.raises(redis.ConnectionError):
+        markers.begin(uuid.uuid4().hex)  # a claim is not waited for: the message's retry is
+    assert pauses == []
     failures[0] = 3
+    markers.finish(email_id, begun.token)  # three failures, then written
+    assert markers.is_sent(email_id)
+    assert not markers.redis.exists(f"notifier:sending:{email_id}")
+    assert pauses == [0.2, 0.8]
+    failures[0] = 4
     with pytest.raises(redis.ConnectionError):
         markers.finish(uuid.uuid4().hex, "tok")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis
@@ -36,8 +37,15 @@ return math.max(redis.call('PTTL', KEYS[k + 1]), 0)
 """
 
 
-# The pauses between tries of a sent email's marker (SentMarkers.finish).
-FINISH_PAUSES_S = (0.2, 0.8)
+# How a script Redis does not answer (its connection dropped: a restart, a failover, an
+# idle timeout; or a timeout) is tried again: the pauses before each further try
+# (SentMarkers._run). Any script once more at once, on a new connection: a claim not
+# made is the message's retry's to wait for.
+AGAIN_AT_ONCE_S = (0.0,)
+# A sent email's marker (SentMarkers.finish) is all that keeps the email from going out
+# again (but for Brevo's idempotencyKey): it is tried over about a second more (a
+# restart, a failover) before the send's retry would go to Brevo again.
+MARKER_PAUSES_S = (0.0, 0.2, 0.8)
 
 
 class Begun(NamedTuple):
@@ -83,14 +91,16 @@ class SentMarkers:
             conn = self._local.conn = self.redis.connection_pool.get_connection()
         return conn
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a script on this thread's connection. Once more on it if Redis dropped it (a
-        restart, a failover, an idle timeout: it reconnects on the next write), and once
-        more if Redis lacks the script (restarted or flushed: a restart does both). The
-        script is safe to run twice. Anything else that interrupts a call (a time limit
-        raised into the thread) drops the connection: an answer left unread on it would
-        be read as the next script's."""
-        reconnected = loaded = False
+    def _run(self, script: Any, keys: list[str], args: list[Any], *, pauses: Sequence[float] = AGAIN_AT_ONCE_S) -> Any:
+        """Run a script on this thread's connection: the one place that decides how a call
+        that fails is tried again. When Redis does not answer, the connection is dropped and
+        the call made again after each of `pauses` in turn (it reconnects on the next
+        write); when Redis lacks the script (restarted or flushed: a restart does both), it
+        is loaded and the call made once more. The script is safe to run twice. Anything
+        else that interrupts a call (a time limit raised into the thread) drops the
+        connection: an answer left unread on it would be read as the next script's."""
+        waits = iter(pauses)
+        loaded = False
         while True:
             conn = self._connection()
             try:
@@ -103,20 +113,31 @@ class SentMarkers:
                 self.redis.script_load(script.script)
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()  # whatever it was in the middle of is gone with it
-                if reconnected:
+                pause = next(waits, None)
+                if pause is None:
                     raise
-                reconnected = True
+                if pause:
+                    time.sleep(pause)
             except BaseException:
                 conn.disconnect()
                 raise
 
-    def step(self, token: str, *, done: str | None = None, sent: bool = False, then: str | None = None) -> Begun:
+    def step(
+        self,
+        token: str,
+        *,
+        done: str | None = None,
+        sent: bool = False,
+        then: str | None = None,
+        pauses: Sequence[float] = AGAIN_AT_ONCE_S,
+    ) -> Begun:
         """In one round trip: the email `done` marked sent (if `sent`) and its claim released,
         then the email `then` checked and claimed with `token` (what the Begun says; a
-        Begun with neither `sent` nor `token` when there is no `then`)."""
+        Begun with neither `sent` nor `token` when there is no `then`); tried again after
+        `pauses` when Redis does not answer (_run)."""
         keys = [*(_keys(done) if done is not None else ()), *(_keys(then) if then is not None else ())]
         outcome = ("sent" if sent else "failed") if done is not None else ""
-        found = int(self._run(self._step, keys, [token, self.claim_ms, self.ttl_s, outcome]))
+        found = int(self._run(self._step, keys, [token, self.claim_ms, self.ttl_s, outcome], pauses=pauses))
         return _begun(found, token) if then is not None else Begun(sent=False, token=None, busy_ms=0)
 
     def begin(self, email_id: str) -> Begun:
@@ -124,19 +145,9 @@ class SentMarkers:
         return self.step(secrets.token_hex(8), then=email_id)
 
     def finish(self, email_id: str, token: str) -> None:
-        """After sending, in one round trip: the sent marker, and the claim released.
-
-        The marker is all that keeps a sent email from going out again (but for Brevo's
-        idempotencyKey), so a Redis that does not answer (a restart, a failover) is tried
-        again over about a second (each try reconnecting once) before this gives up."""
-        for pause in (*FINISH_PAUSES_S, None):
-            try:
-                self.step(token, done=email_id, sent=True)
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if pause is None:
-                    raise
-                time.sleep(pause)
+        """After sending, in one round trip: the sent marker, and the claim released (tried
+        over about a second when Redis does not answer: MARKER_PAUSES_S)."""
+        self.step(token, done=email_id, sent=True, pauses=MARKER_PAUSES_S)
 
     def release(self, email_id: str, token: str) -> None:
         """The claim released (if still ours), the email not marked sent."""
