@@ -88,12 +88,14 @@ def stage(database_url: str, n: int, carry: bool) -> None:
 
 
 RELAY = """
+import inspect
 import sys
 from svckit.outbox import serve
 from svckit.testing import outbox_table
-# Emails per notifier message, as the deployed relay's setting; left out at 1, so a --tree
-# from before batches (no such argument) runs too.
-batched = {"emails_per_message": int(sys.argv[3])} if int(sys.argv[3]) > 1 else {}
+# Emails per notifier message, as the deployed relay's setting; left out at 1 for a --tree
+# from before batches (no such argument: it publishes each email alone).
+per = int(sys.argv[3])
+batched = {"emails_per_message": per} if per > 1 or "emails_per_message" in inspect.signature(serve).parameters else {}
 serve(
     service="bench", database_url=sys.argv[1], redis_url=sys.argv[2], table=outbox_table(), log_level="WARNING",
     **batched,

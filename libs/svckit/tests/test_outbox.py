@@ -415,7 +415,7 @@ class TestPipelinedPublishing:
 
         client = redis_client(redis_url)
         client.flushdb()
-        publisher = Publisher(client)
+        publisher = Publisher(client, emails_per_message=1)  # each email a message of its own
         relay = Relay(
             engine,
             OUTBOX,
@@ -483,6 +483,17 @@ class TestPipelinedPublishing:
         payloads = [outbox_row(WelcomeEmail(email_id=f"e{i}", user_id=1))["payload"] for i in range(3)]
         Publisher(client, emails_per_message=1).publish_many(payloads)
         assert client.hlen("dramatiq:notifications.msgs") == 3
+
+    def test_the_relay_batches_as_the_setting_says_by_default(self) -> None:
+        import inspect
+
+        from svckit.outbox import Publisher, serve
+        from svckit.settings import BaseServiceSettings
+
+        setting = BaseServiceSettings.model_fields["outbox_emails_per_message"].default
+        assert setting > 1
+        for built in (Publisher, serve):
+            assert inspect.signature(built).parameters["emails_per_message"].default == setting
 
     def test_republishing_goes_through_the_batch_too(self, engine: Engine, redis_url: str) -> None:
         batches: list[list[str]] = []

@@ -47,6 +47,7 @@ from svckit.messages import (
     dramatiq_payload,
 )
 from svckit.requestid import current_request_id
+from svckit.settings import OUTBOX_EMAILS_PER_MESSAGE
 
 log = logging.getLogger("svckit.outbox")
 
@@ -151,10 +152,11 @@ class Publisher:
     markers once per batch instead of once per email, which was most of its CPU per email
     (bench/notifier_cpu.py). The emails of a batch are sent one after another by one worker
     thread, so with a slow mail API a smaller batch spreads a burst over more threads; 1
-    publishes each email on its own.
+    publishes each email on its own. The default is the setting's
+    (`*_OUTBOX_EMAILS_PER_MESSAGE`: svckit.settings.OUTBOX_EMAILS_PER_MESSAGE).
     """
 
-    def __init__(self, client: redis.Redis, *, emails_per_message: int = 1) -> None:
+    def __init__(self, client: redis.Redis, *, emails_per_message: int = OUTBOX_EMAILS_PER_MESSAGE) -> None:
         self.client = client
         self.emails_per_message = max(emails_per_message, 1)
         # No queue maintenance from here: it would apply this broker's defaults (dead letters
@@ -456,7 +458,7 @@ def serve(
     republish_after_s: float = 60.0,
     limits: SessionLimits | None = None,
     heartbeat_file: str | None = None,
-    emails_per_message: int = 1,
+    emails_per_message: int = OUTBOX_EMAILS_PER_MESSAGE,
 ) -> None:
     """The body of each producing service's `<service>-relay` command."""
     from svckit.db import make_engine

@@ -9,6 +9,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SERVICE_TOKEN = "local-dev-service-token"  # nosec B105 - the published dev default, refused outside dev
 MIN_SERVICE_TOKEN_LENGTH = 32
+# Emails the outbox relay puts in one notifier message by default: the setting's default
+# and svckit.outbox's (Publisher, serve), so a relay built without the setting batches alike.
+OUTBOX_EMAILS_PER_MESSAGE = 10
 
 
 class InsecureServiceToken(RuntimeError):
@@ -69,7 +72,7 @@ class BaseServiceSettings(BaseSettings):
     # An outbox message not confirmed delivered this long after publishing is published again.
     outbox_republish_after_s: float = 60.0
     # Emails the relay puts in one notifier message (svckit.outbox.Publisher); 1: one each.
-    outbox_emails_per_message: int = Field(default=10, ge=1, le=100)
+    outbox_emails_per_message: int = Field(default=OUTBOX_EMAILS_PER_MESSAGE, ge=1, le=100)
     # `<service>-purge` (svckit.retention): rows per transaction, the pause between two, and
     # how long an outbox row stays after the notifier confirmed its email sent.
     retention_batch_size: int = Field(default=1_000, ge=1, le=10_000)
