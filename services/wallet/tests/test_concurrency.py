@@ -106,14 +106,21 @@ def first_record_commit_answer_lost(
     lost: list[Exception] = []
 
     def patch(cls: Any) -> None:
-        real_execute, real_commit = cls.execute, cls.commit
+        real_execute, real_execute_many, real_commit = cls.execute, cls.execute_many, cls.commit
 
-        async def execute(self: Any, statement: Any, params: Any = None) -> Any:
+        def note(self: Any, statement: Any) -> None:
             if getattr(statement, "table", None) is not None and statement.table.name == "idempotency_records":
                 wrote_record.add(id(self))
             if "booked_record" in str(statement.compile()):
                 wrote_record.add(id(self))
+
+        async def execute(self: Any, statement: Any, params: Any = None) -> Any:
+            note(self, statement)
             return await real_execute(self, statement, params)
+
+        async def execute_many(self: Any, statement: Any, params: Any) -> None:
+            note(self, statement)
+            await real_execute_many(self, statement, params)
 
         async def commit(self: Any) -> None:
             await real_commit(self)  # committed, for good
@@ -131,6 +138,7 @@ def first_record_commit_answer_lost(
             wrote_record.discard(id(self))
 
         monkeypatch.setattr(cls, "execute", execute)
+        monkeypatch.setattr(cls, "execute_many", execute_many)
         monkeypatch.setattr(cls, "commit", commit)
 
     for cls in CONNECTIONS:

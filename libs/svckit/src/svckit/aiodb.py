@@ -54,6 +54,7 @@ class Connection(Protocol):
     dialect_name: str
 
     async def execute(self, statement: Executable, params: dict[str, Any] | None = None) -> Result: ...
+    async def execute_many(self, statement: Executable, params: Sequence[dict[str, Any]]) -> None: ...
     async def commit(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -226,6 +227,12 @@ class _SqliteConnection:
             return _Rows([row_class(p(v) if p else v for p, v in zip(processors, r, strict=True)) for r in raw])
         return _Rows([row_class(r) for r in raw])
 
+    async def execute_many(self, statement: Executable, params: Sequence[dict[str, Any]]) -> None:
+        """The statement once per set of parameters, in order, its rows dropped (in process:
+        nothing to save by sending them together)."""
+        for one in params:
+            await self.execute(statement, one)
+
     async def commit(self) -> None:
         self._conn.commit()
 
@@ -365,6 +372,21 @@ class _PgConnection:
         except (asyncpg.PostgresError, *_LOST) as exc:
             raise _translated(exc, compiled.sql) from exc
         return _Rows(rows)
+
+    async def execute_many(self, statement: Executable, params: Sequence[dict[str, Any]]) -> None:
+        """The statement once per set of parameters, in order, its rows dropped: asyncpg
+        sends them all before it reads the answers, one round trip for the lot."""
+        compiled = compile_for_asyncpg(statement)
+        raw = self._raw
+        if raw is None:
+            raise OperationalError(compiled.sql, None, RuntimeError("connection closed"))  # type: ignore[arg-type]
+        args = [
+            [values[name] for name in compiled.names] for values in ({**compiled.defaults, **one} for one in params)
+        ]
+        try:
+            await raw.executemany(compiled.sql, args)
+        except (asyncpg.PostgresError, *_LOST) as exc:
+            raise _translated(exc, compiled.sql) from exc
 
     async def commit(self) -> None:
         raw = self._raw

@@ -8,14 +8,14 @@ the two, a movement worked out in full, is here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from svckit.messages import Receipt, Recipient, new_email_id
 from svckit.outbox import outbox_row
 from wallet import chain, ledger
 from wallet.ledger import Posting
-from wallet.models import USER
+from wallet.models import OPEN, USER
 
 EXTERNAL_SOURCE = "External Source"
 EXTERNAL_DESTINATION = "External Destination"
@@ -52,6 +52,12 @@ class LockedWallet:
     updated_at: datetime | None = None  # its last movement's time (or its opening's)
 
     @property
+    def available(self) -> int:
+        """What may be spent: the balance less what the active holds reserve (once the
+        overdue ones are released, as a movement's batch does first)."""
+        return self.balance - self.held
+
+    @property
     def recipient(self) -> Recipient | None:
         if self.owner_email is None or self.owner_first_name is None or self.owner_last_name is None:
             return None
@@ -69,6 +75,23 @@ class Locked:
     @property
     def balances(self) -> dict[int, int]:
         return {w.id: w.balance for w in self.wallets.values()}
+
+    @classmethod
+    def of(
+        cls, wallets: dict[int, LockedWallet], *, user_id: int, other_id: int, transaction_id: int, now: datetime
+    ) -> Locked:
+        """One movement's share of the wallets locked (perhaps with other movements'): the
+        caller's open wallet and the other wallet, with its id, and the time drawn.
+
+        A wallet's entries never go back in time, whatever the clock did (an NTP step, a
+        failover to a server whose clock is behind, a movement before this one in the same
+        batch): statements, balances at a time and time-filtered history read them in time
+        order, so the time is at least a microsecond after each wallet's last movement."""
+        mine = {w.id: w for w in wallets.values() if w.id == other_id or (w.user_id == user_id and w.status == OPEN)}
+        last = max((w.updated_at for w in mine.values() if w.updated_at is not None), default=None)
+        if last is not None and now <= last:
+            now = last + timedelta(microseconds=1)
+        return cls(wallets=mine, transaction_id=transaction_id, now=now)
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,15 @@ def _retryable(exc: OperationalError) -> bool:
     return _sqlstate(exc) in _RETRYABLE_PGCODES or "database is locked" in str(exc.orig)
 
 
+def _busy(endpoint: str, failure: OperationalError) -> WalletBusy:
+    # A wallet stayed locked past lock_timeout, a statement ran past statement_timeout, or no
+    # pooled connection came free: the wallet or the service is swamped. Waiting again would
+    # hold on for another timeout, so answer a retryable 503 at once. Nothing was recorded
+    # under the key: the client's retry runs afresh.
+    log.warning("%s timed out in the database (%s)", endpoint, _sqlstate(failure))
+    return WalletBusy()
+
+
 @dataclass(frozen=True)
 class Answer:
     """What a request under a key is answered: the outcome, first sent or replayed."""
@@ -271,7 +280,7 @@ class Once:
                 # wallet's lock, times out and answers "nothing was done" for money that moved.
                 await self._answer_from_record(own_is_first=True)
         except BaseException:
-            await self._abandon()
+            await self.abandon()
             raise
         if self._answer is not None:
             raise StopAsyncIteration
@@ -298,7 +307,7 @@ class Once:
         if record is None:
             return False
         outcome = Outcome(record.status_code, record.response_body, record.fingerprint)
-        await self._done(outcome)
+        await self.done(outcome)
         if not (own_is_first and record.request_token == self.token):
             self._replay(outcome)  # another request's outcome (or a reused key's refusal)
         return True
@@ -310,20 +319,44 @@ class Once:
         IDEMPOTENCY.labels("replay").inc()
         self._answer = Answer(outcome, replayed=True)
 
-    async def _done(self, outcome: Outcome) -> None:
+    async def done(self, outcome: Outcome) -> None:
         """The key's outcome is known: answer it, and leave it in Redis for replays."""
         self._answer = Answer(outcome, replayed=False)
         if self._cache_state == LOCKED:
             self._cache_state = ""
             await self.uow.idempotency.finish(self.scope, self._lock_id, outcome)
 
-    async def _abandon(self) -> None:
+    async def abandon(self) -> None:
         """No outcome (a failure escapes): free the key's lock for the client's retry."""
         if self._cache_state == LOCKED:
             self._cache_state = ""
             await self.uow.idempotency.release(self.scope, self._lock_id)
 
-    def _record(self, outcome: Outcome, booking: Booking | None) -> dict[str, Any]:
+    async def failed(self, failure: BaseException) -> bool:
+        """An attempt failed: True when the loop goes on (the key's record answers, or another
+        attempt runs); else the failure, or a timeout's WalletBusy, is raised."""
+        if isinstance(failure, IntegrityError):
+            if await self._answer_from_record(own_is_first=True):
+                return True
+            raise failure  # not the key's constraint: a real bug, answered as a 500
+        if isinstance(failure, OperationalError):
+            if timed_out(failure):
+                raise _busy(self.endpoint, failure) from failure
+            if self.attempts <= self.uow.retries and _retryable(failure):
+                log.warning(
+                    "retrying %s after %s (attempt %d)", self.endpoint, type(failure.orig).__name__, self.attempts
+                )
+                return True
+        raise failure
+
+    def outcome(self, result: BaseModel, *, status_code: int = 200) -> Outcome:
+        return Outcome(status_code, result.model_dump_json(by_alias=True), self.fingerprint)
+
+    def refused(self, refusal: ProblemError) -> Outcome:
+        return Outcome(refusal.status, _problem_json(refusal), self.fingerprint)
+
+    def record(self, outcome: Outcome, booking: Booking | None) -> dict[str, Any]:
+        """The key's row, answering with `outcome` (for `booking`, if money moved)."""
         return repository.idempotency_record(
             user_id=self.user_id,
             endpoint=self.endpoint,
@@ -364,9 +397,9 @@ class Attempt:
         try:
             self._conn = await self.once.uow.db.connect()
         except BaseException as failure:
-            await self.once._abandon()
+            await self.once.abandon()
             if isinstance(failure, OperationalError) and timed_out(failure):
-                raise self._busy(failure) from failure  # every pooled connection stayed taken
+                raise _busy(self.once.endpoint, failure) from failure  # every pooled connection stayed taken
             raise
         return self._conn
 
@@ -377,38 +410,20 @@ class Attempt:
         try:
             return await self._settle(exc)
         except BaseException:
-            await self.once._abandon()
+            await self.once.abandon()
             raise
-
-    def _busy(self, failure: OperationalError) -> WalletBusy:
-        # A wallet stayed locked past lock_timeout, a statement ran past statement_timeout,
-        # or no pooled connection came free: the wallet or the service is swamped. Waiting
-        # again would hold on for another timeout, so answer a retryable 503 at once.
-        # Nothing was recorded under the key: the client's retry runs afresh.
-        log.warning("%s timed out in the database (%s)", self.once.endpoint, _sqlstate(failure))
-        return WalletBusy()
 
     async def _settle(self, exc: BaseException | None) -> bool:
         """True when the loop goes on: answered (committed, or the key's record found) or retried."""
-        once = self.once
         try:
             try:
                 outcome = await self._commit(exc)
             finally:
                 if self._conn is not None:
                     await self._conn.close()  # rolls back whatever did not commit, frees the locks
-        except IntegrityError:
-            if await once._answer_from_record(own_is_first=True):
-                return True
-            raise  # not the key's constraint: a real bug, answered as a 500
-        except OperationalError as failure:
-            if timed_out(failure):
-                raise self._busy(failure) from failure
-            if once.attempts > once.uow.retries or not _retryable(failure):
-                raise
-            log.warning("retrying %s after %s (attempt %d)", once.endpoint, type(failure.orig).__name__, once.attempts)
-            return True  # the next attempt
-        await once._done(outcome)
+        except (IntegrityError, OperationalError) as failure:
+            return await self.once.failed(failure)
+        await self.once.done(outcome)
         return True
 
     async def _commit(self, exc: BaseException | None) -> Outcome:
@@ -421,16 +436,16 @@ class Attempt:
             if self._booked is None:
                 raise RuntimeError(f"{once.endpoint}: the attempt ended without a booking or a refusal")
             result, booking, status_code, then = self._booked
-            outcome = Outcome(status_code, result.model_dump_json(by_alias=True), once.fingerprint)
+            outcome = once.outcome(result, status_code=status_code)
             if booking is None:
-                await repository.add_idempotency_record(conn, once._record(outcome, None))
+                await repository.add_idempotency_record(conn, once.record(outcome, None))
             else:
-                await repository.write_booking(conn, booking, once._record(outcome, booking))
+                await repository.write_booking(conn, booking, once.record(outcome, booking))
             if then is not None:
                 await then(conn)
         elif isinstance(exc, ProblemError):
-            outcome = Outcome(exc.status, _problem_json(exc), once.fingerprint)
-            await repository.add_idempotency_record(conn, once._record(outcome, None))
+            outcome = once.refused(exc)
+            await repository.add_idempotency_record(conn, once.record(outcome, None))
         else:
             raise exc
         await conn.commit()

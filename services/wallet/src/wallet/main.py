@@ -29,6 +29,7 @@ from wallet import extension_routes, holds, service
 from wallet.config import Settings, get_settings
 from wallet.errors import WalletBusy
 from wallet.idempotency import IdempotencyCache, timed_out
+from wallet.movements import Movements
 from wallet.routes import MONEY_PATHS, require_idempotency_key_in_docs, router
 from wallet.uow import UnitOfWork
 
@@ -74,8 +75,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.system_wallets = await service.ensure_system_wallets(
             state.db, settings.currency_set, shards=settings.system_wallet_shards
         )
+        movements = Movements(state.db, max_batch=settings.batch_max_movements, in_flight=settings.batches_in_flight)
         state.uow = UnitOfWork(
-            state.db, idempotency, state.system_wallets, retries=settings.db_retries, replica=replica
+            state.db,
+            idempotency,
+            state.system_wallets,
+            retries=settings.db_retries,
+            replica=replica,
+            movements=movements,
         )
         serve_metrics(settings.metrics_port)
         sweeper = (

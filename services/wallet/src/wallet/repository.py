@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -76,6 +76,14 @@ def _row_binds(table: Table, prefix: str, columns: Sequence[str]) -> dict[str, B
 
 def _prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
     return {prefix + key: value for key, value in row.items()}
+
+
+def _among(column: Any, name: str, dialect: str) -> Any:
+    """`column` is one of the list bound as `name`: one array bind on Postgres (a static
+    statement), an expanding IN on SQLite."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 # --- wallets ------------------------------------------------------------------------------
@@ -159,32 +167,36 @@ _LOCKED_COLUMNS = (
     *(W.c[c] for c in _OWNER),
     W.c.updated_at,
 )
-_LOCK_WHERE = or_(
-    (W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN),
-    W.c.id == _bind(W, "id", "other_id"),
-)
 
 
 def _lock_then_draw_postgres() -> Select[Any]:
-    """Lock both wallets, then (once both locks are granted) draw the transaction id and the
-    time, in one statement.
+    """Lock the wallets of one or more movements (each caller's open wallet and the other
+    wallet), then (once every lock is granted) draw a transaction id for each movement and
+    the time, in one statement.
 
     The order matters: history is ordered by transaction id, so of two movements on a
     wallet the one that locks it later must draw the larger id and the later time. An id
     drawn in the locking SELECT's own target list is drawn when its first row is projected,
     before the rows are locked, so a movement that waits for a lock keeps the smaller id
     while a movement on another pair of wallets books over it. Here the locking SELECT is a
-    materialized CTE, and the id and the time are drawn in a second one over the count of
-    its rows: an aggregate has read, and so locked, every row before it yields, and a CTE
-    runs once, so the id is drawn once, whatever plan joins the two.
+    materialized CTE, and the ids and the time are drawn in a second one over the count of
+    its rows (the ids' subquery refers to that count, so it runs for its row): an aggregate
+    has read, and so locked, every row before it yields, and a CTE runs once, so the ids
+    are drawn once, whatever plan joins the two.
     """
+    users = bindparam("user_ids", type_=ARRAY(BigInteger()))
+    others = bindparam("other_ids", type_=ARRAY(BigInteger()))
+    where = or_((W.c.user_id == any_(users)) & (W.c.status == OPEN), W.c.id == any_(others))
     # In id order, as every movement locks, so two movements never deadlock.
-    locking = select(*_LOCKED_COLUMNS).where(_LOCK_WHERE).order_by(W.c.id).with_for_update()
+    locking = select(*_LOCKED_COLUMNS).where(where).order_by(W.c.id).with_for_update()
     locked = locking.cte("locked").prefix_with("MATERIALIZED")
-    held = select(func.count()).select_from(locked).subquery("held")
+    held = select(func.count().label("n")).select_from(locked).subquery("held")
+    series = func.generate_series(1, bindparam("movements", type_=Integer())).table_valued("g")
+    nextval = func.nextval(literal_column("pg_get_serial_sequence('transactions', 'id')"))
+    ids = select(func.array_agg(nextval)).select_from(series).where(held.c.n >= 0).scalar_subquery()
     drawn = (
         select(
-            func.nextval(literal_column("pg_get_serial_sequence('transactions', 'id')")).label("next_transaction_id"),
+            ids.label("transaction_ids"),
             func.clock_timestamp(type_=UTCDateTime()).label("now"),  # the database's clock, not each replica's
         )
         .select_from(held)
@@ -194,34 +206,49 @@ def _lock_then_draw_postgres() -> Select[Any]:
     return select(locked, drawn).select_from(locked.join(drawn, true()))
 
 
-def _lock_then_draw_sqlite() -> Select[Any]:
+def _lock_sqlite() -> Select[Any]:
     # Every writer holds the database write lock for its whole transaction (BEGIN
-    # IMMEDIATE), so max + 1 is ours, and the time is read after this statement.
+    # IMMEDIATE), so max + 1 (and the ids after it) are ours, and the time is read after.
     next_id = select(func.coalesce(func.max(T.c.id), 0) + 1).scalar_subquery()
     columns = (*_LOCKED_COLUMNS, next_id.label("next_transaction_id"))
-    return select(*columns).where(_LOCK_WHERE).order_by(W.c.id).with_for_update()
+    where = or_((W.c.user_id == _bind(W, "user_id")) & (W.c.status == OPEN), W.c.id == _bind(W, "id", "other_id"))
+    return select(*columns).where(where).order_by(W.c.id)
 
 
-# The Postgres id is a sequence value, never handed out twice (one a refused movement draws
-# is skipped).
-_LOCK_FOR_MOVEMENT = {"postgresql": _lock_then_draw_postgres(), "sqlite": _lock_then_draw_sqlite()}
+# The Postgres ids are sequence values, never handed out twice (one a refused movement
+# draws is skipped).
+_LOCK_POSTGRES = _lock_then_draw_postgres()
+_LOCK_SQLITE = _lock_sqlite()
+
+
+async def lock_for_movements(
+    conn: Connection, pairs: Sequence[tuple[int, int]]
+) -> tuple[dict[int, LockedWallet], list[int], datetime]:
+    """Lock the wallets of these movements, each a (caller's user id, other wallet id), then
+    draw a transaction id for each, in order, and the time: on Postgres in one round trip
+    (see _lock_then_draw_postgres). The wallets by id, the ids, the time."""
+    if conn.dialect_name == "postgresql":
+        params = {"user_ids": [u for u, _ in pairs], "other_ids": [o for _, o in pairs], "movements": len(pairs)}
+        rows = (await conn.execute(_LOCK_POSTGRES, params)).all()
+        wallets = {row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows}
+        if not rows:
+            return wallets, [0] * len(pairs), utcnow()
+        return wallets, sorted(rows[0].transaction_ids), rows[0].now
+    # SQLite, in process: a statement per movement costs microseconds, and locks nothing
+    # (the write lock is the database's).
+    wallets, first = {}, 0
+    for user_id, other_id in pairs:
+        for row in (await conn.execute(_LOCK_SQLITE, {"user_id": user_id, "other_id": other_id})).all():
+            wallets[row.id] = LockedWallet(*row[: len(_LOCKED_COLUMNS)])
+            first = int(row.next_transaction_id)
+    return wallets, [first + i for i in range(len(pairs))] if first else [0] * len(pairs), utcnow()
 
 
 async def lock_for_movement(conn: Connection, *, user_id: int, other_id: int) -> Locked:
     """Lock the caller's open wallet and the other wallet, then draw the movement's
     transaction id and time, in one round trip (see _lock_then_draw_postgres)."""
-    result = await conn.execute(_LOCK_FOR_MOVEMENT[conn.dialect_name], {"user_id": user_id, "other_id": other_id})
-    rows = result.all()
-    first = rows[0]._mapping if rows else {}
-    wallets = {row.id: LockedWallet(*row[: len(_LOCKED_COLUMNS)]) for row in rows}
-    now = first.get("now") or utcnow()
-    # A wallet's entries never go back in time, whatever the clock did (an NTP step, a
-    # failover to a server whose clock is behind): statements, balances at a time and
-    # time-filtered history read them in time order.
-    last = max((w.updated_at for w in wallets.values() if w.updated_at is not None), default=None)
-    if last is not None and now <= last:
-        now = last + timedelta(microseconds=1)
-    return Locked(wallets=wallets, transaction_id=int(first.get("next_transaction_id", 0)), now=now)
+    wallets, ids, now = await lock_for_movements(conn, [(user_id, other_id)])
+    return Locked.of(wallets, user_id=user_id, other_id=other_id, transaction_id=ids[0], now=now)
 
 
 def _insert_rows(table: Table, prefixes: Sequence[str], columns: Sequence[str]) -> Insert:
@@ -268,9 +295,7 @@ def _booking_statements(dialect: str, outbox_rows: int, with_record: bool) -> li
     return [moved, *inserts.values()]
 
 
-async def write_booking(conn: Connection, booking: Booking, record: dict[str, Any] | None = None) -> None:
-    """Write the movement (and the idempotency record that answers for it) in the caller's
-    transaction: balances, the transaction row, its ledger entries, its outbox rows."""
+def _booking_params(booking: Booking, record: dict[str, Any] | None) -> dict[str, Any]:
     source, destination = booking.source, booking.destination
     params: dict[str, Any] = {
         "a": source.wallet_id,
@@ -287,12 +312,57 @@ async def write_booking(conn: Connection, booking: Booking, record: dict[str, An
         params.update(_prefixed(f"e{i}_", row))
     for i, row in enumerate(booking.outbox):
         params.update(_prefixed(f"o{i}_", row))
+    return params
+
+
+async def write_booking(conn: Connection, booking: Booking, record: dict[str, Any] | None = None) -> None:
+    """Write the movement (and the idempotency record that answers for it) in the caller's
+    transaction: balances, the transaction row, its ledger entries, its outbox rows."""
+    params = _booking_params(booking, record)
     first, *rest = _booking_statements(conn.dialect_name, len(booking.outbox), record is not None)
     balances = {wallet_id: balance for wallet_id, balance in (await conn.execute(first, params)).all()}
     for statement in rest:
         await conn.execute(statement, params)
     if balances != booking.snapshots:  # the locks make this impossible; refuse to commit if not
         raise RuntimeError(f"balances {balances} differ from the booked snapshots {booking.snapshots}")
+
+
+_BALANCES = {d: select(W.c.id, W.c.balance).where(_among(W.c.id, "wallet_ids", d)) for d in ("postgresql", "sqlite")}
+
+
+async def write_bookings(
+    conn: Connection, bookings: Sequence[tuple[Booking, dict[str, Any]]], refusals: Sequence[dict[str, Any]]
+) -> None:
+    """Write several movements in the caller's transaction, in order, each with the
+    idempotency record that answers for it, and the records of the refused ones: on Postgres
+    one round trip per run of bookings of one shape (asyncpg sends a statement's executions
+    together), one for the refusals, and one to read back the balances, which must be each
+    wallet's last snapshot (the locks make anything else impossible; refuse to commit if not)."""
+    expected: dict[int, int] = {}
+    run: list[dict[str, Any]] = []
+    shape: tuple[int, bool] | None = None
+    for booking, record in bookings:
+        if shape is not None and shape != (len(booking.outbox), True):
+            await _write_run(conn, shape, run)
+            run = []
+        shape = (len(booking.outbox), True)
+        run.append(_booking_params(booking, record))
+        expected.update(booking.snapshots)
+    if shape is not None:
+        await _write_run(conn, shape, run)
+    if refusals:
+        await conn.execute_many(_ADD_RECORD, [_prefixed("r_", record) for record in refusals])
+    if expected:
+        params = {"wallet_ids": list(expected)}
+        balances = dict((await conn.execute(_BALANCES[conn.dialect_name], params)).all())
+        if balances != expected:
+            raise RuntimeError(f"balances {balances} differ from the booked snapshots {expected}")
+
+
+async def _write_run(conn: Connection, shape: tuple[int, bool], params: list[dict[str, Any]]) -> None:
+    # A wallet's chain head is the last booking's: the runs go in order, as do their rows.
+    for statement in _booking_statements(conn.dialect_name, *shape):
+        await conn.execute_many(statement, params)
 
 
 # --- idempotency records ------------------------------------------------------------------
@@ -349,14 +419,6 @@ _USER_WALLETS = select(W.c.id).where(W.c.user_id == _bind(W, "user_id"), W.c.kin
 
 async def user_wallet_ids(conn: Connection, user_id: int) -> list[int]:
     return list((await conn.execute(_USER_WALLETS, {"user_id": user_id})).scalars())
-
-
-def _among(column: Any, name: str, dialect: str) -> Any:
-    """`column` is one of the list bound as `name`: one array bind on Postgres (a static
-    statement), an expanding IN on SQLite."""
-    if dialect == "postgresql":
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
-    return column.in_(bindparam(name, expanding=True))
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """Use cases of the wallet service, one function each, unit of work first. Each commits its
 own transaction before it returns, so a failed commit can never follow a 200. A money
-movement reads top to bottom: under its idempotency key, lock, check, book (the receipts
-go in the outbox with the booking), and the outcome is recorded with it."""
+movement reads top to bottom: its plan checks the locked wallets and books (the receipts
+go in the outbox with the booking), and wallet.movements runs it under its idempotency
+key, in a transaction it may share with other movements, the outcome recorded with it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,17 @@ from sqlalchemy.exc import IntegrityError
 
 from svckit.aiodb import Database, transaction
 from svckit.db import utcnow
-from wallet import holds_repository, repository
-from wallet.domain import EXTERNAL_DESTINATION, EXTERNAL_SOURCE, Locked, LockedWallet, Party, SystemWallets, book
+from wallet import repository
+from wallet.domain import (
+    EXTERNAL_DESTINATION,
+    EXTERNAL_SOURCE,
+    Booking,
+    Locked,
+    LockedWallet,
+    Party,
+    SystemWallets,
+    book,
+)
 from wallet.errors import (
     CurrencyMismatch,
     InsufficientFunds,
@@ -31,6 +41,7 @@ from wallet.errors import (
 from wallet.idempotency import Answer, Once
 from wallet.ledger import CREDIT
 from wallet.models import OPEN, USER
+from wallet.movements import Movement
 from wallet.schemas import (
     History,
     HistoryItem,
@@ -161,78 +172,72 @@ def _recipient(locked: Locked, own: LockedWallet, to_wallet_id: int, currency: s
 async def deposit(uow: UnitOfWork, *, user_id: int, key: str, amount: int, currency: str) -> Answer:
     """Money in from the outside world (the currency's system wallet, the user's shard)."""
     system_wallet_id = uow.system_wallets.for_user(currency, user_id)
+
+    def plan(locked: Locked) -> tuple[MovementResult, Booking]:
+        own = _own_wallet(locked, user_id, currency)
+        booking = book(
+            kind="deposit",
+            source=Party.external(system_wallet_id, EXTERNAL_SOURCE),
+            destination=Party.of(own),
+            amount=amount,
+            currency=currency,
+            locked=locked,
+            user_id=user_id,
+        )
+        return MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id]), booking
+
     once = Once(uow, user_id=user_id, endpoint="deposit", key=key, payload={"amount": amount, "currency": currency})
-    async for attempt in once:
-        async with attempt as conn:
-            locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
-            own = _own_wallet(locked, user_id, currency)
-            booking = book(
-                kind="deposit",
-                source=Party.external(system_wallet_id, EXTERNAL_SOURCE),
-                destination=Party.of(own),
-                amount=amount,
-                currency=currency,
-                locked=locked,
-                user_id=user_id,
-            )
-            result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
-            attempt.booked(result, booking)
-    return once.answer
+    return await uow.movements.run(once, Movement(user_id, system_wallet_id, plan))
 
 
 async def withdraw(uow: UnitOfWork, *, user_id: int, key: str, amount: int, currency: str) -> Answer:
     """Money out to the outside world (the currency's system wallet, the user's shard)."""
     system_wallet_id = uow.system_wallets.for_user(currency, user_id)
+
+    def plan(locked: Locked) -> tuple[MovementResult, Booking]:
+        own = _own_wallet(locked, user_id, currency)
+        if own.available < amount:  # held money cannot be spent
+            raise InsufficientFunds()
+        booking = book(
+            kind="withdrawal",
+            source=Party.of(own),
+            destination=Party.external(system_wallet_id, EXTERNAL_DESTINATION),
+            amount=amount,
+            currency=currency,
+            locked=locked,
+            user_id=user_id,
+        )
+        return MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id]), booking
+
     once = Once(uow, user_id=user_id, endpoint="withdraw", key=key, payload={"amount": amount, "currency": currency})
-    async for attempt in once:
-        async with attempt as conn:
-            locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=system_wallet_id)
-            own = _own_wallet(locked, user_id, currency)
-            # Held money cannot be spent: the available balance, under the wallet's lock.
-            if await holds_repository.available(conn, own, locked.now) < amount:
-                raise InsufficientFunds()
-            booking = book(
-                kind="withdrawal",
-                source=Party.of(own),
-                destination=Party.external(system_wallet_id, EXTERNAL_DESTINATION),
-                amount=amount,
-                currency=currency,
-                locked=locked,
-                user_id=user_id,
-            )
-            result = MovementResult(wallet_id=own.id, amount=amount, current_balance=booking.snapshots[own.id])
-            attempt.booked(result, booking)
-    return once.answer
+    return await uow.movements.run(once, Movement(user_id, system_wallet_id, plan))
 
 
 async def transfer(uow: UnitOfWork, *, user_id: int, key: str, to_wallet_id: int, amount: int, currency: str) -> Answer:
     """Money from the caller's wallet to another user's open wallet of the same currency."""
+
+    def plan(locked: Locked) -> tuple[TransferResult, Booking]:
+        own = _own_wallet(locked, user_id, currency)
+        recipient = _recipient(locked, own, to_wallet_id, currency)
+        if own.available < amount:
+            raise InsufficientFunds()
+        booking = book(
+            kind="transfer",
+            source=Party.of(own),
+            destination=Party.of(recipient),
+            amount=amount,
+            currency=currency,
+            locked=locked,
+            user_id=user_id,
+        )
+        result = TransferResult(
+            wallet_id=own.id, recipient_wallet_id=to_wallet_id, amount=amount, current_balance=booking.snapshots[own.id]
+        )
+        return result, booking
+
     payload = {"amount": amount, "currency": currency, "to_account_id": to_wallet_id}
     once = Once(uow, user_id=user_id, endpoint="transfer", key=key, payload=payload)
-    async for attempt in once:
-        async with attempt as conn:
-            locked = await repository.lock_for_movement(conn, user_id=user_id, other_id=to_wallet_id)
-            own = _own_wallet(locked, user_id, currency)
-            recipient = _recipient(locked, own, to_wallet_id, currency)
-            if await holds_repository.available(conn, own, locked.now) < amount:
-                raise InsufficientFunds()
-            booking = book(
-                kind="transfer",
-                source=Party.of(own),
-                destination=Party.of(recipient),
-                amount=amount,
-                currency=currency,
-                locked=locked,
-                user_id=user_id,
-            )
-            result = TransferResult(
-                wallet_id=own.id,
-                recipient_wallet_id=to_wallet_id,
-                amount=amount,
-                current_balance=booking.snapshots[own.id],
-            )
-            attempt.booked(result, booking)
-    return once.answer
+    return await uow.movements.run(once, Movement(user_id, to_wallet_id, plan))
 
 
 # --- reads -------------------------------------------------------------------------------

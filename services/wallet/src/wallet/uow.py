@@ -2,16 +2,18 @@
 
 The database (svckit.aiodb: asyncpg on Postgres, SQLite in process), the idempotency
 cache in Redis, how often a lost attempt is run again, the system wallets of each
-currency, and where the reads that may lag go (a replica, or the same database).
+currency, where the reads that may lag go (a replica, or the same database), and the
+batcher that books deposits, withdrawals and transfers several to a transaction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from svckit.aiodb import Database
 from wallet.domain import SystemWallets
 from wallet.idempotency import IdempotencyCache
+from wallet.movements import Movements
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,11 @@ class UnitOfWork:
     system_wallets: SystemWallets
     retries: int = 3
     replica: Database | None = None  # WALLET_READ_DATABASE_URL's, when it is set
+    movements: Movements = field(default=None)  # type: ignore[assignment]  # None: one with defaults
+
+    def __post_init__(self) -> None:
+        if self.movements is None:
+            object.__setattr__(self, "movements", Movements(self.db))
 
     @property
     def reads(self) -> Database:

@@ -1,0 +1,263 @@
+"""Group commit (wallet.movements): movements that arrive together are booked in one
+transaction, each exactly once with its own record, snapshots, chain links and receipts;
+a refusal refuses only its own; a batch that fails runs each of its movements again alone.
+
+Each test holds the process's only batch slot (WALLET_BATCHES_IN_FLIGHT=1) with a first
+movement until the others have queued, so they form one batch of known size."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from svckit.problems import ProblemError
+from wallet import chain, service
+from wallet.audit import audit
+from wallet.config import Settings
+from wallet.idempotency import Once
+from wallet.models import LedgerEntry, OutboxMessage
+from wallet.movements import Movement, Movements
+
+from .conftest import app_client
+from .factories import AuthFake, Signer, User, call, new_user, open_wallet, sync_engine
+from .test_concurrency import first_record_commit_answer_lost
+
+L = LedgerEntry.__table__  # type: ignore[attr-defined]
+O = OutboxMessage.__table__  # type: ignore[attr-defined]  # noqa: E741
+
+
+@pytest.fixture
+def client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+    with app_client(settings.model_copy(update={"batches_in_flight": 1}), signer, auth_fake) as c:
+        yield c
+
+
+@pytest.fixture
+def batches(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch the app books, in order."""
+    movements: Movements = client.app.state.uow.movements  # type: ignore[attr-defined]
+    real = movements._book
+    sizes: list[int] = []
+
+    async def book(items: list[Any]) -> Any:
+        sizes.append(len(items))
+        return await real(items)
+
+    monkeypatch.setattr(movements, "_book", book)
+    return sizes
+
+
+Job = Callable[[], Awaitable[Any]]
+
+
+def together(client: TestClient, first: Job, rest: list[Job]) -> list[Any]:
+    """Run `first`, and hold its batch until every one of `rest` waits for the next, queued
+    in the order given: the results (an answer, or the exception raised), `first`'s first."""
+    movements: Movements = client.app.state.uow.movements  # type: ignore[attr-defined]
+    real = movements._book
+
+    async def run() -> list[Any]:
+        released = asyncio.Event()
+
+        async def held(items: list[Any]) -> Any:
+            entered.set()
+            await released.wait()
+            return await real(items)
+
+        entered = asyncio.Event()
+        movements._book = held  # type: ignore[method-assign]
+        try:
+            head = asyncio.ensure_future(first())
+            await entered.wait()
+            movements._book = real  # type: ignore[method-assign]
+            tail = []
+            for job in rest:  # one after another, so they queue in this order
+                tail.append(asyncio.ensure_future(job()))
+                while len(movements._waiting) < len(tail) and not tail[-1].done():
+                    await asyncio.sleep(0.001)
+        finally:
+            movements._book = real  # type: ignore[method-assign]
+            released.set()
+        return list(await asyncio.gather(head, *tail, return_exceptions=True))
+
+    # The spy of `batches` (if any) wraps the real _book: `held` runs it once released.
+    return client.portal.call(run)  # type: ignore[union-attr]
+
+
+def uow(client: TestClient) -> Any:
+    return client.app.state.uow  # type: ignore[attr-defined]
+
+
+def deposit(client: TestClient, user: User, amount: int, key: str | None = None) -> Job:
+    return lambda: service.deposit(
+        uow(client), user_id=user.id, key=key or uuid.uuid4().hex, amount=amount, currency="USD"
+    )
+
+
+def withdraw(client: TestClient, user: User, amount: int) -> Job:
+    return lambda: service.withdraw(uow(client), user_id=user.id, key=uuid.uuid4().hex, amount=amount, currency="USD")
+
+
+def transfer(client: TestClient, user: User, to: int, amount: int, key: str) -> Job:
+    return lambda: service.transfer(
+        uow(client), user_id=user.id, key=key, to_wallet_id=to, amount=amount, currency="USD"
+    )
+
+
+def buggy(client: TestClient, user: User) -> Job:
+    """A deposit whose plan has a bug: it raises, books nothing, records nothing."""
+
+    def broken(_: Any) -> Any:
+        raise RuntimeError("a bug in one plan")
+
+    async def run() -> Any:
+        once = Once(uow(client), user_id=user.id, endpoint="deposit", key=uuid.uuid4().hex, payload={"amount": 5})
+        system = uow(client).system_wallets.for_user("USD", user.id)
+        return await uow(client).movements.run(once, Movement(user.id, system, broken))
+
+    return run
+
+
+def test_movements_that_arrive_together_are_one_transaction_each_booked_once(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, batches: list[int]
+) -> None:
+    a, b = new_user(signer, auth_fake), new_user(signer, auth_fake)
+    wa, wb = open_wallet(client, a, balance=1000)["id"], open_wallet(client, b, balance=1000)["id"]
+    keys = [uuid.uuid4().hex for _ in range(9)]
+    # Nine transfers on the same two wallets, crossing: each sees the balances the ones
+    # before it in the batch left.
+    jobs = [
+        transfer(client, a, wb, 10 + i, k) if i % 2 else transfer(client, b, wa, 10 + i, k) for i, k in enumerate(keys)
+    ]
+    answers = together(client, deposit(client, a, 1), jobs)
+    assert batches == [1, 9]
+    assert all(not answer.replayed and answer.outcome.status_code == 200 for answer in answers)
+    moved = sum(10 + i if i % 2 else -(10 + i) for i in range(9))
+    balances = [client.get("/wallet", headers=u.headers).json()["balance"] for u in (a, b)]
+    assert balances == [1000 + 1 - moved, 1000 + moved]
+    # Each answer's balance is its own snapshot, in the order they were booked.
+    sender_balances = [json.loads(answer.outcome.body)["current_balance"] for answer in answers[1:]]
+    expected, running = [], {a.id: 1001, b.id: 1000}
+    for i in range(9):
+        sender, receiver = (a, b) if i % 2 else (b, a)
+        running[sender.id] -= 10 + i
+        running[receiver.id] += 10 + i
+        expected.append(running[sender.id])
+    assert sender_balances == expected
+    with sync_engine(client).connect() as conn:
+        entries = conn.execute(
+            select(L.c.transaction_id, L.c.created_at).where(L.c.wallet_id == wa).order_by(L.c.id)
+        ).all()
+        payloads = conn.execute(select(O.c.payload)).scalars().all()
+        assert (
+            list(
+                chain.verify(
+                    conn, wallets_where=[chain.W.c.id.in_([wa, wb])], entries_where=[L.c.wallet_id.in_([wa, wb])]
+                )
+            )
+            == []
+        )
+    # A wallet's entries go forward in id and in time, one microsecond apart at least.
+    assert [e.transaction_id for e in entries] == sorted({e.transaction_id for e in entries})
+    assert all(x.created_at < y.created_at for x, y in itertools.pairwise(entries))
+    receipts = [json.loads(p)["kwargs"]["message"] for p in payloads]
+    booked = {e.transaction_id for e in entries}
+    mine = Counter((r["user_id"], r["kind"]) for r in receipts if r.get("transaction_id") in booked)
+    # a's opening deposit, the deposit that held the batch, and each transfer on both sides
+    assert mine == {
+        (a.id, "deposit"): 2,
+        (a.id, "transfer_sent"): 4,
+        (a.id, "transfer_received"): 5,
+        (b.id, "transfer_sent"): 5,
+        (b.id, "transfer_received"): 4,
+    }
+    for k, answer in zip(keys, answers[1:], strict=True):  # each key answers its own outcome ever after
+        sender = a if keys.index(k) % 2 else b
+        to = wb if sender is a else wa
+        status, body = call(client, sender, "transfer", k, amount=10 + keys.index(k), to_account_id=to)
+        assert (status, body) == (200, answer.outcome.body.encode())
+    assert audit(sync_engine(client)).violations == []
+
+
+def test_a_refusal_in_a_batch_refuses_only_itself_and_is_recorded(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, batches: list[int]
+) -> None:
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=50)
+    answers = together(client, deposit(client, user, 0 + 1), [withdraw(client, user, 20) for _ in range(5)])
+    assert batches == [1, 5]
+    codes = [answer.outcome.status_code for answer in answers[1:]]
+    assert codes == [200, 200, 422, 422, 422]  # 51 holds two of 20, in the order they came
+    refusal = json.loads(answers[-1].outcome.body)
+    assert refusal["code"] == "insufficient_funds"
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 11
+    assert audit(sync_engine(client)).violations == []
+
+
+def test_a_batch_that_fails_runs_each_movement_again_alone_each_once(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, batches: list[int]
+) -> None:
+    """One movement's key is recorded already, but Redis forgot it (flushed, failed over):
+    its record's unique key fails the whole batch, and each movement runs again alone; the
+    recorded one answers its first answer as a replay, the others book once."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user)
+    k = uuid.uuid4().hex
+    status, first = call(client, user, "deposit", k, amount=7)
+    assert status == 200
+    redis = uow(client).idempotency.redis
+    client.portal.call(redis.delete, f"idem:resp:{user.id}:deposit:{k}")  # type: ignore[union-attr]
+    others = [deposit(client, user, 100) for _ in range(3)]
+    batches.clear()
+    answers = together(client, deposit(client, user, 1), [*others[:1], deposit(client, user, 7, key=k), *others[1:]])
+    # Then the three others alone; the recorded one finds its record before it books.
+    assert batches == [1, 4, 1, 1, 1]
+    again = answers[2]
+    assert (again.replayed, again.outcome.body) == (True, first.decode())
+    assert [a.outcome.status_code for a in answers] == [200] * 5
+    assert not any(a.replayed for i, a in enumerate(answers) if i != 2)
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 7 + 1 + 300
+    assert audit(sync_engine(client)).violations == []
+
+
+def test_a_batch_whose_commit_answer_is_lost_answers_each_movement_once_as_a_first_answer(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, batches: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch committed, but its connection died before the answer: each movement runs
+    again alone, finds its own record (its request's token) and answers it as a first answer."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user)
+    with first_record_commit_answer_lost(monkeypatch) as lost:  # the batch of four's commit
+        answers = together(client, buggy(client, user), [deposit(client, user, 10 + i) for i in range(4)])
+    assert len(lost) == 1
+    assert batches == [1, 4]  # each of the four then finds its record, and books nothing again
+    assert isinstance(answers[0], RuntimeError)
+    assert [a.outcome.status_code for a in answers[1:]] == [200] * 4
+    assert not any(a.replayed for a in answers[1:])
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 10 + 11 + 12 + 13
+    assert audit(sync_engine(client)).violations == []
+
+
+def test_a_movement_whose_plan_fails_fails_alone(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, batches: list[int]
+) -> None:
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user)
+    answers = together(
+        client, deposit(client, user, 1), [deposit(client, user, 2), buggy(client, user), deposit(client, user, 3)]
+    )
+    assert batches == [1, 3]
+    assert isinstance(answers[2], RuntimeError)
+    assert [answers[i].outcome.status_code for i in (0, 1, 3)] == [200, 200, 200]
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 6
+    assert not isinstance(answers[2], ProblemError)
+    assert audit(sync_engine(client)).violations == []
