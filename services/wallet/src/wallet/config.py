@@ -28,7 +28,7 @@ class Settings(BaseServiceSettings):
     # this many to a database transaction (1: each in its own), with at most this many such
     # transactions in flight per process; a movement waits only when all of them are.
     batch_max_movements: int = Field(default=32, ge=1, le=1000)
-    batches_in_flight: int = Field(default=2, ge=1, le=64)
+    batches_in_flight: int = Field(default=1, ge=1, le=64)
     # GET /transaction/{id}/ledger shows both sides of a transfer, as the contract's example
     # does; the other side's balance_snapshot is then the other wallet's balance. False
     # shows the caller only their own entries.

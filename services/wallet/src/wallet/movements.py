@@ -69,7 +69,7 @@ class _Waiting:
 class Movements:
     """The process's batcher (one per database). `run` a movement under its key."""
 
-    def __init__(self, db: Database, *, max_batch: int = 32, in_flight: int = 2) -> None:
+    def __init__(self, db: Database, *, max_batch: int = 32, in_flight: int = 1) -> None:
         self.db = db
         self.max_batch = max_batch
         self.in_flight = in_flight

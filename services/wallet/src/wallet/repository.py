@@ -4,10 +4,11 @@ import, with a bind for each value, so it is compiled once (a list is one array 
 Postgres).
 
 A movement locks both wallets (SELECT ... FOR UPDATE) and then draws its transaction id and
-time (`lock_for_movement`), and once the rules are checked writes everything as one
-`Booking` (`write_booking`): on Postgres a single statement of named data-modifying CTEs
-(balances, transaction, ledger entries, outbox rows and the idempotency record), so the row
-locks are held for one round trip and the commit. Every bind is typed like its column, so
+time (`lock_for_movement`; a batch of movements, every wallet of the batch and an id each:
+`lock_for_movements`), and once the rules are checked writes everything as one `Booking`
+(`write_booking`; a batch's, `write_bookings`): on Postgres a single statement of named
+data-modifying CTEs (balances, transaction, ledger entries, outbox rows and the idempotency
+record), so the row locks are held for one round trip and the commit. Every bind is typed like its column, so
 the driver never guesses (psycopg renders each as a cast).
 """
 
