@@ -2,14 +2,16 @@
 transaction, each exactly once with its own record, snapshots, chain links and receipts;
 a refusal refuses only its own; a batch that fails runs each of its movements again alone.
 
-Each test holds the process's only batch slot (WALLET_BATCHES_IN_FLIGHT=1) with a first
-movement until the others have queued, so they form one batch of known size."""
+Each test holds the process's only batch slot (WALLET_BATCHES_IN_FLIGHT=1, and no batch
+counted as stalled) with a first movement until the others have queued, so they form one
+batch of known size."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,12 +19,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import Connection, select, text
+from sqlalchemy.exc import OperationalError
 
 from svckit.problems import ProblemError
 from wallet import chain, service
 from wallet.audit import audit
 from wallet.config import Settings
+from wallet.errors import WalletBusy
 from wallet.idempotency import Once
 from wallet.models import LedgerEntry, OutboxMessage
 from wallet.movements import Movement, Movements
@@ -38,6 +42,7 @@ O = OutboxMessage.__table__  # type: ignore[attr-defined]  # noqa: E741
 @pytest.fixture
 def client(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
     with app_client(settings.model_copy(update={"batches_in_flight": 1}), signer, auth_fake) as c:
+        c.app.state.uow.movements.STALLED_S = 60  # type: ignore[attr-defined]  # a held batch is not stalled
         yield c
 
 
@@ -203,12 +208,12 @@ def test_a_refusal_in_a_batch_refuses_only_itself_and_is_recorded(
     assert audit(sync_engine(client)).violations == []
 
 
-def test_a_batch_that_fails_runs_each_movement_again_alone_each_once(
+def test_a_key_recorded_already_leaves_its_batch_and_replays(
     client: TestClient, signer: Signer, auth_fake: AuthFake, batches: list[int]
 ) -> None:
-    """One movement's key is recorded already, but Redis forgot it (flushed, failed over):
-    its record's unique key fails the whole batch, and each movement runs again alone; the
-    recorded one answers its first answer as a replay, the others book once."""
+    """One movement's key is recorded already, but Redis forgot it (expired, flushed,
+    failed over): the batch sees the record under the wallet locks and books the others;
+    that one finds its record and answers its first answer as a replay."""
     user = new_user(signer, auth_fake)
     open_wallet(client, user)
     k = uuid.uuid4().hex
@@ -219,14 +224,49 @@ def test_a_batch_that_fails_runs_each_movement_again_alone_each_once(
     others = [deposit(client, user, 100) for _ in range(3)]
     batches.clear()
     answers = together(client, deposit(client, user, 1), [*others[:1], deposit(client, user, 7, key=k), *others[1:]])
-    # Then the three others alone; the recorded one finds its record before it books.
-    assert batches == [1, 4, 1, 1, 1]
+    assert batches == [1, 4]  # no batch failed, none ran again
     again = answers[2]
     assert (again.replayed, again.outcome.body) == (True, first.decode())
     assert [a.outcome.status_code for a in answers] == [200] * 5
     assert not any(a.replayed for i, a in enumerate(answers) if i != 2)
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 7 + 1 + 300
     assert audit(sync_engine(client)).violations == []
+
+
+def test_a_batch_that_fails_runs_each_movement_again_alone_one_batch_at_a_time(
+    client: TestClient, signer: Signer, auth_fake: AuthFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose write fails (here: the first write of a batch of four loses a
+    serialization race) commits nothing; each of its movements runs again alone, within
+    WALLET_BATCHES_IN_FLIGHT (1: one transaction at a time), and books once."""
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user)
+    movements: Movements = uow(client).movements
+    real = movements._book
+    at_once = {"now": 0, "most": 0, "sizes": []}
+
+    async def counted(items: list[Any]) -> Any:
+        at_once["now"] += 1
+        at_once["most"] = max(at_once["most"], at_once["now"])
+        at_once["sizes"].append(len(items))
+        try:
+            if len(items) == 4:
+                raise OperationalError("UPDATE", None, _Serialization())  # type: ignore[arg-type]
+            return await real(items)
+        finally:
+            at_once["now"] -= 1
+
+    monkeypatch.setattr(movements, "_book", counted)
+    answers = together(client, deposit(client, user, 1), [deposit(client, user, 10 + i) for i in range(4)])
+    assert at_once["sizes"] == [1, 4, 1, 1, 1, 1]
+    assert at_once["most"] == 1
+    assert [a.outcome.status_code for a in answers] == [200] * 5
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 1 + 10 + 11 + 12 + 13
+    assert audit(sync_engine(client)).violations == []
+
+
+class _Serialization(Exception):
+    sqlstate = "40001"
 
 
 def test_a_batch_whose_commit_answer_is_lost_answers_each_movement_once_as_a_first_answer(
@@ -261,3 +301,113 @@ def test_a_movement_whose_plan_fails_fails_alone(
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 6
     assert not isinstance(answers[2], ProblemError)
     assert audit(sync_engine(client)).violations == []
+
+
+def timed(job: Job) -> Job:
+    async def run() -> Any:
+        start = time.monotonic()
+        try:
+            return await job(), time.monotonic() - start
+        except Exception as exc:
+            return exc, time.monotonic() - start
+
+    return run
+
+
+def postgres_client(settings: Settings, signer: Signer, auth_fake: AuthFake, **limits: int) -> Iterator[TestClient]:
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("needs Postgres (TEST_DATABASE_URL): row lock and pool timeouts")
+    with app_client(settings.model_copy(update={"batches_in_flight": 1, **limits}), signer, auth_fake) as c:
+        c.app.state.uow.movements.STALLED_S = 60  # type: ignore[attr-defined]
+        yield c
+
+
+@pytest.fixture
+def short_locks(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+    yield from postgres_client(settings, signer, auth_fake, db_lock_timeout_ms=500)
+
+
+def test_a_wallet_locked_past_the_lock_timeout_answers_its_batch_busy_once(
+    short_locks: TestClient, signer: Signer, auth_fake: AuthFake, holder: Connection
+) -> None:
+    """Another session holds a's wallet past the lock timeout: the batch with a's
+    withdrawal and b's deposit answers both a retryable 503 after one lock timeout (not
+    one each again alone), and nothing moved; b's retry then books."""
+    client = short_locks
+    a, b, c = (new_user(signer, auth_fake) for _ in range(3))
+    wa = open_wallet(client, a, balance=100)["id"]
+    open_wallet(client, b)
+    open_wallet(client, c)
+    holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wa})
+    b_key = uuid.uuid4().hex
+    try:
+        answers = together(
+            client, timed(deposit(client, c, 1)), [timed(withdraw(client, a, 10)), timed(deposit(client, b, 5, b_key))]
+        )
+    finally:
+        holder.rollback()
+    (first, _), (busy_a, a_s), (busy_b, b_s) = answers
+    assert first.outcome.status_code == 200
+    assert isinstance(busy_a, WalletBusy)
+    assert isinstance(busy_b, WalletBusy)
+    assert max(a_s, b_s) < 0.95  # one lock timeout (0.5 s) and the batch's work, not two
+    assert [client.get("/wallet", headers=u.headers).json()["balance"] for u in (a, b)] == [100, 0]
+    status, _ = call(client, b, "deposit", b_key, amount=5)  # nothing was recorded under b's key
+    assert status == 200
+    assert client.get("/wallet", headers=b.headers).json()["balance"] == 5
+
+
+@pytest.fixture
+def small_pool(settings: Settings, signer: Signer, auth_fake: AuthFake) -> Iterator[TestClient]:
+    yield from postgres_client(settings, signer, auth_fake, db_lock_timeout_ms=300, db_pool_size=2, db_max_overflow=0)
+
+
+def test_movements_queued_past_the_lock_timeout_are_busy_without_waiting_again(
+    small_pool: TestClient, signer: Signer, auth_fake: AuthFake
+) -> None:
+    """Every pooled connection is taken: the first batch waits one lock timeout for one and
+    answers 503; the movements queued behind it have waited that long already, and answer
+    503 at once instead of waiting for a connection again."""
+    client = small_pool
+    user = new_user(signer, auth_fake)
+    open_wallet(client, user, balance=100)
+    db = uow(client).db
+    taken = [client.portal.call(db.connect) for _ in range(2)]  # type: ignore[union-attr]
+    try:
+        answers = together(client, timed(deposit(client, user, 1)), [timed(deposit(client, user, 2)) for _ in range(3)])
+    finally:
+        for conn in taken:
+            client.portal.call(conn.close)  # type: ignore[union-attr]
+    assert all(isinstance(answer, WalletBusy) for answer, _ in answers)
+    first_s, rest_s = answers[0][1], max(s for _, s in answers[1:])
+    assert rest_s - first_s < 0.2, f"the first 503 after {first_s:.2f} s, the queued ones' after {rest_s:.2f} s"
+    assert client.get("/wallet", headers=user.headers).json()["balance"] == 100
+
+
+def test_a_batch_stalled_on_a_lock_does_not_hold_up_movements_on_other_wallets(
+    short_locks: TestClient, signer: Signer, auth_fake: AuthFake, holder: Connection
+) -> None:
+    """WALLET_BATCHES_IN_FLIGHT=1, and another session holds a's wallet: a's withdrawal
+    waits for it in its batch, and once that batch counts as stalled b's deposit starts a
+    batch of its own and books, long before a's lock timeout."""
+    client = short_locks
+    client.app.state.uow.movements.STALLED_S = 0.05  # type: ignore[attr-defined]
+    a, b = new_user(signer, auth_fake), new_user(signer, auth_fake)
+    wa = open_wallet(client, a, balance=100)["id"]
+    open_wallet(client, b)
+    holder.execute(text("SELECT id FROM wallets WHERE id = :id FOR UPDATE"), {"id": wa})
+
+    async def both() -> list[Any]:
+        stuck = asyncio.ensure_future(timed(withdraw(client, a, 10))())
+        await asyncio.sleep(0.01)
+        other = await timed(deposit(client, b, 5))()
+        return [other, await stuck]
+
+    try:
+        (other, other_s), (stuck, _) = client.portal.call(both)  # type: ignore[union-attr]
+    finally:
+        holder.rollback()
+    assert other.outcome.status_code == 200
+    assert other_s < 0.4  # the lock timeout is 0.5 s
+    assert isinstance(stuck, WalletBusy)
+    assert client.get("/wallet", headers=b.headers).json()["balance"] == 5

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from svckit.settings import BaseServiceSettings
@@ -39,6 +39,17 @@ class Settings(BaseServiceSettings):
     # Every this many seconds each replica marks overdue holds expired (0: never; they
     # reserve nothing once past their expiry either way). The contract: within 60 s.
     hold_sweep_interval_s: float = Field(default=15.0, ge=0, le=45)
+
+    @model_validator(mode="after")
+    def _batches_leave_connections(self) -> Settings:
+        # Each batch in flight holds a pooled connection for its whole transaction; holds,
+        # refunds, reads and the retries' record lookups need the others.
+        if self.batches_in_flight > self.db_pool_size + self.db_max_overflow:
+            raise ValueError(
+                f"WALLET_BATCHES_IN_FLIGHT ({self.batches_in_flight}) must be at most the pool's "
+                f"WALLET_DB_POOL_SIZE + WALLET_DB_MAX_OVERFLOW ({self.db_pool_size + self.db_max_overflow})"
+            )
+        return self
 
     @property
     def currency_set(self) -> frozenset[str]:

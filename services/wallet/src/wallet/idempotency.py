@@ -252,6 +252,7 @@ class Once:
         self.user_id, self.endpoint, self.key = user_id, endpoint, key
         self.fingerprint = fingerprint(payload)
         self.scope = f"{user_id}:{endpoint}:{key}"
+        self.key_of = (user_id, endpoint, key)  # the record's unique key
         self.token = secrets.token_hex(16)  # the same for every attempt of this request
         self.attempts = 0
         self._answer: Answer | None = None

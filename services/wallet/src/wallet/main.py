@@ -75,7 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.system_wallets = await service.ensure_system_wallets(
             state.db, settings.currency_set, shards=settings.system_wallet_shards
         )
-        movements = Movements(state.db, max_batch=settings.batch_max_movements, in_flight=settings.batches_in_flight)
+        movements = Movements(
+            state.db,
+            max_batch=settings.batch_max_movements,
+            in_flight=settings.batches_in_flight,
+            max_wait_s=(limits.lock_timeout_ms / 1000) if limits.lock_timeout_ms else None,
+        )
         state.uow = UnitOfWork(
             state.db,
             idempotency,

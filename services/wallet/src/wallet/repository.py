@@ -339,6 +339,9 @@ async def write_bookings(
     one round trip per run of bookings of one shape (asyncpg sends a statement's executions
     together), one for the refusals, and one to read back the balances, which must be each
     wallet's last snapshot (the locks make anything else impossible; refuse to commit if not)."""
+    if len(bookings) == 1:  # alone: its statement returns the balances it leaves
+        await write_booking(conn, *bookings[0])
+        bookings = []
     expected: dict[int, int] = {}
     run: list[dict[str, Any]] = []
     shape: tuple[int, bool] | None = None
@@ -371,6 +374,36 @@ async def _write_run(conn: Connection, shape: tuple[int, bool], params: list[dic
 _RECORD_LOOKUP = select(I.c.status_code, I.c.response_body, I.c.fingerprint, I.c.request_token).where(
     I.c.user_id == _bind(I, "user_id"), I.c.endpoint == _bind(I, "endpoint"), I.c.key == _bind(I, "key")
 )
+
+
+def _recorded_postgres() -> Select[Any]:
+    asked = (
+        func.unnest(
+            bindparam("user_ids", type_=ARRAY(BigInteger())),
+            bindparam("endpoints", type_=ARRAY(I.c.endpoint.type)),
+            bindparam("keys", type_=ARRAY(I.c.key.type)),
+        )
+        .table_valued("user_id", "endpoint", "key")
+        .render_derived(name="asked")
+    )
+    on = (I.c.user_id == asked.c.user_id) & (I.c.endpoint == asked.c.endpoint) & (I.c.key == asked.c.key)
+    return select(I.c.user_id, I.c.endpoint, I.c.key).select_from(asked.join(I, on))
+
+
+_RECORDED = _recorded_postgres()
+
+
+async def recorded_keys(conn: Connection, keys: Sequence[tuple[int, str, str]]) -> set[tuple[int, str, str]]:
+    """Which of these (user id, endpoint, key) have a record: on Postgres one statement (an
+    index lookup each), on SQLite one per key, in process."""
+    if conn.dialect_name == "postgresql":
+        params = {"user_ids": [k[0] for k in keys], "endpoints": [k[1] for k in keys], "keys": [k[2] for k in keys]}
+        return {(u, e, k) for u, e, k in (await conn.execute(_RECORDED, params)).all()}
+    found = set()
+    for user_id, endpoint, key in keys:
+        if await get_idempotency_record(conn, user_id=user_id, endpoint=endpoint, key=key) is not None:
+            found.add((user_id, endpoint, key))
+    return found
 
 
 async def get_idempotency_record(conn: Connection, *, user_id: int, endpoint: str, key: str) -> Any:
