@@ -25,8 +25,9 @@ class Settings(BaseServiceSettings):
     # Serialization/deadlock losers are retried this many times before a 503.
     db_retries: int = 3
     # Group commit (wallet.movements): deposits, withdrawals and transfers are booked up to
-    # this many to a database transaction (1: each in its own), with at most this many such
-    # transactions in flight per process; a movement waits only when all of them are.
+    # this many to a database transaction (1: each in its own), with this many such
+    # transactions in flight per process (more while some wait for a row lock, up to four
+    # times as many); a movement waits for the next batch when all of them are busy.
     batch_max_movements: int = Field(default=32, ge=1, le=1000)
     batches_in_flight: int = Field(default=1, ge=1, le=64)
     # GET /transaction/{id}/ledger shows both sides of a transfer, as the contract's example

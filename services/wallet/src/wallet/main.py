@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.db,
             max_batch=settings.batch_max_movements,
             in_flight=settings.batches_in_flight,
+            # With the stalled ones: at most four times as many, leaving a pooled connection free.
+            max_batches=min(4 * settings.batches_in_flight, settings.db_pool_size + settings.db_max_overflow - 1),
             max_wait_s=(limits.lock_timeout_ms / 1000) if limits.lock_timeout_ms else None,
         )
         state.uow = UnitOfWork(

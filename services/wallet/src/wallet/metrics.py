@@ -19,5 +19,9 @@ BATCH_SIZE = Histogram(
 BATCH_FAILURES = Counter(
     "wallet_movement_batch_failures_total",
     "Group-commit transactions that did not commit, by reason",
-    ["reason"],  # timeout (each movement answered 503) | other (each run again alone)
+    ["reason"],  # no_connection (each answered 503) | commit (each looks up its record) | other
+)
+QUEUE_TIMEOUTS = Counter(
+    "wallet_movement_queue_timeouts_total",
+    "Movements answered 503 after waiting the lock timeout for their batch to start",
 )

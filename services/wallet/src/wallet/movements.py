@@ -10,8 +10,9 @@ order, as every movement locks, so batches never deadlock), draw a transaction i
 movement, release overdue holds, then plan the movements one after another, each seeing
 the balances and chain heads the ones before it left, and write them all with each one's
 idempotency record (the refusals' records too), then commit. On Postgres a batch of
-several takes six round trips (BEGIN, the locks, the keys' records, the writes, the
-balances read back, COMMIT), where a movement alone takes four.
+several takes at least six round trips (BEGIN, the locks, the keys' records, one per
+shape of booking and one for the refusals, the balances read back, COMMIT), where a
+movement alone takes four.
 
 Batches form by themselves: a movement starts a batch at once when fewer than
 `in_flight` are being written by this process, and otherwise waits for the next one, which
@@ -23,13 +24,12 @@ connection) and stops counting, so one stuck wallet does not hold up the process
 Each movement is still exactly once. A movement whose key is recorded already (its
 stored answer gone from Redis) leaves the batch before it books and finds its record; so
 does a lone movement whose record's unique key fires. A batch that fails as a whole (a
-deadlock, a lost connection) commits none of its movements, and each of them runs again
-in a batch of its own, within `in_flight`, as a retry: it first looks up its key's
-record, since a connection lost at COMMIT may have committed the batch. A batch that timed
-out (a row lock or a pooled connection past the lock timeout, a statement past its own)
-answers every movement in it a retryable 503 at once, nothing recorded, as a movement
-alone would be answered: running each again would wait as long again. A movement whose
-plan fails with a bug fails alone (its 500); the others in its batch go on.
+deadlock, a lost connection, a row lock or a statement past its timeout) commits none of
+its movements, and each of them runs again in a batch of its own, as a retry: it first
+looks up its key's record. So does a movement, alone or not, whose COMMIT's answer did not
+come, since the batch may have committed. No pooled connection within the lock timeout
+answers every movement of the batch a retryable 503 at once, nothing written. A movement
+whose plan fails with a bug fails alone (its 500); the others in its batch go on.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from wallet import holds_repository, repository
 from wallet.domain import Booking, Locked
 from wallet.errors import WalletBusy
 from wallet.idempotency import Answer, Once, Outcome, timed_out
-from wallet.metrics import BATCH_FAILURES, BATCH_SIZE
+from wallet.metrics import BATCH_FAILURES, BATCH_SIZE, QUEUE_TIMEOUTS
 
 log = logging.getLogger("wallet.movements")
 
@@ -68,7 +68,27 @@ class Movement:
 
 
 class BatchFailed(Exception):
-    """A batch of several movements did not commit: each runs again alone."""
+    """The movement's batch did not commit, or may have (its COMMIT's answer was lost): it
+    runs again in a batch of its own, after looking up its key's record."""
+
+    def __init__(self, failure: BaseException | None = None) -> None:
+        super().__init__(repr(failure) if failure else "batch failed")
+        self.failure = failure
+
+
+class _NoConnection(Exception):
+    def __init__(self, failure: OperationalError) -> None:
+        super().__init__(repr(failure))
+        self.failure = failure
+
+
+class _CommitFailed(Exception):
+    """The COMMIT's answer did not come (a lost connection, a client-side timeout): the
+    batch may have committed."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(repr(failure))
+        self.failure = failure
 
 
 @dataclass(frozen=True)
@@ -89,11 +109,18 @@ class Movements:
     lock timeout's arrivals, and no movement waits past its key's Redis lock."""
 
     def __init__(
-        self, db: Database, *, max_batch: int = 32, in_flight: int = 1, max_wait_s: float | None = None
+        self,
+        db: Database,
+        *,
+        max_batch: int = 32,
+        in_flight: int = 1,
+        max_batches: int | None = None,
+        max_wait_s: float | None = None,
     ) -> None:
         self.db = db
         self.max_batch = max_batch
         self.in_flight = in_flight
+        self.max_batches = max(in_flight, max_batches or in_flight * 4)  # stalled ones included
         self.max_wait_s = max_wait_s
         self._waiting: deque[_Waiting] = deque()
         self._batches: dict[asyncio.Task[None], float] = {}  # each batch being written, from when
@@ -106,7 +133,9 @@ class Movements:
             try:
                 try:
                     outcome = await self._batched(once, movement, alone=alone)
-                except BatchFailed:
+                except BatchFailed as failed:
+                    if failed.failure is not None and once.attempts > once.uow.retries:
+                        raise failed.failure from failed
                     alone = True
                     continue
                 except Exception as failure:
@@ -127,23 +156,34 @@ class Movements:
         return await future
 
     # A batch written for longer than this is waiting for something (a row lock another
-    # transaction holds, a pooled connection): it stops counting against `in_flight`, so the
-    # movements on other wallets do not queue behind it, up to STALLED_TIMES times `in_flight`
-    # batches at once (each holds a pooled connection, and gets one within the lock timeout).
-    STALLED_S = 0.1
-    STALLED_TIMES = 4
+    # transaction holds): it stops counting against `in_flight`, so the movements on other
+    # wallets do not queue behind it, up to `max_batches` at once (each holds a pooled
+    # connection). A healthy batch takes milliseconds, tens of them on a saturated machine.
+    STALLED_S = 0.25
 
     def _start(self) -> None:
         while self._waiting:
             now = time.monotonic()
             going = sum(1 for since in self._batches.values() if now - since < self.STALLED_S)
-            if going >= self.in_flight or len(self._batches) >= self.in_flight * self.STALLED_TIMES:
+            if going >= self.in_flight or len(self._batches) >= self.max_batches:
                 if self._timer is None:  # look again once the youngest may count as stalled
                     self._timer = asyncio.get_running_loop().call_later(self.STALLED_S, self._look_again)
                 return
-            batch = [self._waiting.popleft()]
-            while self._waiting and len(batch) < self.max_batch and not (batch[0].alone or self._waiting[0].alone):
-                batch.append(self._waiting.popleft())
+            batch: list[_Waiting] = []
+            while self._waiting and len(batch) < self.max_batch:
+                w = self._waiting[0]
+                if batch and (batch[0].alone or w.alone):
+                    break
+                self._waiting.popleft()
+                if w.future.done():  # its request was cancelled
+                    continue
+                if self.max_wait_s is not None and now - w.since > self.max_wait_s:
+                    QUEUE_TIMEOUTS.inc()  # answered busy, as after a pool or lock timeout
+                    w.future.set_exception(WalletBusy())
+                    continue
+                batch.append(w)
+            if not batch:
+                continue
             task = asyncio.create_task(self._write(batch))
             self._batches[task] = now
             task.add_done_callback(self._finished)
@@ -158,29 +198,37 @@ class Movements:
 
     async def _write(self, batch: list[_Waiting]) -> None:
         live = [w for w in batch if not w.future.done()]  # a cancelled request's movement is dropped
-        if self.max_wait_s is not None:
-            now = time.monotonic()
-            for late in [w for w in live if now - w.since > self.max_wait_s]:
-                log.warning("%s waited %.2f s for its batch: busy", late.once.endpoint, now - late.since)
-                late.future.set_exception(WalletBusy())
-                live.remove(late)
         if not live:
             return
         BATCH_SIZE.observe(len(live))
         try:
             outcomes = await self._book([(w.once, w.movement) for w in live])
-        except Exception as failure:  # noqa: BLE001 (handed to the batch's requests, each deciding)
-            # A timeout (a row lock or a pooled connection waited for past the lock
-            # timeout, a statement past its own) is every movement's retryable 503 at once:
-            # running each again would wait as long again. Anything else: each alone.
-            busy = isinstance(failure, OperationalError) and timed_out(failure)
-            BATCH_FAILURES.labels("timeout" if busy else "other").inc()
-            if len(live) > 1:
-                then = "each answers busy" if busy else "each runs again alone"
-                log.warning("a batch of %d movements failed (%r): %s", len(live), failure, then)
+        except _NoConnection as none:
+            # Every pooled connection stayed taken for the lock timeout: the process is
+            # swamped, and each movement's retryable 503 comes at once (nothing was written).
+            BATCH_FAILURES.labels("no_connection").inc()
             for w in live:
                 if not w.future.done():
-                    w.future.set_exception(failure if busy or len(live) == 1 else BatchFailed())
+                    w.future.set_exception(none.failure)
+            return
+        except Exception as failure:  # noqa: BLE001 (handed to the batch's requests, each deciding)
+            # Alone, a movement's failure is its own (Once.failed decides). A batch's runs
+            # each movement again alone: the wallet locked past the lock timeout, the
+            # deadlock or the lost connection may be one movement's, and the others then
+            # book. A COMMIT whose answer did not come may have committed: alone or not, the
+            # movement looks up its record before anything else.
+            committing = isinstance(failure, _CommitFailed)
+            BATCH_FAILURES.labels("commit" if committing else "other").inc()
+            if len(live) > 1 or committing:
+                cause = failure.failure if isinstance(failure, _CommitFailed) else failure
+                log.warning("a batch of %d movements failed (%r): each runs again alone", len(live), cause)
+            for w in live:
+                if w.future.done():
+                    continue
+                if committing:
+                    w.future.set_exception(BatchFailed(failure.failure))  # type: ignore[attr-defined]
+                else:
+                    w.future.set_exception(failure if len(live) == 1 else BatchFailed())
             return
         except BaseException:
             for w in live:
@@ -197,7 +245,12 @@ class Movements:
     async def _book(self, items: list[tuple[Once, Movement]]) -> list[Outcome | Exception]:
         """One transaction for these movements, in order: each one's outcome (or the bug its
         plan raised), committed; or the transaction's failure raised, nothing committed."""
-        conn = await self.db.connect()
+        try:
+            conn = await self.db.connect()
+        except OperationalError as failure:
+            if timed_out(failure):
+                raise _NoConnection(failure) from failure
+            raise
         try:
             pairs = [(movement.user_id, movement.other_id) for _, movement in items]
             wallets, ids, now = await repository.lock_for_movements(conn, pairs)
@@ -247,7 +300,10 @@ class Movements:
                         )
                 outcomes.append(outcome)
             await repository.write_bookings(conn, bookings, refusals)
-            await conn.commit()
+            try:
+                await conn.commit()
+            except OperationalError as failure:
+                raise _CommitFailed(failure) from failure
         finally:
             await conn.close()
         return outcomes
