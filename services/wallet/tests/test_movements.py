@@ -438,3 +438,11 @@ def test_a_commit_that_times_out_after_committing_answers_the_booking_not_busy(
     assert json.loads(body)["current_balance"] == 25
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 25
     assert call(client, user, "deposit", k, amount=25) == (200, body)
+
+
+def test_the_batches_in_flight_never_exceed_what_the_pool_leaves() -> None:
+    """main.py passes the pool's size less one as the cap (stalled batches included); a pool
+    of one connection leaves one batch at a time, not four."""
+    assert Movements(None, in_flight=1, max_batches=0).max_batches == 1  # type: ignore[arg-type]
+    assert Movements(None, in_flight=2, max_batches=5).max_batches == 5  # type: ignore[arg-type]
+    assert Movements(None, in_flight=2).max_batches == 8  # type: ignore[arg-type]

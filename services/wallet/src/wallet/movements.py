@@ -120,7 +120,7 @@ class Movements:
         self.db = db
         self.max_batch = max_batch
         self.in_flight = in_flight
-        self.max_batches = max(in_flight, max_batches or in_flight * 4)  # stalled ones included
+        self.max_batches = max(in_flight, in_flight * 4 if max_batches is None else max_batches)  # stalled included
         self.max_wait_s = max_wait_s
         self._waiting: deque[_Waiting] = deque()
         self._batches: dict[asyncio.Task[None], float] = {}  # each batch being written, from when
