@@ -252,12 +252,16 @@ class Once:
         self.user_id, self.endpoint, self.key = user_id, endpoint, key
         self.fingerprint = fingerprint(payload)
         self.scope = f"{user_id}:{endpoint}:{key}"
-        self.key_of = (user_id, endpoint, key)  # the record's unique key
         self.token = secrets.token_hex(16)  # the same for every attempt of this request
         self.attempts = 0
         self._answer: Answer | None = None
         self._cache_state = ""
         self._lock_id = ""
+
+    @property
+    def record_key(self) -> tuple[int, str, str]:
+        """The unique key of the record that answers for this key."""
+        return self.user_id, self.endpoint, self.key
 
     @property
     def answer(self) -> Answer:

@@ -76,19 +76,14 @@ class BatchFailed(Exception):
         self.failure = failure
 
 
-class _NoConnection(Exception):
-    def __init__(self, failure: OperationalError) -> None:
+class _Failed(Exception):
+    """Where a batch's transaction failed, when that decides its movements' answers:
+    `no_connection` (no pooled connection came free in time: nothing was written) or
+    `commit` (the COMMIT's answer did not come: the batch may have committed)."""
+
+    def __init__(self, reason: str, failure: OperationalError) -> None:
         super().__init__(repr(failure))
-        self.failure = failure
-
-
-class _CommitFailed(Exception):
-    """The COMMIT's answer did not come (a lost connection, a client-side timeout): the
-    batch may have committed."""
-
-    def __init__(self, failure: Exception) -> None:
-        super().__init__(repr(failure))
-        self.failure = failure
+        self.reason, self.failure = reason, failure
 
 
 @dataclass(frozen=True)
@@ -138,11 +133,10 @@ class Movements:
                         raise failed.failure from failed
                     alone = True
                     continue
-                except Exception as failure:
+                except Exception as failure:  # noqa: BLE001 (Once.failed answers it or raises it)
                     alone = True
-                    if await once.failed(failure):
-                        continue
-                    raise  # once.failed raises what it does not answer; never reached
+                    await once.failed(failure)  # the record answers, or another attempt; else it raises
+                    continue
                 await once.done(outcome)
             except BaseException:
                 await once.abandon()
@@ -203,31 +197,24 @@ class Movements:
         BATCH_SIZE.observe(len(live))
         try:
             outcomes = await self._book([(w.once, w.movement) for w in live])
-        except _NoConnection as none:
-            # Every pooled connection stayed taken for the lock timeout: the process is
-            # swamped, and each movement's retryable 503 comes at once (nothing was written).
-            BATCH_FAILURES.labels("no_connection").inc()
-            for w in live:
-                if not w.future.done():
-                    w.future.set_exception(none.failure)
-            return
-        except Exception as failure:  # noqa: BLE001 (handed to the batch's requests, each deciding)
-            # Alone, a movement's failure is its own (Once.failed decides). A batch's runs
-            # each movement again alone: the wallet locked past the lock timeout, the
-            # deadlock or the lost connection may be one movement's, and the others then
-            # book. A COMMIT whose answer did not come may have committed: alone or not, the
-            # movement looks up its record before anything else.
-            committing = isinstance(failure, _CommitFailed)
-            BATCH_FAILURES.labels("commit" if committing else "other").inc()
-            if len(live) > 1 or committing:
-                cause = failure.failure if isinstance(failure, _CommitFailed) else failure
-                log.warning("a batch of %d movements failed (%r): each runs again alone", len(live), cause)
+        except Exception as exc:  # noqa: BLE001 (handed to the batch's requests, each deciding)
+            reason, failure = (exc.reason, exc.failure) if isinstance(exc, _Failed) else ("other", exc)
+            BATCH_FAILURES.labels(reason).inc()
+            if len(live) > 1 or reason == "commit":
+                log.warning("a batch of %d movements failed (%r): %s", len(live), failure, reason)
             for w in live:
                 if w.future.done():
                     continue
-                if committing:
-                    w.future.set_exception(BatchFailed(failure.failure))  # type: ignore[attr-defined]
+                if reason == "no_connection":
+                    # The process is swamped: each movement's retryable 503 at once.
+                    w.future.set_exception(failure)
+                elif reason == "commit":
+                    # It may have committed: alone or not, the movement looks up its record.
+                    w.future.set_exception(BatchFailed(failure))
                 else:
+                    # Alone, the failure is the movement's own (Once.failed decides); in a
+                    # batch, the locked wallet, the deadlock or the lost connection may be one
+                    # movement's: each runs again alone, and the others book.
                     w.future.set_exception(failure if len(live) == 1 else BatchFailed())
             return
         except BaseException:
@@ -249,7 +236,7 @@ class Movements:
             conn = await self.db.connect()
         except OperationalError as failure:
             if timed_out(failure):
-                raise _NoConnection(failure) from failure
+                raise _Failed("no_connection", failure) from failure
             raise
         try:
             pairs = [(movement.user_id, movement.other_id) for _, movement in items]
@@ -260,7 +247,9 @@ class Movements:
             # those movements go and find their record. A lone movement's constraint does
             # that instead (no round trip).
             recorded = (
-                await repository.recorded_keys(conn, [once.key_of for once, _ in items]) if len(items) > 1 else set()
+                await repository.recorded_keys(conn, [once.record_key for once, _ in items])
+                if len(items) > 1
+                else set()
             )
             # Held money cannot be spent: what overdue holds reserved is released first, so
             # a wallet's `available` is its balance less what its active holds reserve.
@@ -272,7 +261,7 @@ class Movements:
             refusals: list[dict[str, object]] = []
             outcomes: list[Outcome | Exception] = []
             for (once, movement), transaction_id in zip(items, ids, strict=True):
-                if once.key_of in recorded:
+                if once.record_key in recorded:
                     outcomes.append(BatchFailed())
                     continue
                 locked = Locked.of(
@@ -303,7 +292,7 @@ class Movements:
             try:
                 await conn.commit()
             except OperationalError as failure:
-                raise _CommitFailed(failure) from failure
+                raise _Failed("commit", failure) from failure
         finally:
             await conn.close()
         return outcomes

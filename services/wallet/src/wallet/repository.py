@@ -344,16 +344,16 @@ async def write_bookings(
         bookings = []
     expected: dict[int, int] = {}
     run: list[dict[str, Any]] = []
-    shape: tuple[int, bool] | None = None
+    receipts: int | None = None  # the run's shape: its bookings' outbox rows
     for booking, record in bookings:
-        if shape is not None and shape != (len(booking.outbox), True):
-            await _write_run(conn, shape, run)
+        if receipts is not None and receipts != len(booking.outbox):
+            await _write_run(conn, receipts, run)
             run = []
-        shape = (len(booking.outbox), True)
+        receipts = len(booking.outbox)
         run.append(_booking_params(booking, record))
         expected.update(booking.snapshots)
-    if shape is not None:
-        await _write_run(conn, shape, run)
+    if receipts is not None:
+        await _write_run(conn, receipts, run)
     if refusals:
         await conn.execute_many(_ADD_RECORD, [_prefixed("r_", record) for record in refusals])
     if expected:
@@ -363,9 +363,9 @@ async def write_bookings(
             raise RuntimeError(f"balances {balances} differ from the booked snapshots {expected}")
 
 
-async def _write_run(conn: Connection, shape: tuple[int, bool], params: list[dict[str, Any]]) -> None:
+async def _write_run(conn: Connection, receipts: int, params: list[dict[str, Any]]) -> None:
     # A wallet's chain head is the last booking's: the runs go in order, as do their rows.
-    for statement in _booking_statements(conn.dialect_name, *shape):
+    for statement in _booking_statements(conn.dialect_name, receipts, True):
         await conn.execute_many(statement, params)
 
 
