@@ -172,7 +172,8 @@ def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_ove
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One retry policy (SentMarkers._run): any script once more at once on a new
-    connection; a sent email's marker (finish) over about a second more, then it gives up."""
+    connection; a sent email's marker (finish, or a batch's step) over about a second more,
+    then it gives up."""
     markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
     pauses: list[float] = []
     monkeypatch.setattr(dedupe.time, "sleep", pauses.append)
@@ -203,6 +204,16 @@ def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_ove
     failures[0] = 4
     with pytest.raises(redis.ConnectionError):
         markers.finish(uuid.uuid4().hex, "tok")
+    # A batch marks each email sent in the step that claims the next: the same second of tries.
+    pauses.clear()
+    second = uuid.uuid4().hex
+    begun = markers.begin(second)
+    assert begun.token is not None
+    failures[0] = 3
+    after = markers.step(begun.token, done=second, sent=True, then=uuid.uuid4().hex)
+    assert markers.is_sent(second)
+    assert after.token == begun.token
+    assert pauses == [0.2, 0.8]
 
 
 def test_a_redis_that_lost_the_scripts_gets_them_again(redis_url: str) -> None:

@@ -42,7 +42,7 @@ return math.max(redis.call('PTTL', KEYS[k + 1]), 0)
 # (SentMarkers._run). Any script once more at once, on a new connection: a claim not
 # made is the message's retry's to wait for.
 AGAIN_AT_ONCE_S = (0.0,)
-# A sent email's marker (SentMarkers.finish) is all that keeps the email from going out
+# A sent email's marker (SentMarkers.step and finish) is all that keeps the email from going out
 # again (but for Brevo's idempotencyKey): it is tried over about a second more (a
 # restart, a failover) before the send's retry would go to Brevo again.
 MARKER_PAUSES_S = (0.0, 0.2, 0.8)
@@ -122,21 +122,15 @@ class SentMarkers:
                 conn.disconnect()
                 raise
 
-    def step(
-        self,
-        token: str,
-        *,
-        done: str | None = None,
-        sent: bool = False,
-        then: str | None = None,
-        pauses: Sequence[float] = AGAIN_AT_ONCE_S,
-    ) -> Begun:
+    def step(self, token: str, *, done: str | None = None, sent: bool = False, then: str | None = None) -> Begun:
         """In one round trip: the email `done` marked sent (if `sent`) and its claim released,
         then the email `then` checked and claimed with `token` (what the Begun says; a
-        Begun with neither `sent` nor `token` when there is no `then`); tried again after
-        `pauses` when Redis does not answer (_run)."""
+        Begun with neither `sent` nor `token` when there is no `then`). A step that marks
+        an email sent is tried over about a second when Redis does not answer
+        (MARKER_PAUSES_S), any other once more at once (_run)."""
         keys = [*(_keys(done) if done is not None else ()), *(_keys(then) if then is not None else ())]
         outcome = ("sent" if sent else "failed") if done is not None else ""
+        pauses = MARKER_PAUSES_S if done is not None and sent else AGAIN_AT_ONCE_S
         found = int(self._run(self._step, keys, [token, self.claim_ms, self.ttl_s, outcome], pauses=pauses))
         return _begun(found, token) if then is not None else Begun(sent=False, token=None, busy_ms=0)
 
@@ -147,7 +141,7 @@ class SentMarkers:
     def finish(self, email_id: str, token: str) -> None:
         """After sending, in one round trip: the sent marker, and the claim released (tried
         over about a second when Redis does not answer: MARKER_PAUSES_S)."""
-        self.step(token, done=email_id, sent=True, pauses=MARKER_PAUSES_S)
+        self.step(token, done=email_id, sent=True)
 
     def release(self, email_id: str, token: str) -> None:
         """The claim released (if still ours), the email not marked sent."""
