@@ -1,0 +1,118 @@
+"""svckit.redis.AutoPipeline against a real Redis: one pipeline per turn of the event loop,
+each caller its own answer or error, a dead connection failing every caller at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from svckit.redis import AutoPipeline, async_redis_client
+from svckit.testing import free_port, redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+def counting(client: redis.asyncio.Redis) -> list[int]:
+    """The number of commands of each pipeline the client sends."""
+    sizes: list[int] = []
+    make = client.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = make(*args, **kwargs)
+        execute = pipe.execute
+
+        async def counted(*a: Any, **k: Any) -> Any:
+            sizes.append(len(pipe.command_stack))
+            return await execute(*a, **k)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+    client.pipeline = pipeline  # type: ignore[method-assign]
+    return sizes
+
+
+def test_commands_of_one_turn_share_a_pipeline_and_keep_their_own_answers(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_redis_client(redis_url)
+        sizes = counting(client)
+        commands = AutoPipeline(client)
+        await client.set("ap:text", "x")
+        answers = await asyncio.gather(
+            *(commands.execute("INCRBY", "ap:n", i) for i in range(1, 11)),
+            commands.execute("INCR", "ap:text"),  # not a number: its own error
+            commands.execute("EVALSHA", "0" * 40, 0),  # an unknown script: NoScriptError
+            commands.execute("GET", "ap:text"),
+            return_exceptions=True,
+        )
+        assert answers[:10] == [sum(range(1, i + 1)) for i in range(1, 11)]
+        assert isinstance(answers[10], redis.ResponseError)
+        assert isinstance(answers[11], redis.exceptions.NoScriptError)
+        assert answers[12] == b"x"
+        assert sizes == [13]
+        # One after another, each alone.
+        assert await commands.execute("GET", "ap:n") == b"55"
+        assert await commands.execute("DEL", "ap:n", "ap:text") == 2
+        assert sizes == [13, 1, 1]
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_at_most_max_commands_per_pipeline_the_rest_in_the_next(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_redis_client(redis_url)
+        sizes = counting(client)
+        commands = AutoPipeline(client, max_commands=4)
+        answers = await asyncio.gather(*(commands.execute("INCR", "ap:cap") for _ in range(10)))
+        assert sorted(answers) == list(range(1, 11))
+        assert sizes == [4, 4, 2]
+        await client.delete("ap:cap")
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_server_fails_every_caller_of_the_pipeline() -> None:
+    async def scenario() -> None:
+        client = async_redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+        commands = AutoPipeline(client)
+        answers = await asyncio.gather(*(commands.execute("GET", f"k{i}") for i in range(5)), return_exceptions=True)
+        assert all(isinstance(a, redis.ConnectionError) for a in answers), answers
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_sends_nothing_and_the_others_get_their_answers(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_redis_client(redis_url)
+        sizes = counting(client)
+        commands = AutoPipeline(client)
+        gone = asyncio.ensure_future(commands.execute("INCR", "ap:gone"))
+        kept = asyncio.ensure_future(commands.execute("INCR", "ap:kept"))
+        await asyncio.sleep(0)  # both queued, the pipeline not yet sent
+        gone.cancel()
+        assert await kept == 1
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert await client.exists("ap:gone") == 0
+        assert sizes == [1]
+        await client.delete("ap:kept")
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_max_commands_must_be_positive(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        AutoPipeline(redis.asyncio.Redis.from_url(redis_url), max_commands=0)
