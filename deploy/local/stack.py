@@ -191,7 +191,7 @@ def supervised(name: str, command: str, run_dir: Path) -> str:
 def commands(plan: Plan) -> dict[str, str]:
     """The processes of the stack, as shell commands, each under a restart loop."""
     ports = plan.ports
-    uvicorn = f"{BIN}/uvicorn --factory --host 127.0.0.1 --no-access-log --log-level warning"
+    uvicorn = f"{BIN}/uvicorn --factory --http svckit.server:HttpProtocol --host 127.0.0.1 --no-access-log --log-level warning"
     procs: dict[str, str] = {}
     if plan.embedded_redis:
         redis_dir = plan.var / "redis"
