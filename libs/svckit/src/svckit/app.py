@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,6 +14,7 @@ from sqlalchemy import text
 
 from svckit.bodylimit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from svckit.db import READ_ONLY
+from svckit.heap import settled_heap
 from svckit.logging import configure_logging
 from svckit.problems import document_problems, install_problem_handlers
 from svckit.requestid import RequestMiddleware
@@ -32,6 +34,7 @@ def base_app(
 
     Request bodies over `max_body_bytes` answer a 413 problem before they are read in full."""
     configure_logging(service, log_level)
+    kwargs["lifespan"] = _settling(kwargs.get("lifespan"))
     app = FastAPI(title=f"{service} service", version=version, docs_url=None, redoc_url=None, **kwargs)
     install_problem_handlers(app)
     document_problems(app)
@@ -39,6 +42,18 @@ def base_app(
     # Outermost: request id, metrics and the access log, its 500 fallback counted too.
     app.add_middleware(RequestMiddleware, service=service)
     return app
+
+
+def _settling(lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None) -> Callable[..., Any]:
+    """The service's lifespan, its heap settled before the first request (settled_heap)."""
+
+    @asynccontextmanager
+    async def settled(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app) if lifespan is not None else nullcontext():
+            with settled_heap():
+                yield
+
+    return settled
 
 
 def add_health_routes(

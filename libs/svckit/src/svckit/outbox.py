@@ -462,6 +462,7 @@ def serve(
 ) -> None:
     """The body of each producing service's `<service>-relay` command."""
     from svckit.db import make_engine
+    from svckit.heap import settled_heap
     from svckit.logging import configure_logging
     from svckit.metrics import prepare_metrics_dir, serve_metrics
     from svckit.redis import redis_client
@@ -475,7 +476,7 @@ def serve(
     engine = make_engine(database_url, limits=limits)
     client = redis_client(redis_url, timeout_s=2.0)
     publisher = Publisher(client, emails_per_message=emails_per_message)
-    Relay(
+    relay = Relay(
         engine,
         table,
         publisher.publish,
@@ -485,5 +486,7 @@ def serve(
         markers=client,
         republish_after_s=republish_after_s,
         heartbeat_file=heartbeat_file,
-    ).run_forever()
+    )
+    with settled_heap():
+        relay.run_forever()
     engine.dispose()
