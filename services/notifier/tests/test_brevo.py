@@ -77,6 +77,27 @@ class TestBrevoTransport:
             transport("http://127.0.0.1:9").send(email())
 
 
+    def test_the_body_is_the_document_json_dumps_writes(self) -> None:
+        client = BrevoTransport(
+            base_url="http://127.0.0.1:9", api_key=API_KEY, sender_email='n"o@w.example', sender_name="Wállet\n", timeout_s=1
+        )
+        tricky = Email(
+            email_id="id\\1",
+            to_email="j@example.com",
+            to_name='Jane "J" Dœ\u202e',
+            subject="Hi\t\x01",
+            html="<p>Hi</p>\r\n",
+            text="Hi \U0001f600 \\ /",
+            tags=["receipt", 'tr"ansfer'],
+        )
+        for sent in (tricky, email("plain"), Email("e", "t@x", "T", "s", "h", "t")):
+            body = client.body(sent)
+            assert json.loads(body) == sent.brevo_body('n"o@w.example', "Wállet\n")
+            assert body == json.dumps(
+                sent.brevo_body('n"o@w.example', "Wállet\n"), ensure_ascii=False, separators=(",", ":")
+            ).encode()
+
+
 class TestFolderTransport:
     def test_one_file_per_email_named_by_its_id(self, tmp_path: Path) -> None:
         folder = FolderTransport(str(tmp_path), sender_email="no-reply@wallet.example", sender_name="Wallet")

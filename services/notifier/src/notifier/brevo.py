@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # the string encoder of json.dumps(..., ensure_ascii=False)
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -267,19 +268,30 @@ class BrevoTransport:
         self.headers = {"api-key": api_key, "accept": "application/json", "content-type": "application/json"}
         self.sender_email = sender_email
         self.sender_name = sender_name
+        self.sender = json.dumps({"name": sender_name, "email": sender_email}, ensure_ascii=False, separators=(",", ":"))
+
+    def body(self, email: Email) -> bytes:
+        """The JSON of `email.brevo_body`, as json.dumps writes it without spaces (separators),
+        its constant part encoded once: each string is encoded as json.dumps encodes it."""
+        q = encode_basestring
+        return (
+            f'{{"sender":{self.sender},"to":[{{"email":{q(email.to_email)},"name":{q(email.to_name)}}}],'
+            f'"subject":{q(email.subject)},"htmlContent":{q(email.html)},"textContent":{q(email.text)},'
+            f'"tags":[{",".join(map(q, email.tags))}],"headers":{{"idempotencyKey":{q(email.email_id)}}}}}'
+        ).encode()
 
     def send(self, email: Email) -> str:
         """Returns Brevo's messageId (or "duplicate" when Brevo already has this email)."""
-        body = json.dumps(email.brevo_body(self.sender_email, self.sender_name), ensure_ascii=False).encode()
+        body = self.body(email)
         try:
             status, headers, data = self.connections.post("/v3/smtp/email", body, self.headers)
         except TimeoutError as exc:  # socket.timeout: connecting, sending or waiting for the answer
-            BREVO_CALLS.labels("timeout").inc()
+            _count_call("timeout")
             raise TransientError("Brevo timed out") from exc
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, TLS, a garbled answer
-            BREVO_CALLS.labels("unreachable").inc()
+            _count_call("unreachable")
             raise TransientError(f"Brevo unreachable: {type(exc).__name__}") from exc
-        BREVO_CALLS.labels(str(status)).inc()
+        _count_call(str(status))
         answer = _json(data)
         if status in (201, 202):
             return str(answer.get("messageId") or answer.get("batchId") or "")
@@ -298,6 +310,16 @@ class BrevoTransport:
 
     def close(self) -> None:
         self.connections.close()
+
+
+_CALLS: dict[str, Any] = {}  # BREVO_CALLS by outcome: labels() takes a lock and builds a key per call
+
+
+def _count_call(outcome: str) -> None:
+    child = _CALLS.get(outcome)
+    if child is None:
+        child = _CALLS[outcome] = BREVO_CALLS.labels(outcome)
+    child.inc()
 
 
 def _json(data: bytes) -> dict[str, Any]:
