@@ -80,7 +80,7 @@ class _Connection:
     answer to answer while the connection is. The parser's callbacks fill in the answer
     being read."""
 
-    __slots__ = ("sock", "parser", "headers", "body", "framed", "headed", "complete", "keep", "size")
+    __slots__ = ("sock", "parser", "headers", "body", "headed", "complete", "keep", "size")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock: socket.socket | None = sock
@@ -89,8 +89,6 @@ class _Connection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        if name.lower() in (b"content-length", b"transfer-encoding"):
-            self.framed = True  # its end is known; else the body ends with the connection
 
     def on_headers_complete(self) -> None:
         self.headed = True
@@ -104,7 +102,7 @@ class _Connection:
 
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:  # 1xx: an interim answer; the real one follows
-            self.headers, self.body, self.framed, self.headed = [], [], False, False
+            self.headers, self.body, self.headed = [], [], False
             return
         self.complete = True
         self.keep = self.parser.should_keep_alive()  # HTTP/1.1 without Connection: close
@@ -114,9 +112,7 @@ class _Connection:
         sock = self.sock
         if sock is None:
             raise _Closed("connection closed")
-        self.headers, self.body, self.framed, self.headed, self.complete, self.keep, self.size = (
-            [], [], False, False, False, False, 0
-        )
+        self.headers, self.body, self.headed, self.complete, self.keep, self.size = [], [], False, False, False, 0
         sock.sendall(request)  # one write: the head and the body
         parser = self.parser
         while not self.complete:
@@ -124,7 +120,7 @@ class _Connection:
             if not data:
                 if not self.size:
                     raise _Closed("Remote end closed connection without response")
-                if self.headed and not self.framed:  # a body that ends with the connection
+                if self.headed and not _framed(self.headers):  # a body that ends with the connection
                     return parser.get_status_code(), self.headers, b"".join(self.body), False
                 raise BadAnswer(f"answer cut short after {self.size} bytes")
             self.size += len(data)
@@ -216,8 +212,8 @@ class _Connections:
         with self.lock:
             self.idle.append((time.monotonic(), conn))
 
-    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        """POST and read the whole answer. A reused connection that turns out closed by the
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """POST and read the whole answer (its status, headers as sent, body). A reused connection that turns out closed by the
         server (before any answer) is retried once on a new one: a POST that may have
         arrived anyway is safe here, because each email carries its idempotencyKey."""
         request = b"%b%d\r\n\r\n%b" % (self.head(path, headers), len(body), body)
@@ -237,7 +233,7 @@ class _Connections:
                 self.give_back(conn)
             else:
                 conn.close()
-            return status, {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}, data
+            return status, raw, data
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -245,6 +241,21 @@ class _Connections:
             idle, self.idle = self.idle, []
         for _, conn in idle:
             conn.close()
+
+
+def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's end is told by its headers (else it ends with the connection)."""
+    return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers)
+
+
+def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
+    """The last value of a header (`wanted` in lower case), as http.client's getheaders()
+    in a dict would give it."""
+    found = None
+    for name, value in headers:
+        if name.lower() == wanted:
+            found = value.decode("latin-1")
+    return found
 
 
 # What http.client refuses in a header's name and value (a line break would start another).
@@ -301,7 +312,7 @@ class BrevoTransport:
             log.info("Brevo already has email %s", email.email_id)
             return "duplicate"
         if status == 429:
-            reset = headers.get("x-sib-ratelimit-reset")
+            reset = _header(headers, b"x-sib-ratelimit-reset")
             delay = int(float(reset) * 1000) if reset and reset.replace(".", "", 1).isdigit() else None
             raise TransientError("Brevo rate limit", retry_after_ms=delay)
         if status >= 500 or status == 408:  # 408: the server timed the request out; try again
