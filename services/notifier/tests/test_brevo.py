@@ -76,10 +76,13 @@ class TestBrevoTransport:
         with pytest.raises(TransientError):
             transport("http://127.0.0.1:9").send(email())
 
-
     def test_the_body_is_the_document_json_dumps_writes(self) -> None:
         client = BrevoTransport(
-            base_url="http://127.0.0.1:9", api_key=API_KEY, sender_email='n"o@w.example', sender_name="Wállet\n", timeout_s=1
+            base_url="http://127.0.0.1:9",
+            api_key=API_KEY,
+            sender_email='n"o@w.example',
+            sender_name="Wállet\n",
+            timeout_s=1,
         )
         tricky = Email(
             email_id="id\\1",
@@ -93,9 +96,12 @@ class TestBrevoTransport:
         for sent in (tricky, email("plain"), Email("e", "t@x", "T", "s", "h", "t")):
             body = client.body(sent)
             assert json.loads(body) == sent.brevo_body('n"o@w.example', "Wállet\n")
-            assert body == json.dumps(
-                sent.brevo_body('n"o@w.example', "Wállet\n"), ensure_ascii=False, separators=(",", ":")
-            ).encode()
+            assert (
+                body
+                == json.dumps(
+                    sent.brevo_body('n"o@w.example', "Wállet\n"), ensure_ascii=False, separators=(",", ":")
+                ).encode()
+            )
 
 
 class TestFolderTransport:

@@ -80,7 +80,7 @@ class _Connection:
     answer to answer while the connection is. The parser's callbacks fill in the answer
     being read."""
 
-    __slots__ = ("sock", "parser", "headers", "body", "headed", "complete", "keep", "size")
+    __slots__ = ("body", "complete", "headed", "headers", "keep", "parser", "size", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock: socket.socket | None = sock
@@ -279,7 +279,9 @@ class BrevoTransport:
         self.headers = {"api-key": api_key, "accept": "application/json", "content-type": "application/json"}
         self.sender_email = sender_email
         self.sender_name = sender_name
-        self.sender = json.dumps({"name": sender_name, "email": sender_email}, ensure_ascii=False, separators=(",", ":"))
+        self.sender = json.dumps(
+            {"name": sender_name, "email": sender_email}, ensure_ascii=False, separators=(",", ":")
+        )
 
     def body(self, email: Email) -> bytes:
         """The JSON of `email.brevo_body`, as json.dumps writes it without spaces (separators),
