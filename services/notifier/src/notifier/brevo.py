@@ -213,9 +213,10 @@ class _Connections:
             self.idle.append((time.monotonic(), conn))
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """POST and read the whole answer (its status, headers as sent, body). A reused connection that turns out closed by the
-        server (before any answer) is retried once on a new one: a POST that may have
-        arrived anyway is safe here, because each email carries its idempotencyKey."""
+        """POST and read the whole answer: its status, headers (as sent) and body. A reused
+        connection that turns out closed by the server (before any answer) is retried once
+        on a new one: a POST that may have arrived anyway is safe here, because each email
+        carries its idempotencyKey."""
         request = b"%b%d\r\n\r\n%b" % (self.head(path, headers), len(body), body)
         for attempt in (1, 2):
             conn, reused = self.take()
