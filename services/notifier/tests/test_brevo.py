@@ -6,6 +6,7 @@ import contextlib
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -75,6 +76,33 @@ class TestBrevoTransport:
         with pytest.raises(TransientError):
             transport("http://127.0.0.1:9").send(email())
 
+    def test_the_body_is_the_document_json_dumps_writes(self) -> None:
+        client = BrevoTransport(
+            base_url="http://127.0.0.1:9",
+            api_key=API_KEY,
+            sender_email='n"o@w.example',
+            sender_name="Wállet\n",
+            timeout_s=1,
+        )
+        tricky = Email(
+            email_id="id\\1",
+            to_email="j@example.com",
+            to_name='Jane "J" Dœ\u202e',
+            subject="Hi\t\x01",
+            html="<p>Hi</p>\r\n",
+            text="Hi \U0001f600 \\ /",
+            tags=["receipt", 'tr"ansfer'],
+        )
+        for sent in (tricky, email("plain"), Email("e", "t@x", "T", "s", "h", "t")):
+            body = client.body(sent)
+            assert json.loads(body) == sent.brevo_body('n"o@w.example', "Wállet\n")
+            assert (
+                body
+                == json.dumps(
+                    sent.brevo_body('n"o@w.example', "Wállet\n"), ensure_ascii=False, separators=(",", ":")
+                ).encode()
+            )
+
 
 class TestFolderTransport:
     def test_one_file_per_email_named_by_its_id(self, tmp_path: Path) -> None:
@@ -97,13 +125,15 @@ class ScriptedServer:
     answers Brevo's stand-in never gives: chunked, cut short, garbled, or a dropped
     keep-alive connection."""
 
-    def __init__(self, answers: list[bytes | None]) -> None:  # Hangup is bytes
+    def __init__(self, answers: list[bytes | None], *, tls: ssl.SSLContext | None = None) -> None:  # Hangup is bytes
+        self.tls = tls
         self.answers = list(answers)
         self.connections = 0
         self.requests = 0
+        self.raw: list[bytes] = []  # each request as it arrived: head and body
         self.open: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.url = f"{'https://localhost' if tls else 'http://127.0.0.1'}:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -124,6 +154,9 @@ class ScriptedServer:
             conn.shutdown(socket.SHUT_RDWR)
 
     def _talk(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
         with conn, contextlib.suppress(OSError):
             buffer = b""
             while self.answers:
@@ -137,6 +170,7 @@ class ScriptedServer:
                 while len(rest) < length:
                     rest += conn.recv(65536)
                 buffer = rest[length:]
+                self.raw.append(head + b"\r\n\r\n" + rest[:length])
                 self.requests += 1
                 answer = self.answers.pop(0)
                 if answer is None:
@@ -233,3 +267,141 @@ class TestReadingAnswers:
         with pytest.raises(TransientError, match="408"):
             transport(server.url).send(email("a"))
         server.close()
+
+
+class TestTheWire:
+    """The lean client (httptools' parser on a plain socket) against a real local socket
+    server: what it writes, and the answers http.client also read."""
+
+    def test_one_request_as_http_client_wrote_it(self) -> None:
+        server = ScriptedServer([ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        [raw] = server.raw
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "POST /v3/smtp/email HTTP/1.1"
+        port = server.url.rsplit(":", 1)[1]
+        assert dict(_headers(head)) == {
+            "host": f"127.0.0.1:{port}",
+            "accept-encoding": "identity",
+            "api-key": API_KEY,
+            "accept": "application/json",
+            "content-type": "application/json",
+            "content-length": str(len(body)),
+        }
+        assert json.loads(body)["headers"] == {"idempotencyKey": "a"}
+        server.close()
+
+    def test_a_base_urls_path_prefixes_the_request(self) -> None:
+        server = ScriptedServer([ACCEPTED])
+        assert transport(server.url + "/brevo/").send(email("a")) == "<m>"
+        assert server.raw[0].startswith(b"POST /brevo/v3/smtp/email HTTP/1.1\r\n")
+        server.close()
+
+    def test_a_body_that_ends_with_the_connection_is_read_and_the_connection_not_reused(self) -> None:
+        unframed = Hangup(b'HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\r\n{"messageId":"<u>"}')
+        server = ScriptedServer([unframed, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<u>"
+        assert client.connections.idle == []
+        assert client.send(email("b")) == "<m>"
+        assert server.connections == 2
+        server.close()
+
+    def test_an_interim_answer_is_skipped(self) -> None:
+        server = ScriptedServer([b"HTTP/1.1 100 Continue\r\n\r\n" + ACCEPTED, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        assert client.send(email("b")) == "<m>"
+        assert server.connections == 1
+        server.close()
+
+    def test_bytes_after_the_answer_drop_the_connection(self) -> None:
+        """They would be read as the next email's answer."""
+        server = ScriptedServer([ACCEPTED + ACCEPTED, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        assert client.connections.idle == []
+        assert client.send(email("b")) == "<m>"
+        assert server.connections == 2
+        server.close()
+
+    def test_an_answer_too_large_is_transient(self) -> None:
+        huge = b"HTTP/1.1 201 Created\r\ncontent-length: 3000000\r\n\r\n" + b"x" * 3_000_000
+        server = ScriptedServer([huge])
+        client = transport(server.url)
+        with pytest.raises(TransientError, match="unreachable"):
+            client.send(email("a"))
+        assert client.connections.idle == []
+        server.close()
+
+    def test_no_answer_in_time_is_transient_and_the_connection_dropped(self) -> None:
+        silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+        client = transport(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="timed out"):
+            client.send(email("a"))
+        assert 0.3 <= time.monotonic() - started < 3
+        assert client.connections.idle == []
+        silent.close()
+
+    def test_a_rate_limit_answer_carries_its_reset(self) -> None:
+        limited = b"HTTP/1.1 429 Too Many Requests\r\nX-Sib-Ratelimit-Reset: 2.5\r\ncontent-length: 2\r\n\r\n{}"
+        server = ScriptedServer([limited])
+        with pytest.raises(TransientError) as info:
+            transport(server.url).send(email("a"))
+        assert info.value.retry_after_ms == 2500
+        server.close()
+
+    def test_a_header_that_would_start_another_line_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="invalid header"):
+            transport("http://127.0.0.1:9", key="key\r\nx-evil: 1").send(email("a"))
+
+    def test_https_is_spoken_over_tls_with_the_certificate_checked(self, tmp_path: Path) -> None:
+        cert, key = _self_signed(tmp_path)
+        served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        served.load_cert_chain(cert, key)
+        server = ScriptedServer([ACCEPTED, ACCEPTED], tls=served)
+        client = transport(server.url)
+        with pytest.raises(TransientError, match="unreachable: SSLCertVerificationError"):
+            client.send(email("a"))  # the system's roots do not vouch for it
+        client.connections.tls = ssl.create_default_context(cafile=str(cert))
+        assert client.send(email("a")) == "<m>"
+        assert client.send(email("b")) == "<m>"
+        assert server.raw[0].startswith(b"POST /v3/smtp/email HTTP/1.1\r\n")
+        assert server.requests == 2
+        assert client.connections.opened == 2  # the refused one, then one kept alive
+        server.close()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost, signed by its own key."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

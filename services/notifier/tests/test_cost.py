@@ -287,3 +287,43 @@ def test_a_call_interrupted_between_write_and_read_never_leaves_its_answer_for_t
         markers.begin(uuid.uuid4().hex)  # its answer ("ours") is never read
     assert markers.begin(sent).sent  # not that stale answer
     assert markers.begin(uuid.uuid4().hex).token is not None
+
+
+def test_the_auth_client_is_built_at_the_first_lookup_and_never_for_carried_recipients(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Users(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = json.dumps({"users": [{"id": 7, **RECIPIENT}]}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Users)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(actors.settings, "auth_url", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(actors.settings, "redis_url", redis_url)
+    ctx = actors._build_context()
+    monkeypatch.setattr(actors, "context", lambda: ctx)
+    monkeypatch.setattr(actors, "_RECIPIENTS", {})
+    sent: list[Email] = []
+    ctx.transport.send = lambda email: sent.append(email) or "ok"  # type: ignore[method-assign]
+    assert isinstance(ctx.auth, actors._AuthOnFirstUse)
+    actors.send_welcome.fn(welcome(recipient=RECIPIENT))
+    assert ctx.auth.client is None  # carried: no client, no import of its transport
+    actors.send_welcome.fn(welcome())  # the old shape: looked up
+    client = ctx.auth.client
+    assert client is not None
+    assert [e.to_email for e in sent] == ["jane@example.com", "jane@example.com"]
+    monkeypatch.setattr(actors, "_RECIPIENTS", {})
+    actors.send_welcome.fn(welcome())
+    assert ctx.auth.client is client  # built once
+    server.shutdown()
+    server.server_close()

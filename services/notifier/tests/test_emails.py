@@ -80,3 +80,10 @@ class TestReceipts:
         assert "<script>" not in email.html
         assert "&lt;script&gt;" in email.html
         assert "<b>Jane" not in email.html
+
+    @pytest.mark.parametrize("at", [datetime(2026, 5, 31, 12, 5, tzinfo=UTC), datetime(999, 1, 2, 3, 4, tzinfo=UTC)])
+    def test_the_date_is_written_as_strftime_writes_it(self, at: datetime) -> None:
+        email = emails.receipt(receipt(occurred_at=at), to_email="j@example.com", first_name="Jane", last_name="Doe")
+        when = at.strftime("%Y-%m-%d %H:%M UTC")
+        assert f"Date: {when}\n" in email.text
+        assert f"<td>Date</td><td>{when}</td>" in email.html

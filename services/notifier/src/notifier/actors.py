@@ -43,7 +43,29 @@ settings = get_settings()
 class Context:
     transport: Transport
     markers: SentMarkers
-    auth: httpx.Client
+    auth: httpx.Client | _AuthOnFirstUse
+
+
+class _AuthOnFirstUse:
+    """The auth service's client, built at the first lookup: a worker whose messages all
+    carry their recipient never builds one (httpx's transport imports httpcore and h11 as
+    it is built: a one-off of as much CPU as a few hundred emails cost)."""
+
+    def __init__(self) -> None:
+        self.client: httpx.Client | None = None
+        self.lock = threading.Lock()
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        if self.client is None:
+            with self.lock:
+                if self.client is None:
+                    self.client = service_client(
+                        settings.auth_url,
+                        service_token=settings.service_token.get_secret_value(),
+                        timeout_s=settings.http_timeout_s,
+                        retries=settings.http_retries,
+                    )
+        return self.client.get(url, **kwargs)
 
 
 _CONTEXT_LOCK = threading.Lock()
@@ -76,19 +98,13 @@ def _build_context() -> Context:
         transport = FolderTransport(
             settings.outbox_dir, sender_email=settings.sender_email, sender_name=settings.sender_name
         )
-    auth = service_client(
-        settings.auth_url,
-        service_token=settings.service_token.get_secret_value(),
-        timeout_s=settings.http_timeout_s,
-        retries=settings.http_retries,
-    )
     # A claim outlives one Brevo call (its timeout) by a margin, so a killed worker's claim
     # expires soon after its message is redelivered.
     claim_ms = int(settings.brevo_timeout_s * 1000) + 5_000
     markers = SentMarkers(
         redis_client(settings.redis_url, timeout_s=2.0), ttl_s=settings.sent_marker_ttl_s, claim_ms=claim_ms
     )
-    return Context(transport=transport, markers=markers, auth=auth)
+    return Context(transport=transport, markers=markers, auth=_AuthOnFirstUse())
 
 
 def should_retry(retries: int, exc: BaseException) -> bool:
@@ -126,13 +142,19 @@ def carried_or_looked_up(message: WelcomeEmail | Receipt) -> dict[str, Any]:
     return recipient(message.user_id)
 
 
+_BY_KIND: dict[str, tuple[Any, Any]] = {}  # DELIVERED and ALREADY_AT_BREVO of each kind
+
+
 def _count(email_id: str, outcome: str, kind: str) -> None:
     # Counted before the marker: a worker killed between the two leaves an email that its
     # redelivery sends again (Brevo answers "duplicate") and counts once more, so the counts
     # never miss a delivery (delivered >= sent, delivered - already_at_brevo <= sent).
-    DELIVERED.labels(kind).inc()
+    counters = _BY_KIND.get(kind)
+    if counters is None:  # labels() takes a lock and builds a key per call: once per kind
+        counters = _BY_KIND[kind] = (DELIVERED.labels(kind), ALREADY_AT_BREVO.labels(kind))
+    counters[0].inc()
     if outcome == "duplicate":
-        ALREADY_AT_BREVO.labels(kind).inc()
+        counters[1].inc()
     # DEBUG: a line per routine delivery cost a sixth of the notifier's CPU per email
     # (bench/notifier_cpu.py); deliveries are counted (DELIVERED), failures still logged.
     log.debug("email %s delivered (%s)", email_id, outcome)

@@ -6,15 +6,20 @@ import http.client
 import json
 import logging
 import os
+import re
 import select
+import socket
 import ssl
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # the string encoder of json.dumps(..., ensure_ascii=False)
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+import httptools
 
 from notifier.metrics import BREVO_CALLS
 
@@ -59,14 +64,93 @@ class Transport(Protocol):
     def send(self, email: Email) -> str: ...
 
 
+class BadAnswer(http.client.HTTPException):
+    """An answer that is not HTTP, is cut short, or is too large: its connection is dropped."""
+
+
+class _Closed(http.client.RemoteDisconnected):
+    """The server closed the connection before any byte of an answer."""
+
+
+MAX_ANSWER_BYTES = 1 << 20  # Brevo answers a few hundred bytes: more is no answer to hold in memory
+
+
+class _Connection:
+    """One socket, and the parser of its answers (httptools: llhttp's C parser), kept from
+    answer to answer while the connection is. The parser's callbacks fill in the answer
+    being read."""
+
+    __slots__ = ("body", "complete", "headed", "headers", "keep", "parser", "size", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        self.complete = False
+        self.parser = httptools.HttpResponseParser(self)  # looks the callbacks below up once
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headed = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: bytes no request asked for
+            raise BadAnswer("more than one answer")
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() < 200:  # 1xx: an interim answer; the real one follows
+            self.headers, self.body, self.headed = [], [], False
+            return
+        self.complete = True
+        self.keep = self.parser.should_keep_alive()  # HTTP/1.1 without Connection: close
+
+    def exchange(self, request: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        """Write the request and read its whole answer: (status, headers, body, reusable)."""
+        sock = self.sock
+        if sock is None:
+            raise _Closed("connection closed")
+        self.headers, self.body, self.headed, self.complete, self.keep, self.size = [], [], False, False, False, 0
+        sock.sendall(request)  # one write: the head and the body
+        parser = self.parser
+        while not self.complete:
+            data = sock.recv(65536)
+            if not data:
+                if not self.size:
+                    raise _Closed("Remote end closed connection without response")
+                if self.headed and not _framed(self.headers):  # a body that ends with the connection
+                    return parser.get_status_code(), self.headers, b"".join(self.body), False
+                raise BadAnswer(f"answer cut short after {self.size} bytes")
+            self.size += len(data)
+            if self.size > MAX_ANSWER_BYTES:
+                raise BadAnswer("answer too large")
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                if not self.complete:
+                    raise BadAnswer(f"not an HTTP answer: {exc}") from exc
+                self.keep = False  # the answer, then bytes no request asked for: not reused
+        return parser.get_status_code(), self.headers, b"".join(self.body), self.keep
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+
 class _Connections:
     """Keep-alive HTTP/1.1 connections to one origin, shared by a worker's threads.
 
-    The standard library's client, not httpx: per email it costs a third of the CPU
-    (bench/notifier_cost.py), and the notifier sends one small request per email. A thread
-    takes an idle connection (or opens one), and gives it back only after reading the whole
-    answer; a connection that failed in any way is closed, never reused. Idle connections
-    older than `idle_s` are dropped (the server may have closed them by then).
+    Not httpx, nor the standard library's client: per email httpx costs a third of the
+    CPU (bench/notifier_cost.py), and http.client's answer reading (email.parser for the
+    headers) most of what remained of the send (bench/notifier_cpu.py). The notifier sends
+    one small request per email: its head is built once (`head`), written with the body in
+    one write, and the answer read by httptools' C parser. A thread takes an idle
+    connection (or opens one), and gives it back only after reading the whole answer; a
+    connection that failed in any way is closed, never reused. Idle connections older than
+    `idle_s` are dropped (the server may have closed them by then).
     """
 
     def __init__(self, base_url: str, *, timeout_s: float, connect_timeout_s: float, idle_s: float = 5.0) -> None:
@@ -82,10 +166,28 @@ class _Connections:
         self.idle_s = idle_s
         self.tls = ssl.create_default_context() if self.https else None
         self.lock = threading.Lock()
-        self.idle: list[tuple[float, http.client.HTTPConnection]] = []
+        self.idle: list[tuple[float, _Connection]] = []
         self.opened = 0  # connections opened by this pool (its keep-alive shows as few)
+        self.heads: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
 
-    def take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def head(self, path: str, headers: dict[str, str]) -> bytes:
+        """A POST's head up to its Content-Length value, as http.client writes it (Host,
+        Accept-Encoding: identity, then `headers`); built once per path and headers."""
+        key = (path, tuple(headers.items()))
+        head = self.heads.get(key)
+        if head is None:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            if self.port != (443 if self.https else 80):
+                host = f"{host}:{self.port}"
+            lines = [f"POST {self.prefix}{path} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+            for name, value in headers.items():
+                if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                    raise ValueError(f"invalid header {name!r}")
+                lines.append(f"{name}: {value}")
+            head = self.heads[key] = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        return head
+
+    def take(self) -> tuple[_Connection, bool]:
         """An idle connection (True: reused) or a new, connected one (False)."""
         now = time.monotonic()
         with self.lock:
@@ -95,31 +197,32 @@ class _Connections:
                     return conn, True
                 conn.close()
             self.opened += 1
-        conn: http.client.HTTPConnection
-        if self.tls is not None:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout_s, context=self.tls)
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout_s)
-        conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(self.timeout_s)  # each read and write from now on
-        return conn, False
+        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)  # the handshake, within the timeout
+            sock.settimeout(self.timeout_s)  # each read and write from now on
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock), False
 
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
+    def give_back(self, conn: _Connection) -> None:
         with self.lock:
             self.idle.append((time.monotonic(), conn))
 
-    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        """POST and read the whole answer. A reused connection that turns out closed by the
-        server (before any answer) is retried once on a new one: a POST that may have
-        arrived anyway is safe here, because each email carries its idempotencyKey."""
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """POST and read the whole answer: its status, headers (as sent) and body. A reused
+        connection that turns out closed by the server (before any answer) is retried once
+        on a new one: a POST that may have arrived anyway is safe here, because each email
+        carries its idempotencyKey."""
+        request = b"%b%d\r\n\r\n%b" % (self.head(path, headers), len(body), body)
         for attempt in (1, 2):
             conn, reused = self.take()
             try:
-                conn.request("POST", self.prefix + path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                status, raw, data, keep = conn.exchange(request)
+            except (ConnectionResetError, BrokenPipeError):  # _Closed among them
                 conn.close()
                 if reused and attempt == 1:
                     continue
@@ -127,11 +230,11 @@ class _Connections:
             except BaseException:
                 conn.close()
                 raise
-            if response.will_close:
-                conn.close()
-            else:
+            if keep:
                 self.give_back(conn)
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+            else:
+                conn.close()
+            return status, raw, data
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -141,7 +244,27 @@ class _Connections:
             conn.close()
 
 
-def _readable(conn: http.client.HTTPConnection) -> bool:
+def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's end is told by its headers (else it ends with the connection)."""
+    return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers)
+
+
+def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
+    """The last value of a header (`wanted` in lower case), as http.client's getheaders()
+    in a dict would give it."""
+    found = None
+    for name, value in headers:
+        if name.lower() == wanted:
+            found = value.decode("latin-1")
+    return found
+
+
+# What http.client refuses in a header's name and value (a line break would start another).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _readable(conn: _Connection) -> bool:
     """An idle connection with something to read is done for: the server closed it, or
     said goodbye first (a 408 Request Timeout, as nginx and others do), and those bytes
     would be read as the next email's answer."""
@@ -157,19 +280,32 @@ class BrevoTransport:
         self.headers = {"api-key": api_key, "accept": "application/json", "content-type": "application/json"}
         self.sender_email = sender_email
         self.sender_name = sender_name
+        self.sender = json.dumps(
+            {"name": sender_name, "email": sender_email}, ensure_ascii=False, separators=(",", ":")
+        )
+
+    def body(self, email: Email) -> bytes:
+        """The JSON of `email.brevo_body`, as json.dumps writes it without spaces (separators),
+        its constant part encoded once: each string is encoded as json.dumps encodes it."""
+        q = encode_basestring
+        return (
+            f'{{"sender":{self.sender},"to":[{{"email":{q(email.to_email)},"name":{q(email.to_name)}}}],'
+            f'"subject":{q(email.subject)},"htmlContent":{q(email.html)},"textContent":{q(email.text)},'
+            f'"tags":[{",".join(map(q, email.tags))}],"headers":{{"idempotencyKey":{q(email.email_id)}}}}}'
+        ).encode()
 
     def send(self, email: Email) -> str:
         """Returns Brevo's messageId (or "duplicate" when Brevo already has this email)."""
-        body = json.dumps(email.brevo_body(self.sender_email, self.sender_name), ensure_ascii=False).encode()
+        body = self.body(email)
         try:
             status, headers, data = self.connections.post("/v3/smtp/email", body, self.headers)
         except TimeoutError as exc:  # socket.timeout: connecting, sending or waiting for the answer
-            BREVO_CALLS.labels("timeout").inc()
+            _count_call("timeout")
             raise TransientError("Brevo timed out") from exc
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, TLS, a garbled answer
-            BREVO_CALLS.labels("unreachable").inc()
+            _count_call("unreachable")
             raise TransientError(f"Brevo unreachable: {type(exc).__name__}") from exc
-        BREVO_CALLS.labels(str(status)).inc()
+        _count_call(str(status))
         answer = _json(data)
         if status in (201, 202):
             return str(answer.get("messageId") or answer.get("batchId") or "")
@@ -179,7 +315,7 @@ class BrevoTransport:
             log.info("Brevo already has email %s", email.email_id)
             return "duplicate"
         if status == 429:
-            reset = headers.get("x-sib-ratelimit-reset")
+            reset = _header(headers, b"x-sib-ratelimit-reset")
             delay = int(float(reset) * 1000) if reset and reset.replace(".", "", 1).isdigit() else None
             raise TransientError("Brevo rate limit", retry_after_ms=delay)
         if status >= 500 or status == 408:  # 408: the server timed the request out; try again
@@ -188,6 +324,16 @@ class BrevoTransport:
 
     def close(self) -> None:
         self.connections.close()
+
+
+_CALLS: dict[str, Any] = {}  # BREVO_CALLS by outcome: labels() takes a lock and builds a key per call
+
+
+def _count_call(outcome: str) -> None:
+    child = _CALLS.get(outcome)
+    if child is None:
+        child = _CALLS[outcome] = BREVO_CALLS.labels(outcome)
+    child.inc()
 
 
 def _json(data: bytes) -> dict[str, Any]:
