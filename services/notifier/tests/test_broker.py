@@ -4,6 +4,7 @@ closed, or a Redis that lost the script, costs no failed call."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
 from collections.abc import Iterator
@@ -124,3 +125,14 @@ def test_a_call_interrupted_before_its_answer_never_leaves_it_for_the_next(
     got = received(broker, 3)
     assert len(got) == 3
     assert got[-1].message_id == third.message_id
+
+
+def test_a_worker_settles_its_heap_once_booted_and_hands_it_back_at_shutdown(broker: RedisBroker) -> None:
+    assert gc.get_freeze_count() == 0
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert gc.get_freeze_count() > 0  # what the process built before its boot
+    finally:
+        worker.stop()
+    assert gc.get_freeze_count() == 0

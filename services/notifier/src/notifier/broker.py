@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import dramatiq
@@ -14,6 +15,7 @@ from dramatiq.middleware import Middleware, Retries, TimeLimit
 
 from notifier.config import Settings, get_settings
 from notifier.metrics import register_dead_letters
+from svckit.heap import settled_heap
 from svckit.messages import DEAD_MARKER, SEND_BATCH
 from svckit.metrics import serve_metrics
 from svckit.redis import redis_client
@@ -57,6 +59,20 @@ class MetricsServer(Middleware):
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
         register_dead_letters(self.client)
         serve_metrics(self.port)
+
+
+class SettledHeap(Middleware):
+    """A worker process's heap settled once it has booted (svckit.heap: what it imported
+    leaves the garbage collector's view), handed back when it shuts down."""
+
+    def __init__(self) -> None:
+        self.heap = ExitStack()
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        self.heap.enter_context(settled_heap())
+
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self.heap.close()
 
 
 class OnThreadConnection:
@@ -126,6 +142,7 @@ def setup_broker(settings: Settings | None = None) -> RedisBroker:
     )
     broker.scripts["dispatch"] = OnThreadConnection(broker.scripts["dispatch"])
     broker.add_middleware(RequestIdMiddleware())
+    broker.add_middleware(SettledHeap())
     broker.add_middleware(MetricsServer(settings.metrics_port, broker.client))
     broker.add_middleware(DeadLetterMarker(broker.client, settings.dead_message_ttl_ms))
     dramatiq.set_broker(broker)
