@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 from e2e.conftest import Stack, drop_databases, free_port, start_stack  # noqa: E402
 
-from stack import traefik_flags  # noqa: E402
+from stack import GATEWAY_GO_ENV, traefik_flags  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 WALLETS = 20 if QUICK else 100
@@ -441,10 +441,12 @@ def bare_ceiling(work: Path, seconds: float, connections: int) -> dict[str, floa
         "      entryPoints: [web]\n"
         '      rule: "PathPrefix(`/`)"\n'
         "      service: bare\n"
-        "  serversTransports:\n"
+        "  serversTransports:\n"  # as gateway/dynamic/routes.yml's
         "    backend:\n"
+        "      maxIdleConnsPerHost: 200\n"
         "      forwardingTimeouts:\n"
         "        responseHeaderTimeout: 30s\n"
+        "        idleConnTimeout: 4s\n"
         "  services:\n"
         "    bare:\n"
         "      loadBalancer:\n"
@@ -470,7 +472,12 @@ def bare_ceiling(work: Path, seconds: float, connections: int) -> dict[str, floa
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    gateway = subprocess.Popen([str(BIN / "traefik"), *flags], stdout=log, stderr=subprocess.STDOUT)
+    gateway = subprocess.Popen(
+        [str(BIN / "traefik"), *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **{k: os.environ.get(k, v) for k, v in GATEWAY_GO_ENV.items()}},
+    )
     try:
         progress("bare FastAPI behind Traefik: starting")
         _wait_http(f"http://127.0.0.1:{web}/bare")
