@@ -538,3 +538,25 @@ def test_the_relay_leaves_queue_maintenance_to_the_notifier(redis_url: str, monk
     publisher.publish(payload)
     assert client.zscore(dead, "old-dead-letter") is not None
     assert client.hexists(f"{dead}.msgs", "old-dead-letter")
+
+
+def test_the_loop_goes_on_after_a_full_batch_and_waits_a_little_after_a_part(
+    engine: Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog is taken batch after batch at once; a partial batch waits gather_s for
+    more rows to commit; an empty round waits idle_s."""
+    stage(engine, 25)
+    published: list[str] = []
+    relay = Relay(
+        engine, OUTBOX, published.append, lease=redis_client(redis_url), name="gather", batch=10, gather_s=0.03
+    )
+    rounds: list[tuple[int, float]] = []  # (published so far, the sleep after that round)
+
+    def sleep(seconds: float) -> None:
+        rounds.append((len(published), seconds))
+        relay.running = len(rounds) < 2
+
+    monkeypatch.setattr("svckit.outbox.time.sleep", sleep)
+    relay.loop()
+    # 10 and 20 went on at once; after the 5 left: gather_s; then nothing: idle_s.
+    assert rounds == [(25, 0.03), (25, relay.idle_s)]
