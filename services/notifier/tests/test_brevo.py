@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import resource
 import select
 import socket
 import ssl
@@ -405,3 +407,74 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+# --- found by a cold review, each answered as a classified failure or read right ----------
+
+
+def test_a_trickled_answer_times_out_within_the_calls_timeout_in_all() -> None:
+    """The timeout bounds the whole exchange, not each read: a server sending a byte every
+    0.2 s is cut off at the timeout (the sent marker's claim outlives one call by a margin)."""
+    body = b'{"messageId":"<t>"}'
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 201 Created\r\ncontent-length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                time.sleep(0.2)
+                conn.sendall(bytes([byte]))
+
+    threading.Thread(target=serve, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="timed out"):
+        transport(f"http://127.0.0.1:{srv.getsockname()[1]}", timeout_s=1).send(email("a"))
+    assert time.monotonic() - started < 2  # the 19 bytes would take 3.8 s
+    srv.close()
+
+
+def test_an_upgrade_answer_is_a_transient_failure() -> None:
+    server = ScriptedServer(
+        [Hangup(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n")]
+    )
+    with pytest.raises(TransientError, match="BadAnswer"):
+        transport(server.url).send(email("a"))
+    server.close()
+
+
+@pytest.mark.parametrize("reset", [b"\xb2", b"9" * 400, b"-1", b"1e3", b"inf"])
+def test_a_429_with_a_reset_that_is_not_seconds_is_a_rate_limit_without_a_delay(reset: bytes) -> None:
+    answer = b"HTTP/1.1 429 Too Many Requests\r\nx-sib-ratelimit-reset: " + reset + b"\r\ncontent-length: 0\r\n\r\n"
+    server = ScriptedServer([answer])
+    with pytest.raises(TransientError, match="rate limit") as info:
+        transport(server.url).send(email("a"))
+    assert info.value.retry_after_ms is None
+    server.close()
+
+
+def test_a_connection_on_a_descriptor_past_1023_is_reused() -> None:
+    """The idle connection's check polls: select() refuses descriptors past FD_SETSIZE."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("this process may not open 1,100 descriptors (ulimit -n)")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        server = ScriptedServer([ACCEPTED, ACCEPTED])
+        client = transport(server.url)
+        assert client.send(email("a")) == "<m>"
+        [(_, conn)] = client.connections.idle
+        assert conn.sock is not None
+        assert conn.sock.fileno() >= 1024
+        assert client.send(email("b")) == "<m>"
+        assert server.connections == 1
+        server.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_a_body_of_another_transfer_encoding_ending_with_the_connection_is_read_whole() -> None:
+    server = ScriptedServer([Hangup(b'HTTP/1.1 201 Created\r\ntransfer-encoding: identity\r\n\r\n{"messageId":"<i>"}')])
+    assert transport(server.url).send(email("a")) == "<i>"
+    server.close()

@@ -304,7 +304,8 @@ def _delay_after(exc: Exception) -> int:
     if isinstance(exc, PermanentError):
         return 0
     if isinstance(exc, TransientError) and exc.retry_after_ms is not None:
-        return exc.retry_after_ms + random.randint(0, 1_000)  # nosec B311
+        # No longer than the longest backoff: a reset of a day is no reason to wait a day.
+        return min(exc.retry_after_ms, settings.max_backoff_ms) + random.randint(0, 1_000)  # nosec B311
     return random.randint(settings.min_backoff_ms, 2 * settings.min_backoff_ms)  # nosec B311
 
 

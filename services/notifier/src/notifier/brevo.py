@@ -107,15 +107,23 @@ class _Connection:
         self.complete = True
         self.keep = self.parser.should_keep_alive()  # HTTP/1.1 without Connection: close
 
-    def exchange(self, request: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        """Write the request and read its whole answer: (status, headers, body, reusable)."""
+    def exchange(self, request: bytes, timeout_s: float) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        """Write the request and read its whole answer within `timeout_s` in all (a server
+        that trickles its answer does not hold a send past it): (status, headers, body,
+        reusable). TimeoutError past it."""
         sock = self.sock
         if sock is None:
             raise _Closed("connection closed")
+        deadline = time.monotonic() + timeout_s
         self.headers, self.body, self.headed, self.complete, self.keep, self.size = [], [], False, False, False, 0
+        sock.settimeout(timeout_s)
         sock.sendall(request)  # one write: the head and the body
         parser = self.parser
         while not self.complete:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no whole answer in time")
+            sock.settimeout(left)
             data = sock.recv(65536)
             if not data:
                 if not self.size:
@@ -128,6 +136,8 @@ class _Connection:
                 raise BadAnswer("answer too large")
             try:
                 parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:  # a 101: no answer to a POST of ours
+                raise BadAnswer("an upgrade answered") from exc
             except httptools.HttpParserError as exc:
                 if not self.complete:
                     raise BadAnswer(f"not an HTTP answer: {exc}") from exc
@@ -202,7 +212,6 @@ class _Connections:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)  # the handshake, within the timeout
-            sock.settimeout(self.timeout_s)  # each read and write from now on
         except BaseException:
             sock.close()
             raise
@@ -221,7 +230,7 @@ class _Connections:
         for attempt in (1, 2):
             conn, reused = self.take()
             try:
-                status, raw, data, keep = conn.exchange(request)
+                status, raw, data, keep = conn.exchange(request, self.timeout_s)
             except (ConnectionResetError, BrokenPipeError):  # _Closed among them
                 conn.close()
                 if reused and attempt == 1:
@@ -246,7 +255,10 @@ class _Connections:
 
 def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an answer's end is told by its headers (else it ends with the connection)."""
-    return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers)
+    return any(
+        (name := key.lower()) == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower())
+        for key, value in headers
+    )
 
 
 def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
@@ -262,13 +274,19 @@ def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
 # What http.client refuses in a header's name and value (a line break would start another).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Brevo's x-sib-ratelimit-reset: seconds, ASCII digits (str.isdigit takes "²", float "inf").
+_SECONDS = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
 
 
 def _readable(conn: _Connection) -> bool:
     """An idle connection with something to read is done for: the server closed it, or
     said goodbye first (a 408 Request Timeout, as nginx and others do), and those bytes
     would be read as the next email's answer."""
-    return conn.sock is None or bool(select.select([conn.sock], [], [], 0)[0])
+    if conn.sock is None:
+        return True
+    poll = select.poll()  # not select(): it fails on a descriptor past 1023
+    poll.register(conn.sock, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 class BrevoTransport:
@@ -316,7 +334,7 @@ class BrevoTransport:
             return "duplicate"
         if status == 429:
             reset = _header(headers, b"x-sib-ratelimit-reset")
-            delay = int(float(reset) * 1000) if reset and reset.replace(".", "", 1).isdigit() else None
+            delay = int(float(reset) * 1000) if reset and _SECONDS.fullmatch(reset) else None
             raise TransientError("Brevo rate limit", retry_after_ms=delay)
         if status >= 500 or status == 408:  # 408: the server timed the request out; try again
             raise TransientError(f"Brevo answered {status}")
