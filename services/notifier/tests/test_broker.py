@@ -111,7 +111,7 @@ def test_a_call_interrupted_before_its_answer_never_leaves_it_for_the_next(
 ) -> None:
     script = broker.scripts["dispatch"]
     broker.enqueue(message())
-    conn = script._connection()
+    conn = script.scripts._connection()
     real = conn.read_response
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:

@@ -3,6 +3,7 @@ Redis round trips per message, keep-alive connections, no auth lookup when carri
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from notifier import actors, dedupe
+from notifier import actors, scripts
 from notifier.brevo import BrevoTransport, Email, FolderTransport
 from notifier.dedupe import SentMarkers
 from svckit.messages import SENT_MARKER
@@ -176,8 +177,8 @@ def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_ove
     then it gives up."""
     markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
     pauses: list[float] = []
-    monkeypatch.setattr(dedupe.time, "sleep", pauses.append)
-    conn = markers._connection()
+    monkeypatch.setattr(scripts.time, "sleep", pauses.append)
+    conn = markers._scripts._connection()
     real = conn.send_command
     failures = [0]
 
@@ -274,7 +275,7 @@ def test_a_call_interrupted_between_write_and_read_never_leaves_its_answer_for_t
     first = markers.begin(sent)
     assert first.token is not None
     markers.finish(sent, first.token)
-    conn = markers._connection()
+    conn = markers._scripts._connection()
     real = conn.send_command
 
     def then_interrupted(*args: Any, **kwargs: Any) -> None:
@@ -327,3 +328,23 @@ def test_the_auth_client_is_built_at_the_first_lookup_and_never_for_carried_reci
     assert ctx.auth.client is client  # built once
     server.shutdown()
     server.server_close()
+
+
+def test_a_threads_connection_goes_back_to_the_pool_when_the_thread_ends(redis_url: str) -> None:
+    """Threads that come and go (a pool of them, a tool) leave no connection held open."""
+    client = redis_client(redis_url)
+    markers = SentMarkers(client, ttl_s=60, claim_ms=2000)
+    pool = client.connection_pool
+
+    def once() -> None:
+        assert markers.begin(uuid.uuid4().hex).token is not None
+
+    for _ in range(30):
+        thread = threading.Thread(target=once)
+        thread.start()
+        thread.join()
+    gc.collect()
+    assert len(pool._in_use_connections) == 0
+    # The one each thread took in turn (and the one that loaded the script, if this Redis lacked it).
+    assert 1 <= len(pool._available_connections) <= 2
+    client.close()

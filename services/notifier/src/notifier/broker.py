@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -15,6 +13,7 @@ from dramatiq.middleware import Middleware, Retries, TimeLimit
 
 from notifier.config import Settings, get_settings
 from notifier.metrics import register_dead_letters
+from notifier.scripts import ThreadScripts
 from svckit.heap import settled_heap
 from svckit.messages import DEAD_MARKER, SEND_BATCH
 from svckit.metrics import serve_metrics
@@ -77,54 +76,19 @@ class SettledHeap(Middleware):
 
 class OnThreadConnection:
     """Dramatiq's dispatch script (each of the broker's fetch, ack, nack, enqueue and
-    requeue) run on the calling thread's own connection, taken from the pool once and
-    kept, as the sent markers' scripts are (notifier.dedupe): not redis-py's take and give
-    back of a pooled connection and its command layers around every call, which cost more
-    than half of a call's CPU, and a fetch and an acknowledgement per message.
-
-    What the pool checks before it hands a connection out is checked before each call:
-    one with something to read (closed by Redis, or an answer left unread) is replaced,
-    so a restarted Redis costs no failed call. A call that fails or is interrupted drops
-    the connection (raised as before: Dramatiq's consumer reconnects); a Redis that lacks
-    the script gets it, and the call is made once more, as redis-py's Script does."""
+    requeue) run on the calling thread's own connection (notifier.scripts), as the sent
+    markers' scripts are: a fetch and an acknowledgement per message, each otherwise a take
+    and give back of a pooled connection and redis-py's command layers. A call Redis does
+    not answer is raised at once, as before: Dramatiq's consumer reconnects."""
 
     def __init__(self, script: Any) -> None:
         self.script = script
-        self.local = threading.local()
-        os.register_at_fork(after_in_child=self._forget)  # a forked child's threads take their own
-
-    def _forget(self) -> None:
-        self.local = threading.local()
-
-    def _connection(self) -> Any:
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
-            conn = self.local.conn = self.script.registered_client.connection_pool.get_connection()
-            return conn
-        try:
-            if conn.can_read():  # connects it if it is not
-                raise redis.ConnectionError("Connection has data")
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            conn.disconnect()  # the next write connects afresh
-        return conn
+        self.scripts = ThreadScripts(script.registered_client)
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
         if client is not None:  # a pipeline's: as redis-py does it
             return self.script(keys=keys, args=args, client=client)
-        conn = self._connection()
-        loaded = False
-        while True:
-            try:
-                conn.send_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
-                if loaded:
-                    raise
-                loaded = True
-                self.script.sha = self.script.registered_client.script_load(self.script.script)
-            except BaseException:
-                conn.disconnect()  # whatever it was in the middle of is gone with it
-                raise
+        return self.scripts.run(self.script, keys, args)
 
 
 def setup_broker(settings: Settings | None = None) -> RedisBroker:

@@ -5,13 +5,12 @@ window between Brevo accepting an email and the marker being written."""
 from __future__ import annotations
 
 import secrets
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis
 
+from notifier.scripts import ThreadScripts
 from svckit.messages import SENT_MARKER
 
 # One round trip per email, whatever the order: what became of the email done last (its
@@ -79,48 +78,13 @@ class SentMarkers:
         self.ttl_s = ttl_s
         self.claim_ms = claim_ms
         self._step = client.register_script(_STEP)
-        self._local = threading.local()
-
-    def _connection(self) -> Any:
-        """This thread's connection, taken from the shared pool once and kept: a worker
-        thread's scripts skip the pool's take and give back, and the client's
-        command layers (retries, deprecation checks, observability hooks: a quarter of a
-        call's CPU here) by writing EVALSHA on it and reading the answer."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.redis.connection_pool.get_connection()
-        return conn
+        self._scripts = ThreadScripts(client)
 
     def _run(self, script: Any, keys: list[str], args: list[Any], *, pauses: Sequence[float] = AGAIN_AT_ONCE_S) -> Any:
-        """Run a script on this thread's connection: the one place that decides how a call
-        that fails is tried again. When Redis does not answer, the connection is dropped and
-        the call made again after each of `pauses` in turn (it reconnects on the next
-        write); when Redis lacks the script (restarted or flushed: a restart does both), it
-        is loaded and the call made once more. The script is safe to run twice. Anything
-        else that interrupts a call (a time limit raised into the thread) drops the
-        connection: an answer left unread on it would be read as the next script's."""
-        waits = iter(pauses)
-        loaded = False
-        while True:
-            conn = self._connection()
-            try:
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
-                if loaded:
-                    raise
-                loaded = True
-                self.redis.script_load(script.script)
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()  # whatever it was in the middle of is gone with it
-                pause = next(waits, None)
-                if pause is None:
-                    raise
-                if pause:
-                    time.sleep(pause)
-            except BaseException:
-                conn.disconnect()
-                raise
+        """A script on this thread's own connection (notifier.scripts): the one place that
+        decides how a call Redis does not answer is tried again (`pauses`). The script is
+        safe to run twice."""
+        return self._scripts.run(script, keys, args, pauses=pauses)
 
     def step(self, token: str, *, done: str | None = None, sent: bool = False, then: str | None = None) -> Begun:
         """In one round trip: the email `done` marked sent (if `sent`) and its claim released,

@@ -1,0 +1,92 @@
+"""Redis scripts run on the calling thread's own connection: the notifier's workers are
+threads, and each makes a few script calls per email (its sent marker and claim, and
+Dramatiq's fetches and acknowledgements)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+# Every ThreadScripts of this process: a forked child takes connections of its own.
+_ALL: weakref.WeakSet[ThreadScripts] = weakref.WeakSet()
+
+
+class _Held:
+    """A thread's connection, back in its pool once the thread is gone (its locals freed)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.conn = pool.get_connection()
+        weakref.finalize(self, pool.release, self.conn)
+
+
+class ThreadScripts:
+    """A thread's scripts on a connection of its own, taken from the client's pool at its
+    first call and given back when the thread ends: not redis-py's take and give back of a
+    pooled connection and its command layers (retries, deprecation checks, observability
+    hooks) around every call, more than half of a call's CPU here.
+
+    Before each call, a connection with something to read (Redis closed it, or an answer
+    left unread) is replaced, as the pool does before it hands one out, so a restarted
+    Redis costs no failed call. When Redis lacks the script (restarted or flushed), it is
+    loaded and the call made once more. When Redis does not answer, the connection is
+    dropped and the call made again after each of `pauses` in turn (none: raised at once).
+    Anything else that interrupts a call (a time limit raised into the thread) drops the
+    connection: an answer left unread on it would be read as the next call's."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._local = threading.local()
+        _ALL.add(self)
+
+    def _connection(self) -> Any:
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = _Held(self.client.connection_pool)
+            return held.conn
+        conn = held.conn
+        if conn._sock is None:  # dropped after a failure: the next write connects afresh
+            return conn
+        try:
+            if conn.can_read():
+                raise redis.ConnectionError("Connection has data")
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()
+        return conn
+
+    def run(self, script: Any, keys: Sequence[Any], args: Sequence[Any], *, pauses: Sequence[float] = ()) -> Any:
+        waits = iter(pauses)
+        loaded = False
+        while True:
+            conn = self._connection()
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                if loaded:
+                    raise
+                loaded = True
+                script.sha = self.client.script_load(script.script)
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()  # whatever it was in the middle of is gone with it
+                pause = next(waits, None)
+                if pause is None:
+                    raise
+                if pause:
+                    time.sleep(pause)
+            except BaseException:
+                conn.disconnect()
+                raise
+
+
+def _forget_all() -> None:
+    for scripts in list(_ALL):
+        scripts._local = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_all)
