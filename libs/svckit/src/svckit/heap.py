@@ -11,6 +11,8 @@ from contextlib import contextmanager
 # rows, futures): at 700 every collection scans the requests in flight and promotes them to
 # be scanned again, when a few more milliseconds would have freed them by reference count.
 GC_YOUNG_THRESHOLD = 20_000
+_depth = 0
+_threshold = gc.get_threshold()
 
 
 @contextmanager
@@ -22,12 +24,17 @@ def settled_heap() -> Iterator[None]:
     objects are also made rarer (GC_YOUNG_THRESHOLD). Cycles of garbage are still found in
     what is made from then on; on the way out (an app stopped in a process that goes on, as
     tests do) the frozen objects are handed back to the collector and the threshold restored."""
-    threshold = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *threshold[1:])
+    global _depth, _threshold
+    if _depth == 0:  # the first of several (apps of one process, in any order) settles it
+        _threshold = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *_threshold[1:])
+    _depth += 1
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        _depth -= 1
+        if _depth == 0:  # the last one hands it back
+            gc.set_threshold(*_threshold)
+            gc.unfreeze()

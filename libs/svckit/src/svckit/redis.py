@@ -58,6 +58,8 @@ class AutoPipeline:
         self._sending: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def execute(self, *args: Any) -> Any:
+        encode = self.client.get_encoder().encode
+        args = (args[0], *(encode(arg) for arg in args[1:]))  # a bad argument: its caller's DataError alone
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
         self._queued.append((args, answer))

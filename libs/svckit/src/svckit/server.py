@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
@@ -23,17 +24,27 @@ class _TurnBuffer:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._size = 0
 
     def write(self, data: bytes) -> None:
+        if self._size + len(data) > HIGH_WATER_LIMIT:
+            # A large turn goes through at once, so the transport's flow control
+            # (pause_writing, uvicorn's drain) still holds the app back.
+            self._flush()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+            return
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
+        self._size += len(data)
 
     def _flush(self) -> None:
         if not self._pending:
             return
         data = b"".join(self._pending)
         self._pending.clear()
+        self._size = 0
         if not self._transport.is_closing():
             self._transport.write(data)
 
@@ -48,3 +59,7 @@ class _TurnBuffer:
 class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_TurnBuffer(transport, self.loop))  # type: ignore[arg-type]
+
+    def eof_received(self) -> None:
+        # The transport closes itself after this: what this turn wrote goes first.
+        self.transport._flush()  # type: ignore[attr-defined]
