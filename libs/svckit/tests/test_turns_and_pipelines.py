@@ -1,4 +1,6 @@
-"""Cold review (rev2): demonstrations of findings in HttpProtocol, AutoPipeline, settled_heap."""
+"""Edges of svckit.server.HttpProtocol, svckit.redis.AutoPipeline and svckit.heap.settled_heap
+(found by a cold review): backpressure, a half-closing client, one caller's bad argument,
+heaps settled by several apps, pipelined requests and 100-continue."""
 
 from __future__ import annotations
 
@@ -70,9 +72,8 @@ def test_backpressure_stock_uvicorn_waits_for_the_reader() -> None:
     assert parts_sent_to_a_reader_that_reads_nothing(HttpToolsProtocol, "/stock") < 16
 
 
-def test_backpressure_turn_buffer_holds_the_whole_body_in_memory() -> None:
-    # FINDING: the writes of one turn never reach the transport before the turn ends, so the
-    # transport cannot pause the app: all 64 MiB are accepted (and joined: a second copy).
+def test_backpressure_a_large_turn_writes_through_so_the_app_waits_for_the_reader() -> None:
+    # Past 64 KiB a turn's writes reach the transport at once: it pauses the app, as uvicorn's own.
     assert parts_sent_to_a_reader_that_reads_nothing(HttpProtocol, "/turn") < 16
 
 
@@ -82,9 +83,8 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-def test_one_callers_bad_argument_fails_the_other_callers_of_its_turn(redis_url: str) -> None:
-    # FINDING: "each caller its own error, as if it had sent alone" does not hold for an
-    # error raised while the pipeline is packed (redis.DataError): the others get it too.
+def test_one_callers_bad_argument_is_its_own_error_not_its_turns(redis_url: str) -> None:
+    # Arguments are encoded as each caller queues them: a DataError is that caller's alone.
     async def scenario() -> list[Any]:
         client = async_redis_client(redis_url)
         commands = AutoPipeline(client)
@@ -104,9 +104,9 @@ def test_one_callers_bad_argument_fails_the_other_callers_of_its_turn(redis_url:
     assert answers[2] == b"1", answers
 
 
-def test_settled_heaps_left_out_of_order_leave_the_threshold_raised() -> None:
-    # FINDING: two apps' lifespans in one process (tests; two TestClients open at once) that end
-    # in the order they began: the collector is left at 20,000 for the rest of the process.
+def test_heaps_settled_by_two_apps_stay_settled_until_the_last_one_ends() -> None:
+    # Two apps' lifespans in one process, ended in the order they began: the first settles, the
+    # last hands back, and the collector's threshold is restored.
     before = gc.get_threshold()
     first, second = settled_heap(), settled_heap()
     first.__enter__()
@@ -156,9 +156,8 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> None:
-    # FINDING: stock uvicorn answers an immediate response to a client that shuts down its
-    # writing side after the request (50 of 50); with the turn buffer, the transport closes
-    # itself at the EOF before the turn's flush, and the answer is dropped (0 of 50, asyncio).
+    # A client that shuts down its writing side after the request still gets an answer made
+    # at once: the EOF flushes the turn's writes before the transport closes itself.
     server, thread, port = serve_small()
     try:
         for _ in range(10):
@@ -171,7 +170,7 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> None:
         thread.join(10)
 
 
-def test_fine_pipelined_requests_and_100_continue_answered_in_order() -> None:
+def test_pipelined_requests_and_100_continue_answered_in_order() -> None:
     server, thread, port = serve_small()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
