@@ -40,11 +40,11 @@ SERVICES_WITH_MIGRATIONS = ("auth", "wallet")
 # The Go runtime of the gateway (Traefik), the same in docker-compose.yml and
 # deploy/k8s/gateway.yaml (tests/repo/test_gateway_runtime.py): the collector at half the
 # default frequency (GOGC 200: less CPU per request for ~20 MB more heap), held back from
-# the container's memory limit (256 Mi in deploy/k8s) by a soft limit; and one scheduler
-# thread: with two, each wake-up of an idle gateway spun a second thread looking for work,
-# ~12% of its CPU per transfer on the whole stack. One core serves some 4000 money
-# requests/s, over ten times what one wallet process moves (make bench: ~300/s).
-GATEWAY_GO_ENV = {"GOGC": "200", "GOMEMLIMIT": "200MiB", "GOMAXPROCS": "1"}
+# the container's memory limit (256 Mi in deploy/k8s) by a soft limit. Not GOMAXPROCS=1,
+# though it saved ~12% of Traefik's CPU: the rate limiter's Redis client sizes its pool by
+# it (10 per thread), and with 10 it stayed failing for up to a second after a Redis
+# restart (tests/chaos: 500s once every service was ready again).
+GATEWAY_GO_ENV = {"GOGC": "200", "GOMEMLIMIT": "200MiB"}
 
 
 def _env_int(name: str, default: int) -> int:
