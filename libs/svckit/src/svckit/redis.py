@@ -52,14 +52,14 @@ class AutoPipeline:
         if max_commands < 1:
             raise ValueError("max_commands must be positive")
         self.client = client
+        self._encode = client.get_encoder().encode  # the pool's settings; built once, not per call
         self.max_commands = max_commands
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def execute(self, *args: Any) -> Any:
-        encode = self.client.get_encoder().encode
-        args = (args[0], *(encode(arg) for arg in args[1:]))  # a bad argument: its caller's DataError alone
+        args = (args[0], *map(self._encode, args[1:]))  # a bad argument: its caller's DataError alone
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
         self._queued.append((args, answer))
