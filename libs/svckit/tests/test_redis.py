@@ -82,6 +82,34 @@ def test_at_most_max_commands_per_pipeline_the_rest_in_the_next(redis_url: str) 
     asyncio.run(scenario())
 
 
+def test_commands_that_come_while_a_pipeline_is_on_its_way_go_together_in_the_next(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_redis_client(redis_url)
+        sizes = counting(client)
+        commands = AutoPipeline(client)  # one pipeline in flight at a time
+        slow = asyncio.ensure_future(commands.execute("BLPOP", "ap:empty", 0.2))  # answered in 0.2 s
+        await asyncio.sleep(0.05)
+        later = []
+        for i in range(5):  # each in a turn of its own, while BLPOP waits
+            later.append(asyncio.ensure_future(commands.execute("INCRBY", "ap:later", i)))
+            await asyncio.sleep(0.01)
+        assert sizes == [1]  # nothing else sent yet
+        assert await slow is None
+        assert sorted(await asyncio.gather(*later)) == sorted(sum(range(i + 1)) for i in range(5))
+        assert sizes == [1, 5]
+        # Two may be on their way at once: then the second goes at once.
+        two = AutoPipeline(client, max_in_flight=2)
+        slow = asyncio.ensure_future(two.execute("BLPOP", "ap:empty", 0.2))
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(two.execute("GET", "ap:later"), 0.1) == b"10"
+        assert await slow is None
+        assert sizes == [1, 5, 1, 1]
+        await client.delete("ap:later")
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_a_dead_server_fails_every_caller_of_the_pipeline() -> None:
     async def scenario() -> None:
         client = async_redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
@@ -113,6 +141,8 @@ def test_a_cancelled_caller_sends_nothing_and_the_others_get_their_answers(redis
     asyncio.run(scenario())
 
 
-def test_max_commands_must_be_positive(redis_url: str) -> None:
+def test_max_commands_and_max_in_flight_must_be_positive(redis_url: str) -> None:
     with pytest.raises(ValueError, match="positive"):
         AutoPipeline(redis.asyncio.Redis.from_url(redis_url), max_commands=0)
+    with pytest.raises(ValueError, match="positive"):
+        AutoPipeline(redis.asyncio.Redis.from_url(redis_url), max_in_flight=0)

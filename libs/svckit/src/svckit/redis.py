@@ -46,14 +46,21 @@ class AutoPipeline:
     had sent alone; a failure of the connection fails every command of that pipeline with
     it. Not a transaction: the commands are only sent together. At most `max_commands` go in
     one pipeline; the rest follow in the next.
+
+    At most `max_in_flight` pipelines are on their way at once: the commands that come while
+    they are wait for the first of them to be answered, then go together (what a client that
+    multiplexes one connection gets by itself). A command waits at most about one round trip
+    more; under load, when requests reach Redis one after another in different turns, they
+    share pipelines instead of each paying its own.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, *, max_commands: int = 128) -> None:
-        if max_commands < 1:
-            raise ValueError("max_commands must be positive")
+    def __init__(self, client: redis.asyncio.Redis, *, max_commands: int = 128, max_in_flight: int = 1) -> None:
+        if max_commands < 1 or max_in_flight < 1:
+            raise ValueError("max_commands and max_in_flight must be positive")
         self.client = client
         self._encode = client.get_encoder().encode  # the pool's settings; built once, not per call
         self.max_commands = max_commands
+        self.max_in_flight = max_in_flight
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()  # referenced until done
@@ -63,24 +70,29 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
         self._queued.append((args, answer))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        self._schedule()
         return await answer
 
-    def _flush(self) -> None:
-        queued = self._queued[: self.max_commands]
-        del self._queued[: self.max_commands]
-        if self._queued:
+    def _schedule(self) -> None:
+        """Flush at the end of this turn, when a pipeline may go now."""
+        if not self._scheduled and self._queued and len(self._sending) < self.max_in_flight:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._scheduled = False
-        # A caller cancelled in this turn sends nothing.
-        queued = [(args, answer) for args, answer in queued if not answer.done()]
-        if queued:
-            task = asyncio.ensure_future(self._send(queued))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._queued and len(self._sending) < self.max_in_flight:
+            # A caller cancelled while it waited sends nothing.
+            queued = [(args, answer) for args, answer in self._queued[: self.max_commands] if not answer.done()]
+            del self._queued[: self.max_commands]
+            if queued:
+                task = asyncio.ensure_future(self._send(queued))
+                self._sending.add(task)
+                task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._schedule()  # what came meanwhile goes in the next pipeline
 
     async def _send(self, queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
