@@ -9,8 +9,10 @@ batch of known size."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -19,12 +21,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
 from svckit import aiodb
 from svckit.problems import ProblemError
-from wallet import chain, service
+from svckit.testing import alembic, fresh_database
+from wallet import chain, repository, service
 from wallet.audit import audit
 from wallet.config import Settings
 from wallet.errors import WalletBusy
@@ -32,7 +35,7 @@ from wallet.idempotency import Once
 from wallet.models import LedgerEntry, OutboxMessage
 from wallet.movements import Movement, Movements
 
-from .conftest import app_client
+from .conftest import INI, app_client
 from .factories import AuthFake, Signer, User, call, new_user, open_wallet, sync_engine
 from .test_concurrency import CONNECTIONS, first_record_commit_answer_lost
 
@@ -232,6 +235,68 @@ def test_a_key_recorded_already_leaves_its_batch_and_replays(
     assert not any(a.replayed for i, a in enumerate(answers) if i != 2)
     assert client.get("/wallet", headers=user.headers).json()["balance"] == 7 + 1 + 300
     assert audit(sync_engine(client)).violations == []
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"), reason="Postgres' plan cache: needs TEST_DATABASE_URL")
+def test_the_batchs_record_look_up_stays_an_index_look_up_as_the_records_grow(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Planned (and cached, as a generic plan) while the table is small, the look-up of a
+    batch's keys must not go on reading the whole table as the records grow: no
+    sequential scan of idempotency_records, one index look-up per key (migration 0012)."""
+    with fresh_database("wallet_plan", tmp_path_factory.mktemp("plan")) as url:
+        alembic(INI, url, "upgrade", "head")
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+
+        def add_records(first: int, n: int) -> None:
+            with engine.connect() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO idempotency_records (user_id, endpoint, key, fingerprint, status_code,"
+                        " response_body, created_at) SELECT i, 'deposit', md5(i::text), 'f', 200, '{}', now()"
+                        " FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS i"
+                    ),
+                    {"first": first, "last": first + n - 1},
+                )
+
+        def scans() -> tuple[int, int]:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    text("SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'idempotency_records'")
+                ).one()
+            return int(row.seq_scan), int(row.idx_scan or 0)
+
+        known = (3, "deposit", hashlib.md5(b"3").hexdigest())
+        # As many keys as a batch under load holds.
+        asked = [known, *((i, "transfer", hashlib.md5(str(i).encode()).hexdigest()) for i in range(20, 32))]
+
+        async def scenario() -> None:
+            db = await aiodb.make_database(url, pool_size=1, max_overflow=0)  # one connection: one plan cache
+
+            async def look_ups(times: int) -> list[set[tuple[int, str, str]]]:
+                found = []
+                for _ in range(times):
+                    async with aiodb.transaction(db, read_only=True) as conn:
+                        found.append(await repository.recorded_keys(conn, asked))
+                async with aiodb.transaction(db, read_only=True) as conn:
+                    await conn.execute(text("SELECT pg_stat_force_next_flush()"))
+                return found
+
+            try:
+                add_records(1, 100)  # a small table, as a new deployment's
+                # Past the five runs after which Postgres caches a generic plan for the statement.
+                assert await look_ups(8) == [{known}] * 8
+                add_records(101, 20_000)
+                before = scans()
+                assert await look_ups(8) == [{known}] * 8
+                seq, idx = scans()
+            finally:
+                await db.dispose()
+            assert seq == before[0]  # not one pass over the table
+            assert idx - before[1] >= 8 * len(asked)  # a unique-index look-up per key
+
+        asyncio.run(scenario())
+        engine.dispose()
 
 
 def test_a_batch_that_fails_runs_each_movement_again_alone_one_batch_at_a_time(

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Integer,
     Select,
     Table,
+    Text,
     any_,
     bindparam,
     case,
@@ -377,17 +378,16 @@ _RECORD_LOOKUP = select(I.c.status_code, I.c.response_body, I.c.fingerprint, I.c
 
 
 def _recorded_postgres() -> Select[Any]:
-    asked = (
-        func.unnest(
-            bindparam("user_ids", type_=ARRAY(BigInteger())),
-            bindparam("endpoints", type_=ARRAY(I.c.endpoint.type)),
-            bindparam("keys", type_=ARRAY(I.c.key.type)),
-        )
-        .table_valued("user_id", "endpoint", "key")
-        .render_derived(name="asked")
-    )
-    on = (I.c.user_id == asked.c.user_id) & (I.c.endpoint == asked.c.endpoint) & (I.c.key == asked.c.key)
-    return select(I.c.user_id, I.c.endpoint, I.c.key).select_from(asked.join(I, on))
+    # Through migration 0012's function, whose plan is a unique-index look-up per key
+    # whatever the table's size: as a plain statement, the generic plan Postgres caches
+    # per connection was planned for the table as it was then, and once planned on a small
+    # table it read the whole table on every batch as it grew.
+    asked = func.idempotency_keys_recorded(
+        bindparam("user_ids", type_=ARRAY(BigInteger())),
+        bindparam("endpoints", type_=ARRAY(Text())),
+        bindparam("keys", type_=ARRAY(Text())),
+    ).table_valued("user_id", "endpoint", "key")
+    return select(asked.c.user_id, asked.c.endpoint, asked.c.key)
 
 
 _RECORDED = _recorded_postgres()
