@@ -4,6 +4,7 @@ each caller its own answer or error, a dead connection failing every caller at o
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,28 +85,59 @@ def test_at_most_max_commands_per_pipeline_the_rest_in_the_next(redis_url: str) 
 
 def test_commands_that_come_while_a_pipeline_is_on_its_way_go_together_in_the_next(redis_url: str) -> None:
     async def scenario() -> None:
-        client = async_redis_client(redis_url)
+        client = async_redis_client(redis_url, timeout_s=5)
+        other = async_redis_client(redis_url)
         sizes = counting(client)
-        commands = AutoPipeline(client)  # one pipeline in flight at a time
-        slow = asyncio.ensure_future(commands.execute("BLPOP", "ap:empty", 0.2))  # answered in 0.2 s
+        commands = AutoPipeline(client, stalled_s=60)  # one send on its way at a time, never stalled here
+        held = asyncio.ensure_future(commands.execute("BLPOP", "ap:gate", 0))  # answered once pushed to
         await asyncio.sleep(0.05)
         later = []
         for i in range(5):  # each in a turn of its own, while BLPOP waits
             later.append(asyncio.ensure_future(commands.execute("INCRBY", "ap:later", i)))
             await asyncio.sleep(0.01)
         assert sizes == [1]  # nothing else sent yet
-        assert await slow is None
+        await other.lpush("ap:gate", "go")
+        assert await held == (b"ap:gate", b"go")
         assert sorted(await asyncio.gather(*later)) == sorted(sum(range(i + 1)) for i in range(5))
         assert sizes == [1, 5]
         # Two may be on their way at once: then the second goes at once.
-        two = AutoPipeline(client, max_in_flight=2)
-        slow = asyncio.ensure_future(two.execute("BLPOP", "ap:empty", 0.2))
+        two = AutoPipeline(client, max_in_flight=2, stalled_s=60)
+        held = asyncio.ensure_future(two.execute("BLPOP", "ap:gate", 0))
         await asyncio.sleep(0.05)
-        assert await asyncio.wait_for(two.execute("GET", "ap:later"), 0.1) == b"10"
-        assert await slow is None
+        assert await asyncio.wait_for(two.execute("GET", "ap:later"), 2) == b"10"
+        await other.lpush("ap:gate", "go")
+        assert await held == (b"ap:gate", b"go")
         assert sizes == [1, 5, 1, 1]
         await client.delete("ap:later")
         await client.aclose()
+        await other.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_send_stalled_on_its_way_holds_the_next_ones_back_no_longer_than_stalled_s(redis_url: str) -> None:
+    """A hung Redis (or a pipeline whose answer is slow) does not queue every later command
+    behind it: past `stalled_s` the next send goes anyway, all of its commands together."""
+
+    async def scenario() -> None:
+        client = async_redis_client(redis_url, timeout_s=5)
+        other = async_redis_client(redis_url)
+        sizes = counting(client)
+        commands = AutoPipeline(client, stalled_s=0.2, max_commands=2)
+        held = asyncio.ensure_future(commands.execute("BLPOP", "ap:hung", 0))  # never answered until pushed to
+        await asyncio.sleep(0.01)
+        began = time.monotonic()
+        answers = await asyncio.wait_for(asyncio.gather(*(commands.execute("INCR", "ap:after") for _ in range(5))), 2)
+        waited = time.monotonic() - began
+        assert sorted(answers) == [1, 2, 3, 4, 5]
+        assert waited >= 0.15  # it waited for the first to count as stalled, not less
+        assert not held.done()  # the first is still on its way
+        assert sizes == [1, 2, 2, 1]  # the five in one send: its pipelines at once, max_commands each
+        await other.lpush("ap:hung", "go")
+        assert await held == (b"ap:hung", b"go")
+        await client.delete("ap:after")
+        await client.aclose()
+        await other.aclose()
 
     asyncio.run(scenario())
 

@@ -1,5 +1,5 @@
 from svckit.migrate import run_migrations
 from wallet.config import get_settings
-from wallet.models import GRANTS, Base
+from wallet.models import FUNCTIONS, GRANTS, Base
 
-run_migrations(Base.metadata, get_settings(), GRANTS)
+run_migrations(Base.metadata, get_settings(), GRANTS, FUNCTIONS)

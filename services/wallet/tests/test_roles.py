@@ -7,6 +7,7 @@ owner's, and the owner is not who the service connects as.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -20,12 +21,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
+from svckit import aiodb
 from svckit.db import make_engine
 from svckit.messages import SENT_MARKER
 from svckit.outbox import Relay
 from svckit.testing import RoleDatabase, role_database
+from wallet import repository
 from wallet.audit import audit
 from wallet.config import Settings
+from wallet.models import FUNCTIONS
 from wallet.outbox import TABLE as OUTBOX
 
 from . import conftest
@@ -134,6 +138,29 @@ class TestTheServiceRole:
             assert confirmed == 1
         finally:
             engine.dispose()
+
+    def test_the_batchs_record_look_up_runs_as_the_service_role(
+        self, db: RoleDatabase, app_client: TestClient, signer: Signer, auth_fake: AuthFake
+    ) -> None:
+        """A batch of movements asks which of its keys are recorded through migration 0012's
+        function: the service's role may run it (without it every batch would fail, and its
+        movements run again one by one)."""
+        alice = new_user(signer, auth_fake)
+        open_wallet(app_client, alice)
+        idem = key()
+        assert move(app_client, alice, "deposit", amount=5, idem=idem).status_code == 200
+
+        async def look_up() -> set[tuple[int, str, str]]:
+            database = await aiodb.make_database(db.app_url, pool_size=1, max_overflow=0)
+            try:
+                async with aiodb.transaction(database, read_only=True) as conn:
+                    return await repository.recorded_keys(
+                        conn, [(alice.id, "deposit", idem), (alice.id, "deposit", key())]
+                    )
+            finally:
+                await database.dispose()
+
+        assert asyncio.run(look_up()) == {(alice.id, "deposit", idem)}
 
     @pytest.mark.parametrize(
         ("statement", "message"),
@@ -294,6 +321,27 @@ class TestTheGrants:
         result = migrate(db)  # already at head: no migration runs, the grants are applied anyway
         assert result.returncode == 0, result.stderr
         assert "permission denied for table transactions" in str(refused(db.app_url, "TRUNCATE transactions"))
+
+    def test_the_functions_are_the_app_roles_to_run_and_no_one_elses_whatever_was_changed_by_hand(
+        self, db: RoleDatabase
+    ) -> None:
+        [function] = FUNCTIONS
+        owner = make_engine(db.migration_url)
+        try:
+            with owner.begin() as conn:  # by hand: back to a function's default, and the app role's taken
+                conn.execute(text(f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC"))
+                conn.execute(text(f'REVOKE EXECUTE ON FUNCTION {function} FROM "{db.app}"'))
+            assert migrate(db).returncode == 0
+            with owner.connect() as conn:
+                may = "SELECT has_function_privilege(:who, CAST(:f AS regprocedure), 'EXECUTE')"
+                assert conn.execute(text(may), {"who": db.app, "f": function}).scalar_one()
+                acl = conn.execute(
+                    text("SELECT CAST(proacl AS text[]) FROM pg_proc WHERE oid = CAST(:f AS regprocedure)"),
+                    {"f": function},
+                ).scalar_one()
+        finally:
+            owner.dispose()
+        assert not [entry for entry in acl if entry.startswith("=")], acl  # PUBLIC may not
 
     def test_an_app_role_that_is_a_member_of_the_owner_is_refused(self, db: RoleDatabase) -> None:
         admin = create_engine(os.environ["TEST_DATABASE_URL"], isolation_level="AUTOCOMMIT")

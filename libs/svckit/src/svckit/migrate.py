@@ -41,10 +41,13 @@ def app_role(settings: BaseServiceSettings) -> str:
     return make_url(settings.database_url).username or ""
 
 
-def run_migrations(target_metadata: MetaData, settings: BaseServiceSettings, grants: Grants) -> None:
+def run_migrations(
+    target_metadata: MetaData, settings: BaseServiceSettings, grants: Grants, functions: Collection[str] = ()
+) -> None:
     """Migrate with the migration URL (`*_MIGRATION_DATABASE_URL`, else `*_DATABASE_URL`),
-    then grant the app role its privileges. `-x url=...` and `-x app_role=...` on the
-    alembic command line win over the settings."""
+    then grant the app role its privileges (`functions`: the signatures of the functions it
+    may run). `-x url=...` and `-x app_role=...` on the alembic command line win over the
+    settings."""
     check_grants(target_metadata, grants)
     x = context.get_x_argument(as_dictionary=True)
     url = x.get("url") or settings.migration_database_url or settings.database_url
@@ -68,7 +71,7 @@ def run_migrations(target_metadata: MetaData, settings: BaseServiceSettings, gra
             if connection.in_transaction():
                 connection.commit()
             with connection.begin():
-                apply_grants(connection, role, grants)
+                apply_grants(connection, role, grants, functions)
     engine.dispose()
 
 
@@ -90,9 +93,11 @@ def check_grants(target_metadata: MetaData, grants: Grants) -> None:
             raise ValueError(f"{table}: privileges {sorted(wrong)} may not be granted (only {sorted(PRIVILEGES)})")
 
 
-def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
+def apply_grants(conn: Connection, role: str, grants: Grants, functions: Collection[str] = ()) -> None:
     """Make `role`'s privileges on the tables (and their sequences) this role owns exactly
-    `grants`, plus SELECT on `alembic_version`: everything else is revoked. Idempotent;
+    `grants`, plus SELECT on `alembic_version`: everything else is revoked. Each of
+    `functions` (a signature, `name(argument types)`) that exists may be run by `role` and
+    by no one else (a function's default is to `PUBLIC`), whatever was changed by hand. Idempotent;
     runs in the caller's transaction, so the service sees the old privileges or the new
     ones, never none."""
     me, superuser = conn.execute(text("SELECT rolname, rolsuper FROM pg_roles WHERE rolname = current_user")).one()
@@ -152,6 +157,11 @@ def apply_grants(conn: Connection, role: str, grants: Grants) -> None:
                 conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE {quote(sequence)} TO {grantee}")
     if VERSION_TABLE in tables:  # which revision the database is at, for `*-migrations wait`
         conn.exec_driver_sql(f"GRANT SELECT ON TABLE {quote(VERSION_TABLE)} TO {grantee}")
+    for signature in functions:
+        if conn.execute(text("SELECT to_regprocedure(:f)"), {"f": signature}).scalar() is None:
+            continue  # not there (yet, or any more: a downgrade)
+        conn.exec_driver_sql(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
+        conn.exec_driver_sql(f"GRANT EXECUTE ON FUNCTION {signature} TO {grantee}")
     log.info("granted %s its privileges on %d tables", role, len(grants))
 
 

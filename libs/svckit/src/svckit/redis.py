@@ -8,6 +8,7 @@ path with a fallback, so a failure must surface at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import redis
@@ -45,25 +46,31 @@ class AutoPipeline:
     its own answer, or its own error (a `redis.ResponseError`, a `NoScriptError`), as if it
     had sent alone; a failure of the connection fails every command of that pipeline with
     it. Not a transaction: the commands are only sent together. At most `max_commands` go in
-    one pipeline; the rest follow in the next.
+    one pipeline; the rest go at the same time, in the next ones.
 
-    At most `max_in_flight` pipelines are on their way at once: the commands that come while
+    At most `max_in_flight` sends are on their way at once: the commands that come while
     they are wait for the first of them to be answered, then go together (what a client that
-    multiplexes one connection gets by itself). A command waits at most about one round trip
-    more; under load, when requests reach Redis one after another in different turns, they
-    share pipelines instead of each paying its own.
+    multiplexes one connection gets by itself). Under load, when requests reach Redis one
+    after another in different turns, they share pipelines instead of each paying its own.
+    A send on its way for longer than `stalled_s` stops counting (a slow or hung Redis, or
+    a saturated loop that has not read the answer yet): a command waits at most about one
+    round trip more, and never more than `stalled_s` behind another's.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, *, max_commands: int = 128, max_in_flight: int = 1) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, *, max_commands: int = 128, max_in_flight: int = 1, stalled_s: float = 0.05
+    ) -> None:
         if max_commands < 1 or max_in_flight < 1:
             raise ValueError("max_commands and max_in_flight must be positive")
         self.client = client
         self._encode = client.get_encoder().encode  # the pool's settings; built once, not per call
         self.max_commands = max_commands
         self.max_in_flight = max_in_flight
+        self.stalled_s = stalled_s
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
-        self._sending: set[asyncio.Task[None]] = set()  # referenced until done
+        self._sending: dict[asyncio.Future[Any], float] = {}  # each send on its way, since when (referenced until done)
+        self._timer: asyncio.TimerHandle | None = None
 
     async def execute(self, *args: Any) -> Any:
         args = (args[0], *map(self._encode, args[1:]))  # a bad argument: its caller's DataError alone
@@ -74,25 +81,39 @@ class AutoPipeline:
         return await answer
 
     def _schedule(self) -> None:
-        """Flush at the end of this turn, when a pipeline may go now."""
-        if not self._scheduled and self._queued and len(self._sending) < self.max_in_flight:
+        """Send at the end of this turn if a send may go now; else look again when the
+        oldest one on its way would count as stalled."""
+        if self._scheduled or not self._queued:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        going = [since for since in self._sending.values() if now - since < self.stalled_s]
+        if len(going) < self.max_in_flight:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
+        elif self._timer is None:
+            self._timer = loop.call_later(min(going) + self.stalled_s - now, self._look_again)
+
+    def _look_again(self) -> None:
+        self._timer = None
+        self._schedule()
 
     def _flush(self) -> None:
         self._scheduled = False
-        while self._queued and len(self._sending) < self.max_in_flight:
-            # A caller cancelled while it waited sends nothing.
-            queued = [(args, answer) for args, answer in self._queued[: self.max_commands] if not answer.done()]
-            del self._queued[: self.max_commands]
-            if queued:
-                task = asyncio.ensure_future(self._send(queued))
-                self._sending.add(task)
-                task.add_done_callback(self._sent)
+        # A caller cancelled while it waited sends nothing.
+        queued = [(args, answer) for args, answer in self._queued if not answer.done()]
+        self._queued = []
+        if queued:
+            chunks = [queued[i : i + self.max_commands] for i in range(0, len(queued), self.max_commands)]
+            task = asyncio.ensure_future(asyncio.gather(*map(self._send, chunks)))
+            self._sending[task] = time.monotonic()
+            task.add_done_callback(self._sent)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._sending.discard(task)
-        self._schedule()  # what came meanwhile goes in the next pipeline
+    def _sent(self, task: asyncio.Future[Any]) -> None:
+        self._sending.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # each caller has its answer or error already: nothing to log here
+        self._schedule()  # what came meanwhile goes in the next send
 
     async def _send(self, queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:

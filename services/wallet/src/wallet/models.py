@@ -276,3 +276,5 @@ GRANTS = {
     "holds": ("SELECT", "INSERT", "UPDATE (status, captured_amount, recipient_wallet_id, transaction_id, updated_at)"),
     "refunds": ("SELECT", "INSERT"),
 }
+# The functions it runs: a batch's look-up of its keys' records (migration 0012).
+FUNCTIONS = ("idempotency_keys_recorded(bigint[], text[], text[])",)
