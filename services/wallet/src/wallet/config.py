@@ -54,7 +54,12 @@ class Settings(BaseServiceSettings):
 
     @property
     def currency_set(self) -> frozenset[str]:
-        return frozenset(c.strip().upper() for c in self.currencies.split(",") if c.strip())
+        return _currency_set(self.currencies)  # asked on every movement: parsed once per value
+
+
+@lru_cache(maxsize=8)
+def _currency_set(currencies: str) -> frozenset[str]:
+    return frozenset(c.strip().upper() for c in currencies.split(",") if c.strip())
 
 
 @lru_cache
