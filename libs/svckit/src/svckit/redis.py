@@ -8,6 +8,7 @@ path with a fallback, so a failure must surface at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+log = logging.getLogger("svckit.redis")
 
 
 def _settings(timeout_s: float, decode_responses: bool) -> dict[str, object]:
@@ -54,14 +57,16 @@ class AutoPipeline:
     after another in different turns, they share pipelines instead of each paying its own.
     A send on its way for longer than `stalled_s` stops counting (a slow or hung Redis, or
     a saturated loop that has not read the answer yet): a command waits at most about one
-    round trip more, and never more than `stalled_s` behind another's.
+    round trip more, and never more than `stalled_s` behind another's. Each pipeline takes a
+    pooled connection while it is on its way. One event loop at a time: on another loop (a
+    new `asyncio.run`) it starts afresh, forgetting what the closed one left on its way.
     """
 
     def __init__(
         self, client: redis.asyncio.Redis, *, max_commands: int = 128, max_in_flight: int = 1, stalled_s: float = 0.05
     ) -> None:
-        if max_commands < 1 or max_in_flight < 1:
-            raise ValueError("max_commands and max_in_flight must be positive")
+        if max_commands < 1 or max_in_flight < 1 or stalled_s <= 0:
+            raise ValueError("max_commands, max_in_flight and stalled_s must be positive")
         self.client = client
         self._encode = client.get_encoder().encode  # the pool's settings; built once, not per call
         self.max_commands = max_commands
@@ -71,6 +76,7 @@ class AutoPipeline:
         self._scheduled = False
         self._sending: dict[asyncio.Future[Any], float] = {}  # each send on its way, since when (referenced until done)
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def execute(self, *args: Any) -> Any:
         args = (args[0], *map(self._encode, args[1:]))  # a bad argument: its caller's DataError alone
@@ -83,9 +89,12 @@ class AutoPipeline:
     def _schedule(self) -> None:
         """Send at the end of this turn if a send may go now; else look again when the
         oldest one on its way would count as stalled."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # what a closed loop left (its flush, timer, sends) never comes
+            self._loop, self._scheduled, self._timer, self._sending = loop, False, None, {}
+            self._queued = [(args, answer) for args, answer in self._queued if answer.get_loop() is loop]
         if self._scheduled or not self._queued:
             return
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
         going = [since for since in self._sending.values() if now - since < self.stalled_s]
         if len(going) < self.max_in_flight:
@@ -111,8 +120,9 @@ class AutoPipeline:
 
     def _sent(self, task: asyncio.Future[Any]) -> None:
         self._sending.pop(task, None)
-        if not task.cancelled():
-            task.exception()  # each caller has its answer or error already: nothing to log here
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None and not isinstance(failure, asyncio.CancelledError):
+            log.error("Redis pipeline send failed unexpectedly: %r", failure)  # its callers have that error
         self._schedule()  # what came meanwhile goes in the next send
 
     async def _send(self, queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
@@ -130,10 +140,15 @@ class AutoPipeline:
             for _, answer in queued:
                 answer.cancel()
             raise
-        for (_, answer), result in zip(queued, results, strict=True):
-            if answer.done():  # its caller gave up (cancelled) while it was on the way
-                continue
-            if isinstance(result, Exception):
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
+        try:
+            for (_, answer), result in zip(queued, results, strict=True):
+                if answer.done():  # its caller gave up (cancelled) while it was on the way
+                    continue
+                if isinstance(result, Exception):
+                    answer.set_exception(result)
+                else:
+                    answer.set_result(result)
+        finally:  # whatever went wrong here, no caller is left waiting
+            for _, answer in queued:
+                if not answer.done():
+                    answer.set_exception(redis.RedisError("no answer in the pipeline's results"))
