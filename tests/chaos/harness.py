@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from e2e.client import User, new_user, open_wallet
 from e2e.conftest import BrevoStub, Stack
 from prometheus_client.parser import text_string_to_metric_families
+
+from svckit.messages import QUEUE
 
 OPENING = 100_000
 
@@ -282,6 +285,7 @@ class Load:
             assert counts.accepted <= want
         else:
             assert counts.accepted == want, f"Brevo accepted {counts.accepted:.0f} new emails, {want} expected"
+        settle(stack)
 
     def arrived(self) -> Counter[tuple[str, str]]:
         """What Brevo's stand-in accepted for these users, per (address, kind)."""
@@ -292,6 +296,39 @@ class Load:
             if address in addresses:
                 got[(address, tags[1] if tags[0] == "receipt" else tags[0])] += 1
         return got
+
+
+def settle(stack: Stack, timeout: float = 90) -> None:
+    """Wait until the notifier holds nothing unfinished, so the next scenario counts only its
+    own deliveries: no message enqueued and not yet acknowledged (Dramatiq keeps each in
+    the queue's `.msgs` hash, or the delay queue's, from its enqueue to its ack, a killed
+    worker's included until the broker hands it back), and no claim on an email being sent.
+    A worker killed between counting an email and marking it sent leaves such a message: its
+    redelivery sends again once the claim expires (Brevo refuses the repeat) and counts it
+    once more, which the scenario that killed it allows and the next one would not."""
+    client = redis.Redis.from_url(stack.redis_url)
+    unsettled: dict[str, int] = {}
+    started = time.monotonic()
+    deadline = started + timeout
+    quiet_since: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            unsettled = {
+                "queued": client.hlen(f"dramatiq:{QUEUE}.msgs"),
+                "delayed": client.hlen(f"dramatiq:{QUEUE}.DQ.msgs"),
+                "claims": sum(1 for _ in client.scan_iter(match="notifier:sending:*", count=1000)),
+            }
+            if any(unsettled.values()):
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 1:  # and stays so
+                print(f"notifier settled after {quiet_since - started:.1f} s")
+                return
+            time.sleep(0.5)
+    finally:
+        client.close()
+    raise AssertionError(f"the notifier never settled: {unsettled}")
 
 
 def brevo_emails(brevo: BrevoStub) -> list[Any]:
