@@ -163,11 +163,18 @@ def transfers(stack: b.Stack, wallets: Path, admin_url: str, database: str, seco
     before, started = cpu(pids), time.monotonic()
     # wrk itself is measured too: it starts after `before`, so its ticks all count.
     result: dict[str, Any] = {}
+    failed: list[Exception] = []
     done = threading.Event()
 
     def load() -> None:
-        result.update(b.wrk(stack.url, "money.lua", seconds, conns, BENCH_WALLETS=str(wallets), BENCH_KIND="transfer"))
-        done.set()
+        try:
+            result.update(
+                b.wrk(stack.url, "money.lua", seconds, conns, BENCH_WALLETS=str(wallets), BENCH_KIND="transfer")
+            )
+        except Exception as exc:  # noqa: BLE001  (raised below, not left to hang the wait for it)
+            failed.append(exc)
+        finally:
+            done.set()
 
     worker = threading.Thread(target=load)
     worker.start()
@@ -178,6 +185,9 @@ def transfers(stack: b.Stack, wallets: Path, admin_url: str, database: str, seco
     while not done.wait(0.5):
         wrk_ticks.update(cpu(wrk_pids))
     worker.join()
+    if failed:
+        sampler.stop.set()
+        raise failed[0]
     elapsed = time.monotonic() - started
     after = cpu(pids)
     sampler.stop.set()
