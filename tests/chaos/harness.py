@@ -28,8 +28,7 @@ import redis
 from e2e.client import User, new_user, open_wallet
 from e2e.conftest import BrevoStub, Stack
 from prometheus_client.parser import text_string_to_metric_families
-
-from svckit.messages import QUEUE
+from sqlalchemy import create_engine, text
 
 OPENING = 100_000
 
@@ -164,6 +163,7 @@ class Load:
     @classmethod
     def create(cls, api: httpx.Client, n_users: int, stack: Stack, brevo: BrevoStub) -> Load:
         wait_healthy(stack)  # the previous scenario's fault has healed
+        settle(stack)  # and its emails are all sent: what is counted from here is this one's
         before = NotifierCounts.scrape(stack)
         users = [new_user(api) for _ in range(n_users)]
         wallets = {u.id: open_wallet(api, u, balance=OPENING)["id"] for u in users}
@@ -285,7 +285,6 @@ class Load:
             assert counts.accepted <= want
         else:
             assert counts.accepted == want, f"Brevo accepted {counts.accepted:.0f} new emails, {want} expected"
-        settle(stack)
 
     def arrived(self) -> Counter[tuple[str, str]]:
         """What Brevo's stand-in accepted for these users, per (address, kind)."""
@@ -299,25 +298,28 @@ class Load:
 
 
 def settle(stack: Stack, timeout: float = 90) -> None:
-    """Wait until the notifier holds nothing unfinished, so the next scenario counts only its
-    own deliveries: no message enqueued and not yet acknowledged (Dramatiq keeps each in
-    the queue's `.msgs` hash, or the delay queue's, from its enqueue to its ack, a killed
-    worker's included until the broker hands it back), and no claim on an email being sent.
-    A worker killed between counting an email and marking it sent leaves such a message: its
-    redelivery sends again once the claim expires (Brevo refuses the repeat) and counts it
-    once more, which the scenario that killed it allows and the next one would not."""
+    """Wait until every email the stack has staged so far is settled, so a scenario counts
+    only its own deliveries: each outbox row (auth's and the wallet's) confirmed by its
+    relay (the notifier's "sent" or "dead" marker seen), and no claim on an email being
+    sent. A worker killed between counting an email and marking it sent leaves its row
+    unconfirmed: the redelivery sends again once the claim expires (Brevo refuses the
+    repeat) and counts it once more, which the scenario that killed it allows and the next
+    one would not. (Not the Dramatiq queues: after a Redis outage a live worker may keep
+    messages it dropped listed as its own until it restarts, their emails sent meanwhile by
+    the relays' republishing.)"""
     client = redis.Redis.from_url(stack.redis_url)
+    env = stack.env or {}
+    engines = {name: create_engine(env[f"{name.upper()}_DATABASE_URL"]) for name in ("auth", "wallet")}
     unsettled: dict[str, int] = {}
     started = time.monotonic()
     deadline = started + timeout
     quiet_since: float | None = None
     try:
         while time.monotonic() < deadline:
-            unsettled = {
-                "queued": client.hlen(f"dramatiq:{QUEUE}.msgs"),
-                "delayed": client.hlen(f"dramatiq:{QUEUE}.DQ.msgs"),
-                "claims": sum(1 for _ in client.scan_iter(match="notifier:sending:*", count=1000)),
-            }
+            unsettled = {"claims": sum(1 for _ in client.scan_iter(match="notifier:sending:*", count=1000))}
+            for name, engine in engines.items():
+                with engine.connect() as conn:
+                    unsettled[f"{name} outbox unconfirmed"] = conn.execute(UNCONFIRMED).scalar_one()
             if any(unsettled.values()):
                 quiet_since = None
             elif quiet_since is None:
@@ -328,7 +330,12 @@ def settle(stack: Stack, timeout: float = 90) -> None:
             time.sleep(0.5)
     finally:
         client.close()
-    raise AssertionError(f"the notifier never settled: {unsettled}")
+        for engine in engines.values():
+            engine.dispose()
+    raise AssertionError(f"the emails never settled: {unsettled}")
+
+
+UNCONFIRMED = text("SELECT count(*) FROM outbox WHERE confirmed_at IS NULL")
 
 
 def brevo_emails(brevo: BrevoStub) -> list[Any]:
