@@ -5,6 +5,7 @@ cannot send goes on as a message of its own, with its own id."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -169,45 +170,70 @@ def test_an_interrupted_batch_marks_what_it_sent_and_releases_the_rest(
 
 
 def test_each_email_is_marked_sent_right_after_its_send(failing: Failing, redis_url: str) -> None:
-    """Not at the batch's end: a worker killed mid-batch leaves unmarked at most the email
-    it was sending, as a message of its own would."""
+    """Not at the batch's end: the marker is written as the send returns (its answer read
+    later), so a worker killed mid-batch leaves unmarked at most the email it was sending,
+    as a message of its own would. Seen from another connection while the third send is
+    still going on."""
     items = [receipt_item() for _ in range(3)]
     client = redis_client(redis_url)
     marked: list[list[bool]] = []
-    failing.meanwhile = {
-        ids(items)[2]: lambda: marked.append([bool(client.exists(SENT_MARKER.format(i))) for i in ids(items)])
-    }
+
+    def during_the_third() -> None:
+        deadline = time.monotonic() + 2
+        while True:
+            now = [bool(client.exists(SENT_MARKER.format(i))) for i in ids(items)]
+            if now[:2] == [True, True] or time.monotonic() > deadline:
+                marked.append(now)
+                return
+            time.sleep(0.01)
+
+    failing.meanwhile = {ids(items)[2]: during_the_third}
     run(items)
     assert marked == [[True, True, False]]
 
 
-def test_an_email_another_worker_sent_during_the_batch_is_not_sent_again(
+def test_no_other_worker_can_claim_an_email_the_batch_holds(
     failing: Failing, broker: RedisBroker, redis_url: str
 ) -> None:
-    """Each email is checked right before its send, not once at the batch's start: a copy
-    handed on or republished may have been sent by another worker meanwhile."""
+    """The batch claims all its emails before its first send: a copy handed on or
+    republished meanwhile finds each busy (and waits out its claim), then sent."""
     items = [receipt_item() for _ in range(3)]
     other = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=5_000)
-
-    def another_worker_sends_the_second() -> None:
-        begun = other.begin(ids(items)[1])
-        assert begun.token is not None  # not claimed by the batch yet
-        other.finish(ids(items)[1], begun.token)
-
-    failing.meanwhile = {ids(items)[0]: another_worker_sends_the_second}
+    found: list[Any] = []
+    failing.meanwhile = {ids(items)[0]: lambda: found.append(other.begin(ids(items)[2]))}
     run(items)
-    assert failing.sent == [ids(items)[0], ids(items)[2]]
+    [begun] = found
+    assert (begun.sent, begun.token) == (False, None)
+    assert begun.busy_ms > 0
+    assert failing.sent == ids(items)
+    assert other.begin(ids(items)[2]).sent
     assert handed_on(broker) == {}
 
 
-def test_a_claim_lasts_as_one_emails_send_not_the_batchs(failing: Failing, redis_url: str) -> None:
-    items = [receipt_item() for _ in range(10)]
+def test_the_claims_still_held_are_renewed_after_each_send_so_each_lasts_one_send(
+    failing: Failing, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claimed together at the batch's start, each claim is renewed by the write that marks
+    the email before it sent (or released it): the last is still held when its turn comes
+    after sends longer in all than one claim, and a killed worker's claims run out one
+    claim after its last send, not the batch's."""
+    markers = actors.context().markers
+    monkeypatch.setattr(markers, "claim_ms", 600)
+    items = [receipt_item() for _ in range(4)]
     client = redis_client(redis_url)
     ttls: list[int] = []
-    failing.meanwhile = {ids(items)[9]: lambda: ttls.append(client.pttl(f"notifier:sending:{ids(items)[9]}"))}
+
+    def slow(i: int) -> None:
+        if i == 3:
+            ttls.append(client.pttl(f"notifier:sending:{ids(items)[i]}"))
+        time.sleep(0.3)
+
+    failing.meanwhile = {ids(items)[i]: (lambda i=i: slow(i)) for i in range(4)}
+    failing.failures = {}
     run(items)
-    [ttl] = ttls
-    assert 0 < ttl <= actors.context().markers.claim_ms
+    [ttl] = ttls  # 0.9 s after the claims were made: 1.5 claims
+    assert 0 < ttl <= 600
+    assert failing.sent == ids(items)
 
 
 def test_a_failure_after_the_send_never_sends_it_again(
@@ -243,3 +269,15 @@ def test_a_dead_batch_marks_no_email_dead(redis_url: str) -> None:
     marker.after_nack(None, single)
     assert not client.exists(DEAD_MARKER.format(batch.message_id))
     assert client.exists(DEAD_MARKER.format(single.message_id))
+
+
+def test_each_email_of_a_batch_is_sent_with_its_own_messages_request_id(failing: Failing) -> None:
+    from svckit.requestid import request_id_var
+
+    items = [receipt_item() for _ in range(2)]
+    for n, item in enumerate(items):
+        item.setdefault("options", {})["request_id"] = f"req-{n}"
+    seen: list[str | None] = []
+    failing.meanwhile = {i: (lambda: seen.append(request_id_var.get())) for i in ids(items)}
+    run(items)
+    assert seen == ["req-0", "req-1"]

@@ -173,8 +173,8 @@ def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_ove
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One retry policy (SentMarkers._run): any script once more at once on a new
-    connection; a sent email's marker (finish, or a batch's step) over about a second more,
-    then it gives up."""
+    connection; a sent email's marker (finish, or settle making a batch's good) over about
+    a second more, then it gives up."""
     markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
     pauses: list[float] = []
     monkeypatch.setattr(scripts.time, "sleep", pauses.append)
@@ -205,15 +205,18 @@ def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_ove
     failures[0] = 4
     with pytest.raises(redis.ConnectionError):
         markers.finish(uuid.uuid4().hex, "tok")
-    # A batch marks each email sent in the step that claims the next: the same second of tries.
+    # A batch's marker is written without waiting (mark_sent); one Redis did not take is
+    # written again when the message is done (settle), over the same second of tries.
     pauses.clear()
     second = uuid.uuid4().hex
-    begun = markers.begin(second)
-    assert begun.token is not None
-    failures[0] = 3
-    after = markers.step(begun.token, done=second, sent=True, then=uuid.uuid4().hex)
+    [begun] = markers.begin_all("tok2", [second])
+    assert begun.token == "tok2"
+    failures[0] = 4
+    markers.mark_sent("tok2", second)  # not taken
+    assert not markers.is_sent(second)
+    markers.settle("tok2", held=[])
     assert markers.is_sent(second)
-    assert after.token == begun.token
+    assert not markers.redis.exists(f"notifier:sending:{second}")
     assert pauses == [0.2, 0.8]
 
 
@@ -260,9 +263,89 @@ def test_a_begin_run_again_with_its_own_token_finds_the_claim_its_own(redis_url:
     the same token it is still ours, not another worker's for the claim's whole life."""
     markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=60_000)
     keys = [SENT_MARKER.format("e-again"), "notifier:sending:e-again"]
-    assert markers._run(markers._step, keys, ["tok", 60_000, 60, ""]) == -2
-    assert markers._run(markers._step, keys, ["tok", 60_000, 60, ""]) == -2  # ours still
-    assert markers._run(markers._step, keys, ["other", 60_000, 60, ""]) > 0  # another's: busy
+    assert markers._run(markers._begin, keys, ["tok", 60_000, 0]) == [-2]
+    assert markers._run(markers._begin, keys, ["tok", 60_000, 0]) == [-2]  # ours still
+    [busy] = markers._run(markers._begin, keys, ["other", 60_000, 0])  # another's: busy
+    assert busy > 0
+
+
+def test_markers_written_over_a_connection_redis_closed_are_written_again_when_the_message_is_done(
+    redis_url: str,
+) -> None:
+    """mark_sent does not wait for its answer: when the connection was gone (a restart, a
+    failover), settle finds the answers missing and marks the sent emails again."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    emails = [uuid.uuid4().hex for _ in range(3)]
+    assert all(b.token == "tok" for b in markers.begin_all("tok", emails))
+    admin = redis.Redis.from_url(redis_url)
+    assert int(admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")) >= 1
+    for email_id in emails:
+        markers.mark_sent("tok", email_id)
+    markers.settle("tok", held=[])
+    assert all(admin.exists(SENT_MARKER.format(e)) for e in emails)
+    assert not any(admin.exists(f"notifier:sending:{e}") for e in emails)
+    assert markers.begin(uuid.uuid4().hex).token is not None  # the thread's connection works again
+    admin.close()
+
+
+def test_markers_written_after_redis_lost_the_scripts_are_written_again_when_the_message_is_done(
+    redis_url: str,
+) -> None:
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    emails = [uuid.uuid4().hex for _ in range(2)]
+    markers.begin_all("tok", emails)
+    admin = redis.Redis.from_url(redis_url)
+    admin.script_flush()
+    for email_id in emails:
+        markers.mark_sent("tok", email_id)  # answered NOSCRIPT
+    markers.settle("tok", held=[])
+    assert all(admin.exists(SENT_MARKER.format(e)) for e in emails)
+    assert not any(admin.exists(f"notifier:sending:{e}") for e in emails)
+    admin.close()
+
+
+def test_a_call_made_while_answers_are_unread_reads_them_first_and_never_takes_one_for_its_own(
+    redis_url: str,
+) -> None:
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    markers.begin_all("tok", [first, second])
+    markers.mark_sent("tok", first, still=[second])  # its answer unread
+    assert markers.begin(first).sent  # this call's own answer, not the write's
+    markers.release_soon("tok", second)
+    markers.settle("tok", held=[])
+    assert markers.is_sent(first)
+    assert not markers.is_sent(second)
+    assert not markers.redis.exists(f"notifier:sending:{second}")
+    assert markers.begin(second).token is not None
+
+
+def test_a_release_redis_lacked_the_script_for_is_made_again_when_the_message_is_done(redis_url: str) -> None:
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=60_000)
+    email_id = uuid.uuid4().hex
+    markers.begin_all("tok", [email_id])
+    markers.redis.script_flush()
+    markers.release_soon("tok", email_id)  # answered NOSCRIPT
+    markers.settle("tok", held=[])
+    assert not markers.redis.exists(f"notifier:sending:{email_id}")
+    assert not markers.is_sent(email_id)
+
+
+def test_a_write_due_a_health_check_sends_no_ping_to_read_an_earlier_answer_as_its_own(redis_url: str) -> None:
+    """redis-py PINGs a connection idle past health_check_interval (30 s here) before its
+    next command and reads the answer: with a write's answer unread, that would be it."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    markers.begin_all("tok", [first, second])
+    conn = markers._scripts._connection()
+    assert conn.health_check_interval > 0
+    markers.mark_sent("tok", first, still=[second])
+    conn.next_health_check = 0  # due
+    markers.mark_sent("tok", second)
+    assert markers._scripts.answers() == []  # both taken, neither to make again
+    assert markers.is_sent(first)
+    assert markers.is_sent(second)
+    assert conn._sock is not None
 
 
 class Interrupted(BaseException):

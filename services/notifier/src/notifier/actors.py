@@ -98,8 +98,9 @@ def _build_context() -> Context:
         transport = FolderTransport(
             settings.outbox_dir, sender_email=settings.sender_email, sender_name=settings.sender_name
         )
-    # A claim outlives one Brevo call (its timeout) by a margin, so a killed worker's claim
-    # expires soon after its message is redelivered.
+    # A claim outlives one Brevo call (its timeout) by a margin, renewed after each send of a
+    # batch for the emails still to send, so a killed worker's claims expire soon after its
+    # message is redelivered.
     claim_ms = int(settings.brevo_timeout_s * 1000) + 5_000
     markers = SentMarkers(
         redis_client(settings.redis_url, timeout_s=2.0), ttl_s=settings.sent_marker_ttl_s, claim_ms=claim_ms
@@ -192,24 +193,29 @@ def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) ->
     """Send each email unless it was sent already: every actor's one path per email.
 
     `pending` holds each email's message and, for one of a batch, the message the relay
-    would otherwise have published for it alone (None for a message's own email). Each is
-    checked and claimed right before its send and marked sent right after it, in the same
-    round trip as the next one's check (SentMarkers.step; the last one's when the loop
-    ends): one email costs two round trips, a batch of n, n + 1. One that cannot be sent
-    now (another worker holds its claim, or its send failed in any way) goes on: a
-    message's own email by raising, for Dramatiq's retry (after a known wait, else its
-    backoff; a permanent failure dead-letters it); one of a batch as the relay's message
-    for it, which then takes that path (_hand_off). An interruption (a time limit raised
-    into the thread) marks the email sent before it and releases the one it was sending.
+    would otherwise have published for it alone (None for a message's own email). All are
+    checked and claimed in one round trip before the first send, and each is marked sent
+    right after its send, by a write that also renews the claims still held and whose
+    answer is read with the others when the message is done (SentMarkers): a message
+    of one email or of n costs one round trip, a write per email and one read of the
+    answers. One that cannot be sent now (another worker holds its claim, or its send failed
+    in any way) goes on: a message's own email by raising, for Dramatiq's retry (after a
+    known wait, else its backoff; a permanent failure dead-letters it); one of a batch as
+    the relay's message for it, which then takes that path (_hand_off). An interruption (a
+    time limit raised into the thread) releases the claims of what it did not send.
     """
     ctx = context()
     token = secrets.token_hex(8)
-    done: str | None = None  # sent, its marker not yet written
+    pending = list(pending)
+    # Until the claims are known, every email's claim is released on the way out (if ours).
+    held = {message.email_id for message, _ in pending}
     try:
-        for message, item in pending:
+        begun_all = ctx.markers.begin_all(token, [message.email_id for message, _ in pending])
+        held = {message.email_id for (message, _), begun in zip(pending, begun_all, strict=True) if begun.token}
+        for (message, item), begun in zip(pending, begun_all, strict=True):
             email_id = message.email_id
-            begun = ctx.markers.step(token, done=done, sent=True, then=email_id)
-            done = None
+            if item is not None:  # one of a batch: its own message's request id while it is sent
+                request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
             if begun.sent:
                 DUPLICATES.inc()
                 log.info("email %s already sent; duplicate dropped", email_id)
@@ -223,7 +229,8 @@ def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) ->
             try:
                 outcome = ctx.transport.send(_email(message))
             except Exception as exc:
-                ctx.markers.release(email_id, token)
+                held.discard(email_id)
+                ctx.markers.release_soon(token, email_id, still=held)  # before its retry or hand-off begins it
                 if item is None:
                     if isinstance(exc, TransientError) and exc.retry_after_ms is not None:  # Brevo's reset
                         raise dramatiq.Retry(str(exc), delay=_delay_after(exc)) from exc
@@ -231,17 +238,16 @@ def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) ->
                 log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
                 _hand_off(item, _delay_after(exc))
                 continue
-            except BaseException:  # interrupted during its send
-                ctx.markers.release(email_id, token)
-                raise
             # Sent: from here on nothing may hand it on or release it unmarked.
-            done = email_id
-            _count(email_id, outcome, message.kind if isinstance(message, Receipt) else "welcome")
-            if isinstance(message, Receipt):
-                _lag(message)
+            try:
+                _count(email_id, outcome, message.kind if isinstance(message, Receipt) else "welcome")
+                if isinstance(message, Receipt):
+                    _lag(message)
+            finally:
+                held.discard(email_id)
+                ctx.markers.mark_sent(token, email_id, still=held)
     finally:
-        if done is not None:
-            ctx.markers.finish(done, token)  # one round trip: the sent marker, the claim released
+        ctx.markers.settle(token, held=sorted(held))
 
 
 @dramatiq.actor(actor_name=SEND_WELCOME, **_OPTIONS)
@@ -257,7 +263,8 @@ def send_receipt(message: dict[str, Any]) -> None:
 @dramatiq.actor(actor_name=SEND_BATCH, **_OPTIONS)
 def send_batch(messages: list[dict[str, Any]]) -> None:
     """Several emails in one Dramatiq message (the relay groups what one round publishes):
-    one fetch and acknowledgement per batch, one marker round trip per email (deliver).
+    one fetch and acknowledgement per batch, one marker round trip per batch and a marker
+    written per email (deliver).
 
     One that cannot be sent now goes on as the message the relay would otherwise have
     published: its own id, retries with backoff and dead letter. A batch interrupted or
@@ -277,9 +284,9 @@ _MODELS: dict[Any, type[WelcomeEmail] | type[Receipt]] = {SEND_WELCOME: WelcomeE
 
 
 def _batched(messages: list[dict[str, Any]], ids: list[str]) -> Iterator[tuple[NotifierMessage, dict[str, Any]]]:
-    """A batch's emails for deliver, each once, in order, each with its own message's
-    request id while it is sent. One that is malformed goes on alone at once: its own
-    message dead-letters it."""
+    """A batch's emails for deliver, each once, in order (deliver sets each one's request
+    id while it is sent). One that is malformed goes on alone at once, with its own
+    message's request id: its own message dead-letters it."""
     seen: set[str] = set()
     for item, email_id in zip(messages, ids, strict=True):
         request_id_var.set((item.get("options") or {}).get("request_id") or email_id)

@@ -13,26 +13,54 @@ import redis
 from notifier.scripts import ThreadScripts
 from svckit.messages import SENT_MARKER
 
-# One round trip per email, whatever the order: what became of the email done last (its
-# sent marker; its claim released if still ours), then the next one checked and claimed:
-# already sent (-1), claimed for us (-2), or claimed by another worker for this many more
-# milliseconds (>= 0); -3 when there is no next one. Atomic, so no worker can mark an
-# email sent between the check and the claim. A claim already holding our token is ours: a
-# run whose answer was lost, run again.
-# KEYS: the done email's sent marker and claim (if ARGV[4] says one was done), then the
-# next one's (if any). ARGV: token, claim ms, sent marker seconds, "sent" / "failed" / "".
-_STEP = """
-local k = 1
-if ARGV[4] ~= '' then
-  if ARGV[4] == 'sent' then redis.call('SET', KEYS[1], 1, 'EX', ARGV[3]) end
-  if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-  k = 3
+# An email's check and claim, in one round trip for all of a message's emails (a batch's),
+# each: already sent (-1), claimed for us (-2), or claimed by another worker for this many
+# more milliseconds (>= 0). Atomic per email, so no worker can mark one sent between its
+# check and its claim. Each claim lasts ARGV[2] ms, renewed after every send of the
+# message for the emails still to send (_AFTER). A claim already holding our token is ours:
+# a run whose answer was lost, run again.
+# KEYS: each email's sent marker and claim, in turn. ARGV: token, claim ms.
+_BEGIN = """
+local found = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    found[#found + 1] = -1
+  elseif redis.call('GET', KEYS[i + 1]) == ARGV[1] then
+    found[#found + 1] = -2
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    found[#found + 1] = -2
+  else
+    found[#found + 1] = math.max(redis.call('PTTL', KEYS[i + 1]), 0)
+  end
 end
-if not KEYS[k] then return -3 end
-if redis.call('EXISTS', KEYS[k]) == 1 then return -1 end
-if redis.call('GET', KEYS[k + 1]) == ARGV[1] then return -2 end
-if redis.call('SET', KEYS[k + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -2 end
-return math.max(redis.call('PTTL', KEYS[k + 1]), 0)
+return found
+"""
+
+# After one email's send (or its failure): its sent marker written if ARGV[3] is 1, its
+# claim released if still ours, and the claims of the emails still to send (KEYS[3] on)
+# renewed for ARGV[4] ms if still ours, so each lasts one send from here, not the batch.
+# KEYS: the email's sent marker and claim, then the claims still held. ARGV: token, sent
+# marker seconds, 1 (sent) or 0, claim ms.
+_AFTER = """
+if ARGV[3] == '1' then redis.call('SET', KEYS[1], 1, 'EX', ARGV[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+for i = 3, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+end
+return 1
+"""
+
+# What became of emails: the first ARGV[3] of them sent (their markers written), and each
+# one's claim released if still ours. Safe to run twice.
+# KEYS: each email's sent marker and claim, in turn. ARGV: token, sent marker seconds, how
+# many of the emails (from the first) were sent.
+_DONE = """
+local sent = tonumber(ARGV[3])
+for i = 1, #KEYS, 2 do
+  if (i - 1) / 2 < sent then redis.call('SET', KEYS[i], 1, 'EX', ARGV[2]) end
+  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
+end
+return sent
 """
 
 
@@ -41,7 +69,7 @@ return math.max(redis.call('PTTL', KEYS[k + 1]), 0)
 # (SentMarkers._run). Any script once more at once, on a new connection: a claim not
 # made is the message's retry's to wait for.
 AGAIN_AT_ONCE_S = (0.0,)
-# A sent email's marker (SentMarkers.step and finish) is all that keeps the email from going out
+# A sent email's marker (SentMarkers.finish, and `settle` making a batch's good) is all that keeps the email from going out
 # again (but for Brevo's idempotencyKey): it is tried over about a second more (a
 # restart, a failover) before the send's retry would go to Brevo again.
 MARKER_PAUSES_S = (0.0, 0.2, 0.8)
@@ -73,11 +101,22 @@ def _keys(email_id: str) -> tuple[str, str]:
 
 
 class SentMarkers:
+    """Each worker thread's claims and sent markers, on its own Redis connection.
+
+    A message's emails are checked and claimed together before the first send (`begin_all`:
+    one round trip), each marked sent right after its send by a write nothing waits for
+    (`mark_sent`: the marker leaves at once, its answer read with the others at the end; the
+    same write renews the claims of the emails still to send, so each claim lasts one send),
+    and the answers read once the message is done (`settle`, which writes again what Redis
+    may not have taken and releases the claims still held)."""
+
     def __init__(self, client: redis.Redis, *, ttl_s: int, claim_ms: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.claim_ms = claim_ms
-        self._step = client.register_script(_STEP)
+        self._begin = client.register_script(_BEGIN)
+        self._after = client.register_script(_AFTER)
+        self._done = client.register_script(_DONE)
         self._scripts = ThreadScripts(client)
 
     def _run(self, script: Any, keys: list[str], args: list[Any], *, pauses: Sequence[float] = AGAIN_AT_ONCE_S) -> Any:
@@ -86,30 +125,51 @@ class SentMarkers:
         safe to run twice."""
         return self._scripts.run(script, keys, args, pauses=pauses)
 
-    def step(self, token: str, *, done: str | None = None, sent: bool = False, then: str | None = None) -> Begun:
-        """In one round trip: the email `done` marked sent (if `sent`) and its claim released,
-        then the email `then` checked and claimed with `token` (what the Begun says; a
-        Begun with neither `sent` nor `token` when there is no `then`). A step that marks
-        an email sent is tried over about a second when Redis does not answer
-        (MARKER_PAUSES_S), any other once more at once (_run)."""
-        keys = [*(_keys(done) if done is not None else ()), *(_keys(then) if then is not None else ())]
-        outcome = ("sent" if sent else "failed") if done is not None else ""
-        pauses = MARKER_PAUSES_S if done is not None and sent else AGAIN_AT_ONCE_S
-        found = int(self._run(self._step, keys, [token, self.claim_ms, self.ttl_s, outcome], pauses=pauses))
-        return _begun(found, token) if then is not None else Begun(sent=False, token=None, busy_ms=0)
+    def begin_all(self, token: str, email_ids: Sequence[str]) -> list[Begun]:
+        """Before the first send, in one round trip: each email sent already, claimed for us
+        with `token`, or busy for how long."""
+        keys = [key for email_id in email_ids for key in _keys(email_id)]
+        found = self._run(self._begin, keys, [token, self.claim_ms])
+        return [_begun(int(f), token) for f in found]
+
+    def mark_sent(self, token: str, email_id: str, *, still: Sequence[str] = ()) -> None:
+        """Right after its send: the email's sent marker and its claim released, and the
+        claims of the emails `still` to send renewed, written without waiting for the answer
+        (`settle` reads it)."""
+        self._after_send(token, email_id, 1, still)
+
+    def release_soon(self, token: str, email_id: str, *, still: Sequence[str] = ()) -> None:
+        """After a failed send: the email's claim released (if still ours), not marked sent,
+        and the claims `still` held renewed; the answer left to `settle`."""
+        self._after_send(token, email_id, 0, still)
+
+    def _after_send(self, token: str, email_id: str, sent: int, still: Sequence[str]) -> None:
+        keys = [*_keys(email_id), *map(_claim_key, still)]
+        self._scripts.write(self._after, keys, [token, self.ttl_s, sent, self.claim_ms])
+
+    def settle(self, token: str, *, held: Sequence[str]) -> None:
+        """Once a message is done: the answers of its writes read, any that Redis did not
+        take or failed made again (a sent marker among them tried over about a second:
+        MARKER_PAUSES_S), and the claims still `held` (emails not sent: an interruption)
+        released."""
+        for script, keys, args in self._scripts.answers():
+            self._run(script, list(keys), list(args), pauses=MARKER_PAUSES_S if args[2] == 1 else AGAIN_AT_ONCE_S)
+        if held:
+            self._run(self._done, [key for email_id in held for key in _keys(email_id)], [token, self.ttl_s, 0])
 
     def begin(self, email_id: str) -> Begun:
-        """Before sending, in one round trip: sent already, claimed for us, or busy for how long."""
-        return self.step(secrets.token_hex(8), then=email_id)
+        """One email checked and claimed, in one round trip: sent already, claimed for us, or
+        busy for how long."""
+        return self.begin_all(secrets.token_hex(8), [email_id])[0]
 
     def finish(self, email_id: str, token: str) -> None:
-        """After sending, in one round trip: the sent marker, and the claim released (tried
-        over about a second when Redis does not answer: MARKER_PAUSES_S)."""
-        self.step(token, done=email_id, sent=True)
+        """In one round trip: the sent marker, and the claim released (tried over about a
+        second when Redis does not answer: MARKER_PAUSES_S)."""
+        self._run(self._done, list(_keys(email_id)), [token, self.ttl_s, 1], pauses=MARKER_PAUSES_S)
 
     def release(self, email_id: str, token: str) -> None:
         """The claim released (if still ours), the email not marked sent."""
-        self.step(token, done=email_id)
+        self._run(self._done, list(_keys(email_id)), [token, self.ttl_s, 0])
 
     def is_sent(self, email_id: str) -> bool:
         return bool(self.redis.exists(SENT_MARKER.format(email_id)))

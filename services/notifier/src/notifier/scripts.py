@@ -1,9 +1,11 @@
 """Redis scripts run on the calling thread's own connection: the notifier's workers are
 threads, and each makes a few script calls per email (its sent marker and claim, and
-Dramatiq's fetches and acknowledgements)."""
+Dramatiq's fetches and acknowledgements), some written without waiting for the answer
+(`ThreadScripts.write`, read later by `answers`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -52,6 +54,8 @@ class ThreadScripts:
         conn = held.conn
         if conn._sock is None:  # dropped after a failure: the next write connects afresh
             return conn
+        if getattr(self._local, "unread", None):  # the answers of `write`s: not stale data
+            return conn
         try:
             if conn.can_read():
                 raise redis.ConnectionError("Connection has data")
@@ -59,7 +63,61 @@ class ThreadScripts:
             conn.disconnect()
         return conn
 
+    def write(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        """The call written and its answer left unread, for `answers` (or the next `run`) to
+        read: a call nothing waits for, in the same order on the wire as the calls around
+        it. The call is kept until its answer is read, so one Redis did not take, or that
+        failed, can be made again (`answers`)."""
+        conn = self._connection()
+        # Counted before the write: an interruption after it leaves it accounted for.
+        self._local.__dict__.setdefault("unread", []).append((script, tuple(keys), tuple(args)))
+        try:
+            # No health check: its PING would read an answer of an earlier write as its own.
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args, check_health=False)
+        except BaseException as exc:
+            self._drop(conn)
+            if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                raise
+
+    def answers(self) -> list[tuple[Any, tuple[Any, ...], tuple[Any, ...]]]:
+        """Every answer of this thread's `write`s since the last call read: the calls whose
+        answer did not come (their connection dropped on the way) or was an error (a script
+        Redis lacked after a restart or a flush: loaded here for the next write), for the
+        caller to make again with `run`. None when all went through."""
+        self._read_unread()
+        failed, self._local.failed = getattr(self._local, "failed", []), []
+        return failed
+
+    def _drop(self, conn: Any) -> None:
+        """The connection closed: the answers not yet read are gone with it, their calls failed."""
+        conn.disconnect()
+        self._local.__dict__.setdefault("failed", []).extend(getattr(self._local, "unread", ()))
+        self._local.unread = []
+
+    def _read_unread(self) -> None:
+        unread = getattr(self._local, "unread", None)
+        if not unread:
+            return
+        conn = self._local.held.conn
+        failed = self._local.__dict__.setdefault("failed", [])
+        while unread:
+            try:
+                conn.read_response()
+            except redis.exceptions.NoScriptError:
+                failed.append(unread[0])
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # else its `run` loads it
+                    unread[0][0].sha = self.client.script_load(unread[0][0].script)
+            except redis.exceptions.ResponseError:
+                failed.append(unread[0])
+            except BaseException as exc:
+                self._drop(conn)
+                if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    raise
+                return
+            unread.pop(0)
+
     def run(self, script: Any, keys: Sequence[Any], args: Sequence[Any], *, pauses: Sequence[float] = ()) -> Any:
+        self._read_unread()  # first the answers of what was written before (`answers` keeps the failed)
         waits = iter(pauses)
         loaded = False
         while True:
