@@ -13,6 +13,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from notifier import actors
@@ -281,3 +282,70 @@ def test_each_email_of_a_batch_is_sent_with_its_own_messages_request_id(failing:
     failing.meanwhile = {i: (lambda: seen.append(request_id_var.get())) for i in ids(items)}
     run(items)
     assert seen == ["req-0", "req-1"]
+
+
+def redis_gone_after(failing: Failing, email_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the send of `email_id` on, the markers' connection takes nothing (Redis away)."""
+    from notifier import scripts
+
+    monkeypatch.setattr(scripts.time, "sleep", lambda _: None)
+    conn = actors.context().markers._scripts._connection()
+
+    def away(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("Redis is away")
+
+    failing.meanwhile = {email_id: lambda: monkeypatch.setattr(conn, "send_command", away)}
+
+
+def test_a_batch_stops_when_redis_goes_away_rather_than_send_on_unmarked(
+    failing: Failing, broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its first marker could not be written: the next email's send waits for it to be made
+    good, which raises while Redis is away, so one email is left unmarked, not the batch."""
+    items = [receipt_item() for _ in range(4)]
+    redis_gone_after(failing, ids(items)[0], monkeypatch)
+    with pytest.raises(redis.ConnectionError):
+        run(items)
+    assert failing.sent == [ids(items)[0]]
+
+
+def test_a_message_whose_markers_cannot_be_settled_still_fails_with_its_own_error(
+    failing: Failing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A permanent failure must reach Dramatiq as itself (dead letter, not retried), not as
+    the Redis error met while settling its claim."""
+    message = receipt_item()["kwargs"]["message"]
+    redis_gone_after(failing, message["email_id"], monkeypatch)
+    real = failing.meanwhile[message["email_id"]]
+
+    def then_refused() -> None:
+        real()
+        raise PermanentError("400 invalid_parameter")
+
+    failing.meanwhile = {message["email_id"]: then_refused}
+    with pytest.raises(PermanentError):
+        actors.send_receipt.fn(message)
+
+
+def test_the_first_batch_after_redis_lost_its_scripts_marks_each_email_right_after_its_send(
+    failing: Failing, redis_url: str
+) -> None:
+    """The scripts are loaded together when one is missing, so the marker written after the
+    first send is not refused for a script only ever written."""
+    items = [receipt_item() for _ in range(3)]
+    client = redis_client(redis_url)
+    client.script_flush()
+    marked: list[list[bool]] = []
+
+    def during_the_third() -> None:
+        deadline = time.monotonic() + 2
+        while True:
+            now = [bool(client.exists(SENT_MARKER.format(i))) for i in ids(items)]
+            if now[:2] == [True, True] or time.monotonic() > deadline:
+                marked.append(now)
+                return
+            time.sleep(0.01)
+
+    failing.meanwhile = {ids(items)[2]: during_the_third}
+    run(items)
+    assert marked == [[True, True, False]]

@@ -226,6 +226,7 @@ def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) ->
                     raise dramatiq.Retry(f"email {email_id} is being sent by another worker", delay=delay)
                 _hand_off(item, delay)
                 continue
+            ctx.markers.make_good()  # Redis went away: stop here rather than send on unmarked
             try:
                 outcome = ctx.transport.send(_email(message))
             except Exception as exc:
@@ -246,8 +247,13 @@ def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) ->
             finally:
                 held.discard(email_id)
                 ctx.markers.mark_sent(token, email_id, still=held)
-    finally:
-        ctx.markers.settle(token, held=sorted(held))
+    except BaseException:
+        try:  # the message's own failure is what Dramatiq must see (a dead letter, Brevo's delay)
+            ctx.markers.settle(token, held=sorted(held))
+        except Exception:
+            log.warning("the markers of a failed message could not be settled", exc_info=True)
+        raise
+    ctx.markers.settle(token, held=sorted(held))
 
 
 @dramatiq.actor(actor_name=SEND_WELCOME, **_OPTIONS)

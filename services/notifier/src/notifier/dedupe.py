@@ -117,7 +117,7 @@ class SentMarkers:
         self._begin = client.register_script(_BEGIN)
         self._after = client.register_script(_AFTER)
         self._done = client.register_script(_DONE)
-        self._scripts = ThreadScripts(client)
+        self._scripts = ThreadScripts(client, together=(self._begin, self._after, self._done))
 
     def _run(self, script: Any, keys: list[str], args: list[Any], *, pauses: Sequence[float] = AGAIN_AT_ONCE_S) -> Any:
         """A script on this thread's own connection (notifier.scripts): the one place that
@@ -147,15 +147,27 @@ class SentMarkers:
         keys = [*_keys(email_id), *map(_claim_key, still)]
         self._scripts.write(self._after, keys, [token, self.ttl_s, sent, self.claim_ms])
 
+    def make_good(self) -> None:
+        """Before the next send: the writes of this thread known to have failed (Redis went
+        away) made again now, raising if Redis still does not answer, so a batch stops
+        rather than sending on with its markers unwritten."""
+        if self._scripts.lagging():
+            self._replay()
+
+    def _replay(self) -> None:
+        for script, keys, args in self._scripts.answers():
+            self._run(script, list(keys), list(args), pauses=MARKER_PAUSES_S if args[2] == 1 else AGAIN_AT_ONCE_S)
+
     def settle(self, token: str, *, held: Sequence[str]) -> None:
         """Once a message is done: the answers of its writes read, any that Redis did not
         take or failed made again (a sent marker among them tried over about a second:
         MARKER_PAUSES_S), and the claims still `held` (emails not sent: an interruption)
         released."""
-        for script, keys, args in self._scripts.answers():
-            self._run(script, list(keys), list(args), pauses=MARKER_PAUSES_S if args[2] == 1 else AGAIN_AT_ONCE_S)
-        if held:
-            self._run(self._done, [key for email_id in held for key in _keys(email_id)], [token, self.ttl_s, 0])
+        try:
+            self._replay()
+        finally:
+            if held:
+                self._run(self._done, [key for email_id in held for key in _keys(email_id)], [token, self.ttl_s, 0])
 
     def begin(self, email_id: str) -> Begun:
         """One email checked and claimed, in one round trip: sent already, claimed for us, or

@@ -41,10 +41,21 @@ class ThreadScripts:
     Anything else that interrupts a call (a time limit raised into the thread) drops the
     connection: an answer left unread on it would be read as the next call's."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, together: Sequence[Any] = ()) -> None:
         self.client = client
+        # Scripts loaded together whenever Redis lacks one of them: a script only ever
+        # written (`write`) is then in place before its first write, not after it.
+        self.together = tuple(together)
         self._local = threading.local()
         _ALL.add(self)
+
+    def _load(self, script: Any) -> None:
+        for each in {id(s): s for s in (script, *self.together)}.values():
+            each.sha = self.client.script_load(each.script)
+
+    def lagging(self) -> bool:
+        """Whether a write of this thread is known to have failed, not yet made good."""
+        return bool(getattr(self._local, "failed", None))
 
     def _connection(self) -> Any:
         held = getattr(self._local, "held", None)
@@ -86,7 +97,7 @@ class ThreadScripts:
         caller to make again with `run`. None when all went through."""
         self._read_unread()
         failed, self._local.failed = getattr(self._local, "failed", []), []
-        return failed
+        return list(failed)
 
     def _drop(self, conn: Any) -> None:
         """The connection closed: the answers not yet read are gone with it, their calls failed."""
@@ -100,13 +111,16 @@ class ThreadScripts:
             return
         conn = self._local.held.conn
         failed = self._local.__dict__.setdefault("failed", [])
+        loaded = False
         while unread:
             try:
                 conn.read_response()
             except redis.exceptions.NoScriptError:
                 failed.append(unread[0])
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # else its `run` loads it
-                    unread[0][0].sha = self.client.script_load(unread[0][0].script)
+                if not loaded:
+                    loaded = True
+                    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # else its `run` loads it
+                        self._load(unread[0][0])
             except redis.exceptions.ResponseError:
                 failed.append(unread[0])
             except BaseException as exc:
@@ -129,7 +143,7 @@ class ThreadScripts:
                 if loaded:
                     raise
                 loaded = True
-                script.sha = self.client.script_load(script.script)
+                self._load(script)
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()  # whatever it was in the middle of is gone with it
                 pause = next(waits, None)
