@@ -170,13 +170,9 @@ def test_an_interrupted_batch_marks_what_it_sent_and_releases_the_rest(
     assert handed_on(broker) == {}
 
 
-def test_each_email_is_marked_sent_right_after_its_send(failing: Failing, redis_url: str) -> None:
-    """Not at the batch's end: the marker is written as the send returns (its answer read
-    later), so a worker killed mid-batch leaves unmarked at most the email it was sending,
-    as a message of its own would. Seen from another connection while the third send is
-    still going on."""
-    items = [receipt_item() for _ in range(3)]
-    client = redis_client(redis_url)
+def markers_seen_during_the_third_send(failing: Failing, client: Any, items: list[dict[str, Any]]) -> list[list[bool]]:
+    """Which of the three emails' markers another connection sees while the third is being
+    sent (waiting up to 2 s for the first two: the writes are not waited for)."""
     marked: list[list[bool]] = []
 
     def during_the_third() -> None:
@@ -189,6 +185,17 @@ def test_each_email_is_marked_sent_right_after_its_send(failing: Failing, redis_
             time.sleep(0.01)
 
     failing.meanwhile = {ids(items)[2]: during_the_third}
+    return marked
+
+
+def test_each_email_is_marked_sent_right_after_its_send(failing: Failing, redis_url: str) -> None:
+    """Not at the batch's end: the marker is written as the send returns (its answer read
+    later), so a worker killed mid-batch leaves unmarked at most the email it was sending,
+    as a message of its own would. Seen from another connection while the third send is
+    still going on."""
+    items = [receipt_item() for _ in range(3)]
+    client = redis_client(redis_url)
+    marked = markers_seen_during_the_third_send(failing, client, items)
     run(items)
     assert marked == [[True, True, False]]
 
@@ -335,17 +342,6 @@ def test_the_first_batch_after_redis_lost_its_scripts_marks_each_email_right_aft
     items = [receipt_item() for _ in range(3)]
     client = redis_client(redis_url)
     client.script_flush()
-    marked: list[list[bool]] = []
-
-    def during_the_third() -> None:
-        deadline = time.monotonic() + 2
-        while True:
-            now = [bool(client.exists(SENT_MARKER.format(i))) for i in ids(items)]
-            if now[:2] == [True, True] or time.monotonic() > deadline:
-                marked.append(now)
-                return
-            time.sleep(0.01)
-
-    failing.meanwhile = {ids(items)[2]: during_the_third}
+    marked = markers_seen_during_the_third_send(failing, client, items)
     run(items)
     assert marked == [[True, True, False]]
