@@ -353,7 +353,11 @@ def wait_until_ready(plan: Plan, manager: Manager, timeout_s: float) -> None:
         "env": plan.defaults,  # what each process got on top of the environment
     }
     (plan.var / "run").mkdir(exist_ok=True)
-    (plan.var / "run" / "stack.json").write_text(json.dumps(state, indent=2))
+    # Written whole, then renamed into place: whoever waits for the file to appear (the
+    # tests' start_stack) never reads it half written.
+    partial = plan.var / "run" / "stack.json.partial"
+    partial.write_text(json.dumps(state, indent=2))
+    partial.replace(plan.var / "run" / "stack.json")
     print(
         "\n"
         f"  Wallet platform is up.\n"
