@@ -220,6 +220,35 @@ def test_a_script_redis_does_not_answer_is_tried_once_more_and_a_sent_marker_ove
     assert pauses == [0.2, 0.8]
 
 
+def test_writes_a_replay_could_not_make_good_are_kept_for_the_next_try(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis still away when the batch stops (make_good raises): the failed writes, the
+    one being replayed and those after it, are made good by the settle once it answers."""
+    markers = SentMarkers(redis_client(redis_url), ttl_s=60, claim_ms=2000)
+    monkeypatch.setattr(scripts.time, "sleep", lambda _: None)
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    markers.begin_all("tok", [first, second])
+    conn = markers._scripts._connection()
+    real = conn.send_command
+    away = [True]
+
+    def maybe(*args: Any, **kwargs: Any) -> None:
+        if away[0]:
+            raise redis.ConnectionError("Redis is away")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(conn, "send_command", maybe)
+    markers.mark_sent("tok", first, still=[second])
+    markers.mark_sent("tok", second)
+    with pytest.raises(redis.ConnectionError):
+        markers.make_good()
+    away[0] = False
+    markers.settle("tok", held=[])
+    assert markers.is_sent(first)
+    assert markers.is_sent(second)
+
+
 def test_a_redis_that_lost_the_scripts_gets_them_again(redis_url: str) -> None:
     """A restarted or flushed Redis has no scripts: the thread's connection loads them
     and runs the script once more, so the claim and the marker still happen."""

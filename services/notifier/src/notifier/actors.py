@@ -215,7 +215,7 @@ def deliver(pending: Iterable[tuple[NotifierMessage, dict[str, Any] | None]]) ->
         for (message, item), begun in zip(pending, begun_all, strict=True):
             email_id = message.email_id
             if item is not None:  # one of a batch: its own message's request id while it is sent
-                request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
+                request_id_var.set(_request_id(item, email_id))
             if begun.sent:
                 DUPLICATES.inc()
                 log.info("email %s already sent; duplicate dropped", email_id)
@@ -291,11 +291,10 @@ _MODELS: dict[Any, type[WelcomeEmail] | type[Receipt]] = {SEND_WELCOME: WelcomeE
 
 def _batched(messages: list[dict[str, Any]], ids: list[str]) -> Iterator[tuple[NotifierMessage, dict[str, Any]]]:
     """A batch's emails for deliver, each once, in order (deliver sets each one's request
-    id while it is sent). One that is malformed goes on alone at once, with its own
+    id while it is sent). One that is malformed goes on alone at once, logged with its own
     message's request id: its own message dead-letters it."""
     seen: set[str] = set()
     for item, email_id in zip(messages, ids, strict=True):
-        request_id_var.set((item.get("options") or {}).get("request_id") or email_id)
         if email_id in seen:  # twice in this batch
             continue
         seen.add(email_id)
@@ -305,10 +304,16 @@ def _batched(messages: list[dict[str, Any]], ids: list[str]) -> Iterator[tuple[N
                 raise PermanentError(f"no email actor {item.get('actor_name')!r}")
             message: NotifierMessage = _parse(model, (item.get("kwargs") or {}).get("message"))
         except PermanentError as exc:
+            request_id_var.set(_request_id(item, email_id))
             log.warning("email %s of a batch not sent (%s); it goes on alone", email_id, exc)
             _hand_off(item, 0)
             continue
         yield message, item
+
+
+def _request_id(item: dict[str, Any], email_id: str) -> str:
+    """The request id of a batch's email: its own message's, else its id."""
+    return str((item.get("options") or {}).get("request_id") or email_id)
 
 
 def _delay_after(exc: Exception) -> int:

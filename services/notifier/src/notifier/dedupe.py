@@ -36,9 +36,10 @@ end
 return found
 """
 
-# After one email's send (or its failure): its sent marker written if ARGV[3] is 1, its
-# claim released if still ours, and the claims of the emails still to send (KEYS[3] on)
-# renewed for ARGV[4] ms if still ours, so each lasts one send from here, not the batch.
+# After one email's send (or its failure, or for its claim alone to be released): its sent
+# marker written if ARGV[3] is 1, its claim released if still ours, and the claims of the
+# emails still to send (KEYS[3] on) renewed for ARGV[4] ms if still ours, so each lasts one
+# send from here, not the batch. Safe to run twice.
 # KEYS: the email's sent marker and claim, then the claims still held. ARGV: token, sent
 # marker seconds, 1 (sent) or 0, claim ms.
 _AFTER = """
@@ -50,27 +51,13 @@ end
 return 1
 """
 
-# What became of emails: the first ARGV[3] of them sent (their markers written), and each
-# one's claim released if still ours. Safe to run twice.
-# KEYS: each email's sent marker and claim, in turn. ARGV: token, sent marker seconds, how
-# many of the emails (from the first) were sent.
-_DONE = """
-local sent = tonumber(ARGV[3])
-for i = 1, #KEYS, 2 do
-  if (i - 1) / 2 < sent then redis.call('SET', KEYS[i], 1, 'EX', ARGV[2]) end
-  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
-end
-return sent
-"""
-
-
 # How a script Redis does not answer (its connection dropped: a restart, a failover, an
 # idle timeout; or a timeout) is tried again: the pauses before each further try
 # (SentMarkers._run). Any script once more at once, on a new connection: a claim not
 # made is the message's retry's to wait for.
 AGAIN_AT_ONCE_S = (0.0,)
-# A sent email's marker (SentMarkers.finish, and `settle` making a batch's good) is all that keeps the email from going out
-# again (but for Brevo's idempotencyKey): it is tried over about a second more (a
+# A sent email's marker (SentMarkers.finish, and `settle` making a batch's good) is all
+# that keeps the email from going out again (but for Brevo's idempotencyKey): it is tried over about a second more (a
 # restart, a failover) before the send's retry would go to Brevo again.
 MARKER_PAUSES_S = (0.0, 0.2, 0.8)
 
@@ -116,8 +103,7 @@ class SentMarkers:
         self.claim_ms = claim_ms
         self._begin = client.register_script(_BEGIN)
         self._after = client.register_script(_AFTER)
-        self._done = client.register_script(_DONE)
-        self._scripts = ThreadScripts(client, together=(self._begin, self._after, self._done))
+        self._scripts = ThreadScripts(client, together=(self._begin, self._after))
 
     def _run(self, script: Any, keys: list[str], args: list[Any], *, pauses: Sequence[float] = AGAIN_AT_ONCE_S) -> Any:
         """A script on this thread's own connection (notifier.scripts): the one place that
@@ -144,8 +130,10 @@ class SentMarkers:
         self._after_send(token, email_id, 0, still)
 
     def _after_send(self, token: str, email_id: str, sent: int, still: Sequence[str]) -> None:
-        keys = [*_keys(email_id), *map(_claim_key, still)]
-        self._scripts.write(self._after, keys, [token, self.ttl_s, sent, self.claim_ms])
+        self._scripts.write(self._after, *self._after_call(token, email_id, sent, still))
+
+    def _after_call(self, token: str, email_id: str, sent: int, still: Sequence[str] = ()) -> tuple[list[Any], ...]:
+        return [*_keys(email_id), *map(_claim_key, still)], [token, self.ttl_s, sent, self.claim_ms]
 
     def make_good(self) -> None:
         """Before the next send: the writes of this thread known to have failed (Redis went
@@ -155,8 +143,13 @@ class SentMarkers:
             self._replay()
 
     def _replay(self) -> None:
-        for script, keys, args in self._scripts.answers():
-            self._run(script, list(keys), list(args), pauses=MARKER_PAUSES_S if args[2] == 1 else AGAIN_AT_ONCE_S)
+        calls = self._scripts.answers()
+        for n, (script, keys, args) in enumerate(calls):
+            try:
+                self._run(script, list(keys), list(args), pauses=MARKER_PAUSES_S if args[2] == 1 else AGAIN_AT_ONCE_S)
+            except BaseException:
+                self._scripts.keep_failed(calls[n:])  # for the settle, or this thread's next message
+                raise
 
     def settle(self, token: str, *, held: Sequence[str]) -> None:
         """Once a message is done: the answers of its writes read, any that Redis did not
@@ -166,8 +159,8 @@ class SentMarkers:
         try:
             self._replay()
         finally:
-            if held:
-                self._run(self._done, [key for email_id in held for key in _keys(email_id)], [token, self.ttl_s, 0])
+            for email_id in held:  # an interruption's: rare
+                self._run(self._after, *self._after_call(token, email_id, 0))
 
     def begin(self, email_id: str) -> Begun:
         """One email checked and claimed, in one round trip: sent already, claimed for us, or
@@ -177,11 +170,11 @@ class SentMarkers:
     def finish(self, email_id: str, token: str) -> None:
         """In one round trip: the sent marker, and the claim released (tried over about a
         second when Redis does not answer: MARKER_PAUSES_S)."""
-        self._run(self._done, list(_keys(email_id)), [token, self.ttl_s, 1], pauses=MARKER_PAUSES_S)
+        self._run(self._after, *self._after_call(token, email_id, 1), pauses=MARKER_PAUSES_S)
 
     def release(self, email_id: str, token: str) -> None:
         """The claim released (if still ours), the email not marked sent."""
-        self._run(self._done, list(_keys(email_id)), [token, self.ttl_s, 0])
+        self._run(self._after, *self._after_call(token, email_id, 0))
 
     def is_sent(self, email_id: str) -> bool:
         return bool(self.redis.exists(SENT_MARKER.format(email_id)))

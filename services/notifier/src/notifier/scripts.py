@@ -97,7 +97,11 @@ class ThreadScripts:
         caller to make again with `run`. None when all went through."""
         self._read_unread()
         failed, self._local.failed = getattr(self._local, "failed", []), []
-        return list(failed)
+        return failed
+
+    def keep_failed(self, calls: Sequence[tuple[Any, tuple[Any, ...], tuple[Any, ...]]]) -> None:
+        """Calls taken from `answers` and not made good after all: kept for the next `answers`."""
+        self._local.__dict__.setdefault("failed", [])[:0] = calls
 
     def _drop(self, conn: Any) -> None:
         """The connection closed: the answers not yet read are gone with it, their calls failed."""
