@@ -97,23 +97,37 @@ def start_stack(var: Path, **env: str) -> Stack:
     )
     stack_file = var / "run" / "stack.json"
     deadline = time.monotonic() + 90
-    while not stack_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
+    try:
+        while not stack_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"stack did not start; see {log.name}:\n" + Path(log.name).read_text()[-3000:])
+            time.sleep(0.2)
+        state = json.loads(stack_file.read_text())
+        wallet_db = full_env.get("WALLET_DATABASE_URL", f"sqlite:///{var}/data/wallet.db")
+        return Stack(
+            url=state["gateway_url"],
+            var=var,
+            process=process,
+            stack_id=state["stack_id"],
+            wallet_database_url=wallet_db,
+            redis_url=state["redis_url"],
+            env={**state["env"], **env},
+            ports={**state["ports"], **{f"wallet{i + 1}": p for i, p in enumerate(state["wallet_ports"])}},
+        )
+    except BaseException:  # whatever failed after the launch, leave none of its processes running
+        _stop_launcher(process)
+        raise
+
+
+def _stop_launcher(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C to the launcher, which stops every process it started; killed if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
             process.kill()
-            raise RuntimeError(f"stack did not start; see {log.name}:\n" + Path(log.name).read_text()[-3000:])
-        time.sleep(0.2)
-    state = json.loads(stack_file.read_text())
-    wallet_db = full_env.get("WALLET_DATABASE_URL", f"sqlite:///{var}/data/wallet.db")
-    return Stack(
-        url=state["gateway_url"],
-        var=var,
-        process=process,
-        stack_id=state["stack_id"],
-        wallet_database_url=wallet_db,
-        redis_url=state["redis_url"],
-        env={**state["env"], **env},
-        ports={**state["ports"], **{f"wallet{i + 1}": p for i, p in enumerate(state["wallet_ports"])}},
-    )
+            process.wait()
 
 
 def _admin() -> Engine:
