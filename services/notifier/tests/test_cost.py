@@ -333,6 +333,20 @@ def test_markers_written_after_redis_lost_the_scripts_are_written_again_when_the
     admin.close()
 
 
+def test_a_write_answered_noscript_loads_every_script_of_its_set_when_its_answer_is_read(redis_url: str) -> None:
+    """The first write after a restart or a flush is answered NOSCRIPT: reading that answer
+    loads the whole set, so the replay and the next message's claims find them in place."""
+    client = redis_client(redis_url)
+    first, second = client.register_script("return 1"), client.register_script("return 2")
+    calls = scripts.ThreadScripts(client, together=(first, second))
+    assert calls.run(first, [], []) == 1
+    client.script_flush()
+    calls.write(first, [], [])  # answered NOSCRIPT, unread
+    failed = calls.answers()
+    assert [script for script, _, _ in failed] == [first]  # for the caller to make again
+    assert client.script_exists(first.sha, second.sha) == [True, True]
+
+
 def test_a_call_made_while_answers_are_unread_reads_them_first_and_never_takes_one_for_its_own(
     redis_url: str,
 ) -> None:
