@@ -87,20 +87,22 @@ def start_stack(var: Path, **env: str) -> Stack:
         **env,
     }
     full_env.pop("REDIS_URL", None) if "REDIS_URL" not in env else None
-    log = open(var.parent / f"{var.name}-launcher.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")],
-        env=full_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
+    log = var.parent / f"{var.name}-launcher.log"
+    with log.open("wb") as out:  # the launcher writes to its own copy of the file
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
     stack_file = var / "run" / "stack.json"
     deadline = time.monotonic() + 90
     try:
         while not stack_file.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"stack did not start; see {log.name}:\n" + Path(log.name).read_text()[-3000:])
+                tail = log.read_bytes()[-3000:].decode(errors="replace")
+                raise RuntimeError(f"stack did not start; see {log}:\n{tail}")
             time.sleep(0.2)
         state = json.loads(stack_file.read_text())
         wallet_db = full_env.get("WALLET_DATABASE_URL", f"sqlite:///{var}/data/wallet.db")
@@ -115,19 +117,32 @@ def start_stack(var: Path, **env: str) -> Stack:
             ports={**state["ports"], **{f"wallet{i + 1}": p for i, p in enumerate(state["wallet_ports"])}},
         )
     except BaseException:  # whatever failed after the launch, leave none of its processes running
-        _stop_launcher(process)
+        try:
+            _stop_launcher(process, var)
+        except Exception as exc:  # the launch's own failure is the one to report
+            print(f"stopping the stack's processes failed: {exc!r}", file=sys.stderr)
         raise
 
 
-def _stop_launcher(process: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C to the launcher, which stops every process it started; killed if it hangs."""
+def _stop_launcher(process: subprocess.Popen[bytes], var: Path) -> None:
+    """Ctrl-C to the launcher, which stops every process it started. If it hangs it is
+    killed, and then (as when it had died already) whatever it left: honcho starts each
+    process in a session of its own, named on its command line by the stack's VAR_DIR."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
             process.wait(30)
+            return
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    marker = f"{var}/".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
+                os.killpg(int(proc.name), signal.SIGKILL)  # a session leader: its group with it
+        except (OSError, ValueError):  # gone meanwhile, or not a group leader
+            continue
 
 
 def _admin() -> Engine:
